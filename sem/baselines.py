@@ -1,0 +1,107 @@
+"""Causal pre-norm Transformer baseline with the same forward contract as SEMModel."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sem.model import ModelOutput, check_input_length, cross_entropy
+
+logger = logging.getLogger(__name__)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float, dropout: float, n_layers: int) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        hidden = max(1, int(mlp_ratio * d_model))
+        self.fc = nn.Linear(d_model, hidden)
+        self.fc_out = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+        for out in (self.proj, self.fc_out):  # GPT-2: scale residual writes by depth
+            nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # [B, H, T, C/H]
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, T, C)))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.norm2(x)))))
+
+
+class TransformerLM(nn.Module):
+    """Token + learned position embeddings -> N pre-norm blocks -> LayerNorm -> linear head."""
+
+    no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias")
+
+    def __init__(
+        self,
+        vocab_size: int = 259,
+        d_model: int = 192,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        max_seq_len: int = 2048,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        unitary_lambda: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                            ("n_heads", n_heads), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if mlp_ratio <= 0:
+            raise ValueError(f"invalid mlp_ratio={mlp_ratio!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"invalid dropout={dropout!r}")
+        if unitary_lambda:
+            logger.warning("unitary_lambda=%s has no effect on TransformerLM (it has no unitary state)",
+                           unitary_lambda)
+        self.max_seq_len = max_seq_len
+        self.gradient_checkpointing = gradient_checkpointing
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        for emb in (self.tok_emb, self.pos_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, mlp_ratio, dropout, n_layers) for _ in range(n_layers)
+        )
+        self.norm_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def set_step(self, step: int) -> None:
+        """No step-dependent behaviour; present for a uniform model interface."""
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        check_input_length(input_ids, self.max_seq_len)
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, C]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.head(self.norm_f(x)).float()  # [B, T, V]
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+        if targets is None:
+            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=zero)
+        ce = cross_entropy(logits, targets)
+        return ModelOutput(logits=logits, loss=ce, ce_loss=ce, unitary_divergence=zero)

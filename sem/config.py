@@ -1,0 +1,305 @@
+"""Config schemas for every group, their registration, and validation of a composed config.
+
+Each YAML option in ``conf/<group>/`` starts its defaults list with the schema registered here
+(``<group>_schema`` or a named variant), so an unknown key or a value of the wrong type fails when
+Hydra composes the config. ``sem.validation`` then runs the value and cross-field checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class SEMModelConf:
+    _target_: str = "sem.model.SEMModel"
+    vocab_size: int = 259
+    d_model: int = 128
+    n_layers: int = 4
+    max_seq_len: int = 2048
+    mlp_ratio: float = 2.0
+    readout: str = "born"  # born | linear
+    unitary_lambda: float = 0.01
+    propagator_warmup_steps: int = 200
+    recurrence: str = "fft"  # fft | scan
+    gradient_checkpointing: bool = False
+    born_eps: float = 1e-6
+    dropout: float = 0.0
+
+
+@dataclass
+class TransformerConf:
+    _target_: str = "sem.baselines.TransformerLM"
+    vocab_size: int = 259
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 2048
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    unitary_lambda: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class StdlibCorpusConf:
+    _target_: str = "sem.data.corpus.StdlibCorpus"
+    root: str | None = None
+    exclude_dirs: list[str] | None = None
+
+
+@dataclass
+class TextFilesCorpusConf:
+    _target_: str = "sem.data.corpus.TextFilesCorpus"
+    paths: list[str] = MISSING
+
+
+@dataclass
+class JsonlCorpusConf:
+    _target_: str = "sem.data.corpus.JsonlCorpus"
+    paths: list[str] = MISSING
+    text_field: str = "text"
+
+
+@dataclass
+class DataConf:
+    _target_: str = "sem.data.datamodule.SEMDataModule"
+    corpus: Any = MISSING
+    batch_size: int = 32
+    seq_len: int = 256
+    val_seq_len: int | None = None
+    val_fraction: float = 0.05
+    val_max_windows: int | None = 256
+    val_batch_size: int | None = None
+    cache_dir: str = "${oc.env:SEM_CACHE_DIR,'~/.cache/sem'}"
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class StdlibDataConf(DataConf):
+    corpus: StdlibCorpusConf = field(default_factory=StdlibCorpusConf)
+
+
+@dataclass
+class TextFilesDataConf(DataConf):
+    corpus: TextFilesCorpusConf = field(default_factory=TextFilesCorpusConf)
+
+
+@dataclass
+class JsonlDataConf(DataConf):
+    corpus: JsonlCorpusConf = field(default_factory=JsonlCorpusConf)
+
+
+# ---------------------------------------------------------------------- optimizer and scheduler
+
+
+@dataclass
+class AdamWConf:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SGDConf:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConf:
+    _target_: str = "sem.training.scheduler.WSDScheduler"
+    _partial_: bool = True
+    max_steps: int = "${trainer.max_steps}"  # type: ignore[assignment]
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+    decay_steps: int | None = None
+    decay_fraction: float | None = None
+    decay_start_step: int | None = None
+    decay_shape: str = "linear"  # linear | cosine | 1-sqrt
+    min_lr_ratio: float = 0.0
+
+
+# ---------------------------------------------------------------------------------- curriculum
+
+
+@dataclass
+class GateConf:
+    min_steps: int = 0
+    window: int = 50
+    threshold: float = 0.01
+
+
+@dataclass
+class StageConf:
+    name: str = MISSING
+    seq_len: int = MISSING
+    batch_size: int = MISSING
+    lr_scale: float = 1.0
+    steps: int | None = None
+    fraction: float | None = None
+    gate: GateConf | None = None
+    checkpoint: bool = False
+
+
+@dataclass
+class CurriculumConf:
+    _target_: str = "sem.training.curriculum.CurriculumManager"
+    _convert_: str = "all"
+    max_steps: int = "${trainer.max_steps}"  # type: ignore[assignment]
+    stages: list[StageConf] = MISSING
+
+
+# ------------------------------------------------------------------------------- distillation
+
+
+@dataclass
+class EMATeacherConf:
+    _target_: str = "sem.training.distillation.EMATeacher"
+    _partial_: bool = True  # the student is passed in by the composition root
+    decay_start: float = 0.99
+    decay_end: float = 0.999
+    ramp_steps: int = 1000
+    start_step: int | None = None
+    start_stage: str | None = None
+
+
+@dataclass
+class DistillationLossConf:
+    _target_: str = "sem.training.distillation.DistillationLoss"
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass
+class DistillationConf:
+    """``off`` leaves both null; ``ema_teacher`` sets both."""
+
+    teacher: EMATeacherConf | None = None
+    loss: DistillationLossConf | None = None
+
+
+# ------------------------------------------------------------------ hardware and the Trainer
+
+
+@dataclass
+class PrecisionConf:
+    _target_: str = "sem.training.precision_plugin.make_precision_plugin"
+    _partial_: bool = True
+    precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed | bf16-true
+
+
+@dataclass
+class AcceleratorConf:
+    _target_: str = MISSING
+    name: str = MISSING  # auto | cpu | cuda | xpu: what the validator checks against the hardware
+
+
+@dataclass
+class TrainerConf:
+    _target_: str = "pytorch_lightning.Trainer"
+    max_steps: int = 1000
+    val_check_interval: int = 250  # in optimizer steps
+    log_every_n_steps: int = 10  # a train row in metrics.jsonl every N optimizer steps
+    devices: Any = 1
+    num_nodes: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    deterministic: bool = False
+    enable_model_summary: bool = True
+    num_sanity_val_steps: int = 0
+    benchmark: bool | None = None
+
+
+@dataclass
+class CheckpointConf:
+    _target_: str = "pytorch_lightning.callbacks.ModelCheckpoint"
+    filename: str = "step_{step:07d}"
+    every_n_train_steps: int = 500
+    save_top_k: int = -1  # keep every periodic checkpoint; retention policy comes with the checkpoint manager
+    save_last: bool = True
+    auto_insert_metric_name: bool = False
+    save_on_train_epoch_end: bool = False
+
+
+@dataclass
+class RunConf:
+    name: str | None = None
+
+
+@dataclass
+class FaultsConf:
+    nan_at_step: int | None = None
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: SchedulerConf = MISSING
+    curriculum: CurriculumConf = MISSING
+    distillation: DistillationConf = field(default_factory=DistillationConf)
+    precision: PrecisionConf = MISSING
+    accelerator: AcceleratorConf = MISSING
+    trainer: TrainerConf = MISSING
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    seed: int = 1234
+    engine: str = "lightning"
+    run: RunConf = field(default_factory=RunConf)
+    resume: str | None = None
+    dry_run: bool = False
+    faults: FaultsConf = field(default_factory=FaultsConf)
+
+
+_SCHEMAS: dict[str | None, dict[str, Any]] = {
+    None: {"config_schema": Config},
+    "model": {"sem_schema": SEMModelConf, "transformer_schema": TransformerConf},
+    "data": {"stdlib_schema": StdlibDataConf, "text_files_schema": TextFilesDataConf,
+             "jsonl_schema": JsonlDataConf},
+    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf},
+    "scheduler": {"scheduler_schema": SchedulerConf},
+    "curriculum": {"curriculum_schema": CurriculumConf},
+    "distillation": {"distillation_schema": DistillationConf},
+    "precision": {"precision_schema": PrecisionConf},
+    "accelerator": {"accelerator_schema": AcceleratorConf},
+    "trainer": {"trainer_schema": TrainerConf},
+    "checkpoint": {"checkpoint_schema": CheckpointConf},
+}
+
+
+def _run_dir(name: str | None) -> str:
+    """``outputs/<run.name>`` when a name is set, else ``outputs/<date>/<time>``."""
+    return name if name else datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore and register the run-dir resolver (idempotent)."""
+    cs = ConfigStore.instance()
+    for group, entries in _SCHEMAS.items():
+        for name, node in entries.items():
+            cs.store(group=group, name=name, node=node)
+    if not OmegaConf.has_resolver("sem.run_dir"):
+        OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
+
+
+register_configs()

@@ -1,0 +1,191 @@
+"""SEMDataModule: step-indexed training batches and fixed validation windows over the token cache.
+
+A plain class (no Lightning): both engines drive it. A training batch is a pure function of
+(seed, step, micro-batch, rank, world size, seq_len, batch size), so exact resume, DDP sharding and
+curriculum seq_len changes need no loader state and no loader rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from sem.data.corpus import Corpus, CorpusError, TokenCache, load_or_build_cache
+from sem.data.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def byte_targets(y: torch.Tensor | np.ndarray) -> int:
+    """Number of targets that are bytes (id < 256): the denominator of bits per byte.
+
+    BOS/EOS targets are not bytes, but their loss is still summed into the numerator: predicting where a
+    document ends is part of coding it (gzip pays for the end of its stream too), so it is charged to the
+    document's bytes rather than dropped.
+    """
+    return int((y < 256).sum())
+
+
+def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class SEMDataModule:
+    def __init__(self, corpus: Corpus, batch_size: int = 32, seq_len: int = 256, val_seq_len: int | None = None,
+                 val_fraction: float = 0.05, val_max_windows: int | None = 256, val_batch_size: int | None = None,
+                 cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None) -> None:
+        _positive("data.batch_size", batch_size)
+        _positive("data.seq_len", seq_len)
+        _positive("data.val_seq_len", val_seq_len, allow_none=True)
+        _positive("data.val_max_windows", val_max_windows, allow_none=True)
+        _positive("data.val_batch_size", val_batch_size, allow_none=True)
+        if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.corpus = corpus
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.val_seq_len = val_seq_len or seq_len
+        self.val_fraction = float(val_fraction)
+        self.val_max_windows = val_max_windows
+        self.val_batch_size = val_batch_size or batch_size
+        self.cache_dir = str(cache_dir)
+        self.seed = seed
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self._cache: TokenCache | None = None
+        self._val_windows: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Load (or build once) the token cache and check both splits hold at least one window. Idempotent."""
+        if self._cache is not None:
+            return
+        cache = load_or_build_cache(self.corpus, self.tokenizer, self.val_fraction, self.cache_dir)
+        for split, n, t, field in (("train", cache.train.size, self.seq_len, "data.seq_len"),
+                                   ("val", cache.val.size, self.val_seq_len, "data.val_seq_len")):
+            if n < t + 1:
+                raise CorpusError(f"{split} split has {n} tokens, fewer than one window of seq_len+1 = {t + 1} "
+                                  f"({field}); use a bigger corpus or a shorter {field}")
+        self._cache = cache
+
+    @property
+    def cache(self) -> TokenCache:
+        if self._cache is None:
+            raise RuntimeError("SEMDataModule.setup() must be called before using the data")
+        return self._cache
+
+    @property
+    def gzip_bpb(self) -> float:
+        """gzip -9 bits per byte of the held-out bytes: the reference point for val/bpb."""
+        return self.cache.gzip_bpb
+
+    byte_targets = staticmethod(byte_targets)
+
+    # ------------------------------------------------------------------------------------------ train
+
+    def train_batch(self, step: int, seq_len: int | None = None, batch_size: int | None = None, rank: int = 0,
+                    world_size: int = 1, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, int64 [batch_size, seq_len] each, for this rank at this step.
+
+        The global batch of batch_size * world_size window starts is drawn from an rng seeded with
+        (seed, step, micro); this rank takes rows [rank * batch_size, (rank + 1) * batch_size). Windows
+        are uniform over every start whose seq_len + 1 tokens fit in the train array.
+        """
+        t = self.seq_len if seq_len is None else seq_len
+        b = self.batch_size if batch_size is None else batch_size
+        _positive("seq_len", t)
+        _positive("batch_size", b)
+        _positive("world_size", world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if step < 0 or micro < 0:
+            raise ValueError(f"step and micro must be >= 0, got step={step}, micro={micro}")
+        train = self.cache.train
+        n_starts = train.size - t  # starts 0 .. N-T-1: the window [s, s+T] stays inside the array
+        if n_starts < 1:
+            raise CorpusError(f"train split has {train.size} tokens, fewer than one window of seq_len+1 = {t + 1}")
+        rng = np.random.default_rng([self.seed, step, micro])
+        starts = rng.integers(0, n_starts, size=b * world_size)[rank * b:(rank + 1) * b]  # [B]
+        window = train[starts[:, None] + np.arange(t + 1)]  # [B, T+1] uint16, a copy out of the memmap
+        w = torch.from_numpy(window.astype(np.int64))
+        return w[:, :-1], w[:, 1:]
+
+    def train_loader(self, start_step: Callable[[], int],
+                     shape_at: Callable[[int], tuple[int, int]] | None = None, accumulate: int = 1) -> DataLoader:
+        """Infinite loader of train_batch(step), step = start_step(), start_step() + 1, ... (k micro-batches each).
+
+        ``start_step`` is called on every iter(), so a resumed run continues at the restored step. The loader
+        counts steps itself, so a trainer fetching one batch ahead still gets the right batch for each step.
+        ``shape_at(step) -> (seq_len, batch_size)`` lets a curriculum change shape at a step, no rebuild.
+        num_workers=0 on purpose: a batch is one fancy-index into a memmap (tens of microseconds, no
+        worth in worker processes), and shape_at must run in the main process to see the live curriculum.
+        """
+        _positive("accumulate", accumulate)
+        return DataLoader(_StepStream(self, start_step, shape_at, accumulate), batch_size=None, num_workers=0)
+
+    # ------------------------------------------------------------------------------------------ val
+
+    def val_windows(self, max_windows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed held-out windows, int64 [n, val_seq_len] inputs and targets.
+
+        Window i holds tokens [i*T, i*T + T] of the val array (consecutive, non-overlapping targets that tile
+        it). When max_windows is smaller than the number available, an evenly spaced fixed subset.
+        """
+        _positive("max_windows", max_windows, allow_none=True)
+        if max_windows not in self._val_windows:
+            val, t = self.cache.val, self.val_seq_len
+            n = (val.size - 1) // t
+            idx = np.arange(n) if max_windows is None or max_windows >= n else (np.arange(max_windows) * n) // max_windows
+            w = torch.from_numpy(val[idx[:, None] * t + np.arange(t + 1)].astype(np.int64))  # [n, T+1]
+            self._val_windows[max_windows] = (w[:, :-1], w[:, 1:])
+        return self._val_windows[max_windows]
+
+    def val_loader(self, max_windows: int | None | Literal["default"] = "default") -> DataLoader:
+        """(x, y) int64 [b, val_seq_len] batches over val_windows; "default" = val_max_windows, None = all."""
+        m = self.val_max_windows if max_windows == "default" else max_windows
+        x, y = self.val_windows(m)
+        return DataLoader(TensorDataset(x, y), batch_size=self.val_batch_size, shuffle=False, num_workers=0)
+
+    def val_bpb(self, sum_nats: float, n_byte_targets: int) -> float:
+        """Bits per byte: total loss in nats over all targets, per byte target (see byte_targets)."""
+        if n_byte_targets <= 0:
+            raise ValueError(f"n_byte_targets must be positive, got {n_byte_targets}")
+        return float(sum_nats) / math.log(2) / n_byte_targets
+
+    def __repr__(self) -> str:
+        return (f"SEMDataModule(batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"val_seq_len={self.val_seq_len}, val_fraction={self.val_fraction}, seed={self.seed})")
+
+
+class _StepStream(IterableDataset):
+    """Step-indexed stream: no state but the step counter restarted from start_step() on every iter()."""
+
+    def __init__(self, dm: SEMDataModule, start_step: Callable[[], int],
+                 shape_at: Callable[[int], tuple[int, int]] | None, accumulate: int) -> None:
+        self.dm, self.start_step, self.shape_at, self.accumulate = dm, start_step, shape_at, accumulate
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = _dist_rank_world()
+        step = int(self.start_step())
+        while True:
+            t, b = self.shape_at(step) if self.shape_at is not None else (self.dm.seq_len, self.dm.batch_size)
+            for j in range(self.accumulate):
+                yield self.dm.train_batch(step, t, b, rank, world, micro=j)
+            step += 1

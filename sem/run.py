@@ -1,0 +1,236 @@
+"""The composition root: validate -> build -> fit -> summarise.
+
+This is the only module that calls ``hydra.utils.instantiate``. Every object it builds comes from a
+``_target_`` node in ``conf/``, so any of them can be swapped from the shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sem.validation import validate
+from sem.summary import RunSummary
+
+log = logging.getLogger("sem.run")
+
+EXIT_BAD_CONFIG = 2
+EXIT_TRAINING_FAILED = 1
+
+
+class TrainingFailed(RuntimeError):
+    """Raised in multirun so Hydra records the job as failed; a single run exits 1 instead."""
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Run one training job from a composed config; return the final ``val/bpb`` for sweepers."""
+    problems, corpus = _validate(cfg)
+    if problems:
+        for line in problems:
+            print(f"config error: {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    started = time.time()
+    summary = RunSummary(run_dir)
+    try:
+        built = build(cfg, run_dir, corpus)
+        if cfg.dry_run:
+            built.describe()
+            return None
+        summary.begin(cfg, parent_checkpoint=built.resume_from)
+        return fit_and_summarise(cfg, built, summary, started)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
+        raise
+    except Exception as exc:  # a training failure: say why in summary.json, exit 1
+        log.error("training failed: %s: %s", type(exc).__name__, exc)
+        summary.finish("failed", wall_s=time.time() - started, error=f"{type(exc).__name__}: {exc}")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise TrainingFailed(str(exc)) from exc
+        log.debug("traceback", exc_info=True)
+        sys.exit(EXIT_TRAINING_FAILED)
+
+
+def _validate(cfg: DictConfig) -> tuple[list[str], Any]:
+    """The config's problems, and the corpus descriptor (cheap: nothing is read yet)."""
+    if OmegaConf.missing_keys(cfg):
+        return [f"{key}: missing value (set it, e.g. {key}=...)"
+                for key in sorted(OmegaConf.missing_keys(cfg))], None
+    try:
+        corpus = _instantiate(cfg.data.corpus)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        return [f"data.corpus: cannot build {cfg.data.corpus.get('_target_')!r}: {cause}"], None
+    return validate(cfg, corpus), corpus
+
+
+# ------------------------------------------------------------------------------------- build
+
+
+@dataclass
+class Built:
+    """Everything a fit needs, built from the config."""
+
+    datamodule: Any
+    module: Any
+    trainer: Any
+    checkpoint: Any
+    resume_from: str | None
+    precision_note: str
+
+    def describe(self) -> None:
+        log.info("dry run: built everything, not training")
+        log.info("model: %s (%s parameters)", type(self.module.model).__name__,
+                 f"{self.module.num_parameters:,}")
+        log.info("data: %s", self.datamodule.describe())
+        log.info("precision: %s", self.precision_note)
+        log.info("trainer: max_steps=%d on %s", self.trainer.max_steps,
+                 type(self.trainer.accelerator).__name__)
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    log.info("Instantiating <%s>", node._target_)
+    return instantiate(node, **kwargs)
+
+
+def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
+    """Build data, model, optimizer, scheduler, curriculum, distillation, callbacks, loggers,
+    precision plugin, accelerator and Trainer, in that order."""
+    import pytorch_lightning as pl
+
+    from sem.training.lightning_module import SEMLightningModule
+    from sem.training.precision_plugin import device_type_of
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = _instantiate(cfg.data, corpus=corpus)
+    datamodule.setup()
+    log.info("data: %s", datamodule.describe())
+
+    model = _instantiate(cfg.model)
+    curriculum = _instantiate(cfg.curriculum)
+    optimizer = _instantiate(cfg.optimizer)
+    scheduler = _instantiate(cfg.scheduler)
+    teacher = _instantiate(cfg.distillation.teacher) if cfg.distillation.teacher else None
+    distill_loss = _instantiate(cfg.distillation.loss) if cfg.distillation.loss else None
+
+    module = SEMLightningModule(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        curriculum=curriculum,
+        teacher=teacher,
+        distill_loss=distill_loss,
+        nan_at_step=cfg.faults.nan_at_step,
+        bpb=datamodule.val_bpb,
+    )
+
+    interactive = sys.stderr.isatty()
+    callbacks = []
+    for name, node in cfg.callbacks.items():
+        if node is None:
+            continue
+        if name == "progress_bar" and not interactive:
+            continue  # a live bar only makes sense in a terminal; logs get SEMConsoleLogger lines
+        callbacks.append(_instantiate(node))
+    checkpoint = _instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
+    callbacks.append(checkpoint)
+
+    loggers = [_instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node]
+
+    accel_node = OmegaConf.masked_copy(cfg.accelerator, [k for k in cfg.accelerator if k != "name"])
+    accelerator = _instantiate(accel_node)
+    device_type = device_type_of(accelerator)
+    precision_plugin = _instantiate(cfg.precision)(device_type=device_type)
+
+    accumulate = cfg.trainer.accumulate_grad_batches
+    trainer = _instantiate(
+        cfg.trainer,
+        accelerator=accelerator,
+        plugins=[precision_plugin],
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        max_epochs=-1,
+        check_val_every_n_epoch=None,  # the train loader is infinite: validate by step count
+        val_check_interval=cfg.trainer.val_check_interval * accumulate,  # Lightning counts micro-batches
+        enable_progress_bar=interactive and any(
+            type(c).__name__.endswith("ProgressBar") for c in callbacks),
+    )
+    return Built(
+        datamodule=datamodule,
+        module=module,
+        trainer=trainer,
+        checkpoint=checkpoint,
+        resume_from=_resume_path(cfg, run_dir),
+        precision_note=getattr(precision_plugin, "describe", lambda: str(cfg.precision.precision))(),
+    )
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            log.info("resume=auto: resuming from %s", last)
+            return str(last)
+        log.info("resume=auto: no checkpoint in %s, starting fresh", last.parent)
+        return None
+    return str(Path(cfg.resume).expanduser().resolve())
+
+
+# --------------------------------------------------------------------------- fit and summarise
+
+
+def _throughput(trainer: Any) -> float | None:
+    """Training tokens per second over the whole run (validation time excluded)."""
+    for cb in trainer.callbacks:
+        if hasattr(cb, "overall_tokens_per_s"):
+            return cb.overall_tokens_per_s
+    return None
+
+
+def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, started: float) -> float:
+    trainer, module, dm = built.trainer, built.module, built.datamodule
+    curriculum = module.curriculum
+    train_loader = dm.train_loader(
+        start_step=lambda: trainer.global_step,
+        shape_at=curriculum.shape_at if curriculum is not None else None,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+    )
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=dm.val_loader(),
+                ckpt_path=built.resume_from)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    log.info("final validation on all %d held-out windows", len(dm.val_windows(None)[0]))
+    module.final_validation = True
+    trainer.validate(module, dataloaders=dm.val_loader(max_windows=None), verbose=False)
+    val = module.last_val
+    summary.finish(
+        "completed",
+        wall_s=time.time() - started,
+        steps=trainer.global_step,
+        val_loss=val["val/loss"],
+        val_bpb=val["val/bpb"],
+        gzip_bpb=dm.gzip_bpb,
+        tokens_per_s=_throughput(trainer),
+        best_checkpoint=built.checkpoint.best_model_path or None,
+        last_checkpoint=built.checkpoint.last_model_path or None,
+    )
+    verdict = "below" if val["val/bpb"] < dm.gzip_bpb else "NOT below"
+    log.info("final: val/bpb %.4f (%s gzip -9 %.4f), val/loss %.4f nats/token, %d steps",
+             val["val/bpb"], verdict, dm.gzip_bpb, val["val/loss"], trainer.global_step)
+    return float(val["val/bpb"]) if math.isfinite(val["val/bpb"]) else float("inf")

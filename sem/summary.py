@@ -1,0 +1,80 @@
+"""The files a run leaves behind besides metrics: ``config_resolved.yaml``, ``env.json``,
+``summary.json`` and ``plots/``. Written by global rank zero only, atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+from sem.provenance import environment
+
+log = logging.getLogger(__name__)
+
+Status = Literal["completed", "failed", "preempted"]
+
+
+def _is_global_zero() -> bool:
+    # The same environment variables Lightning reads for its rank_zero_only.rank.
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return True
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunSummary:
+    """Writes the run's provenance at the start and its verdict at the end."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = _is_global_zero()
+
+    def begin(self, cfg: DictConfig, parent_checkpoint: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(self.run_dir / "env.json", environment(parent_checkpoint))
+
+    def finish(self, status: Status, *, wall_s: float, steps: int | None = None,
+               val_loss: float | None = None, val_bpb: float | None = None,
+               gzip_bpb: float | None = None, tokens_per_s: float | None = None,
+               best_checkpoint: str | None = None, last_checkpoint: str | None = None,
+               error: str | None = None) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "status": status,
+            "steps": steps,
+            "val_loss": val_loss,
+            "val_bpb": val_bpb,
+            "gzip_bpb": gzip_bpb,
+            "tokens_per_s": tokens_per_s,
+            "wall_s": round(wall_s, 2),
+            "best_checkpoint": best_checkpoint,
+            "last_checkpoint": last_checkpoint,
+        }
+        if error is not None:
+            record["error"] = error
+        if not self.enabled:
+            return record
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "summary.json", record)
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            try:
+                from sem.plots import plot_run
+
+                plot_run(metrics, self.run_dir / "plots")
+            except Exception as exc:  # a plot must never turn a finished run into a failure
+                log.warning("could not draw plots: %s: %s", type(exc).__name__, exc)
+        return record

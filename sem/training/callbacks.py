@@ -1,0 +1,202 @@
+"""Thin Lightning adapters: each callback turns hooks into calls and rows, nothing more.
+
+The module records what happened in a step (``pl_module.last_train``, ``last_val``); these
+callbacks time it and write it: ``metrics.jsonl`` rows and one console line every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger("sem")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready scalar from a tensor or number (NaN/inf become null: strict JSON)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class TrainClock:
+    """Training tokens and wall time, with validation time left out.
+
+    ``lap()`` returns (tokens, seconds) since the previous lap; ``total`` is the whole run.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self._lap_tokens = 0
+        self._lap_seconds = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            elapsed = time.perf_counter() - self._since
+            self.seconds += elapsed
+            self._lap_seconds += elapsed
+            self._since = None
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+        self._lap_tokens += n
+
+    def lap(self) -> tuple[int, float]:
+        running = self._since is not None
+        self.pause()
+        out = (self._lap_tokens, self._lap_seconds)
+        self._lap_tokens, self._lap_seconds = 0, 0.0
+        if running:
+            self.start()
+        return out
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        running = self._since is not None
+        self.pause()
+        rate = self.tokens / self.seconds if self.seconds > 0 else None
+        if running:
+            self.start()
+        return rate
+
+
+class _Timed(pl.Callback):
+    """Keeps a TrainClock running only while training batches run."""
+
+    def __init__(self) -> None:
+        self.clock = TrainClock()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self.clock._since is None:
+            self.clock.start()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.pause()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.pause()
+
+    def _optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """True on the micro-batch that completed an optimizer step (and counts its tokens)."""
+        row = pl_module.last_train
+        if not row.get("step_done"):
+            return False
+        self.clock.add_tokens(row["tokens"])
+        return True
+
+    @property
+    def overall_tokens_per_s(self) -> float | None:
+        return self.clock.tokens_per_s
+
+
+class MetricsWriter(_Timed):
+    """Appends ``metrics.jsonl`` in the run directory: a train row every
+    ``trainer.log_every_n_steps`` optimizer steps (and the first), a row per validation.
+
+    Train rows: ``step`` is the 0-based index of the optimizer step the row describes (the step
+    the LR schedule and the curriculum are functions of). Validation rows: ``step`` is the number
+    of optimizer steps completed. Curriculum events are written as rows with an ``event`` key.
+    """
+
+    TRAIN_KEYS = ("train/loss", "train/ce_loss", "train/unitary_div", "lr", "seq_len", "batch_size",
+                  "stage", "grad_norm")
+
+    def __init__(self, filename: str = "metrics.jsonl") -> None:
+        super().__init__()
+        self.filename = filename
+        self.path: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.path = Path(trainer.default_root_dir) / self.filename
+
+    @rank_zero_only
+    def _write(self, row: dict[str, Any]) -> None:
+        assert self.path is not None
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._optimizer_step_done(trainer, pl_module):
+            return
+        row = pl_module.last_train
+        for event in row.get("events") or []:
+            self._write({"step": event.step, "event": event.kind, "stage": event.stage,
+                         "stage_index": event.index, "reason": event.reason})
+        step = row["step"]
+        every = trainer.log_every_n_steps
+        if step % every != 0 and step != trainer.max_steps - 1:
+            return
+        tokens, seconds = self.clock.lap()
+        out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
+               "tokens_per_s": tokens / seconds if seconds > 0 else None}
+        out.update({k: v for k, v in row.items() if k.startswith("distill/")})
+        self._write(out)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not pl_module.last_val:
+            return
+        self._write({"step": trainer.global_step, **pl_module.last_val})
+
+
+class SEMConsoleLogger(_Timed):
+    """One compact line every ``every_n_steps`` optimizer steps:
+    step, loss, lr, grad norm, tokens/s over the interval, ETA."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        if every_n_steps <= 0:
+            raise ValueError(f"callbacks.console.every_n_steps must be > 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._steps_in_lap = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._optimizer_step_done(trainer, pl_module):
+            return
+        self._steps_in_lap += 1
+        row = pl_module.last_train
+        done = row["step"] + 1
+        if done % self.every_n_steps != 0 and done != trainer.max_steps:
+            return
+        tokens, seconds = self.clock.lap()
+        rate = tokens / seconds if seconds > 0 else float("nan")
+        eta = (trainer.max_steps - done) * seconds / max(self._steps_in_lap, 1)
+        self._steps_in_lap = 0
+        rank_zero_only(log.info)(
+            "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %s tok/s | seq %d | %s | ETA %s",
+            done, trainer.max_steps, _plain(row["train/loss"]) or float("nan"), row["lr"],
+            row.get("grad_norm", float("nan")), f"{rate / 1000:.1f}k", row["seq_len"], row["stage"],
+            _duration(eta))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not pl_module.last_val:
+            return
+        v = pl_module.last_val
+        rank_zero_only(log.info)("validation at step %d | val/loss %.4f | val/bpb %.4f%s",
+                                 trainer.global_step, v["val/loss"], v["val/bpb"],
+                                 " (final, all windows)" if v.get("final") else "")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,77 @@
+"""SEMPrecisionPlugin: mixed precision that autocasts for the device actually in use.
+
+Lightning's ``precision="bf16-mixed"`` builds ``MixedPrecision(device="cuda")`` for any accelerator
+other than cpu/mps, so on XPU autocast would silently be off (PLATFORM.md). A plugin instance given
+in ``plugins=[...]`` takes priority over the flag, so we always pass one, built for the real device.
+Autocast never covers complex math: SEM's complex regions run in complex64 with fp32 parts while
+real matmuls follow this policy; ``describe()`` says what is in effect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pytorch_lightning.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def device_type_of(accelerator: Accelerator) -> str:
+    if isinstance(accelerator, CUDAAccelerator):
+        return "cuda"
+    if isinstance(accelerator, CPUAccelerator):
+        return "cpu"
+    from sem.training.xpu_accelerator import XPUAccelerator
+
+    if isinstance(accelerator, XPUAccelerator):
+        return "xpu"
+    raise ValueError(f"accelerator: unsupported accelerator type {type(accelerator).__name__}")
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` is fp32 on CPU and bf16-mixed on CUDA/XPU."""
+    if precision == "auto":
+        return "32-true" if device_type == "cpu" else "bf16-mixed"
+    return precision
+
+
+def precision_problems(precision: str, device_type: str) -> list[str]:
+    """Pre-flight check: what this device cannot honour (one line each)."""
+    if precision not in PRECISIONS:
+        return [f"precision.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"]
+    resolved = resolve_precision(precision, device_type)
+    if resolved == "16-mixed" and device_type == "cpu":
+        return ["precision.precision: '16-mixed' is not supported on cpu (Lightning would silently "
+                "switch to bf16); use precision=bf16_mixed or fp32"]
+    return []
+
+
+class SEMPrecisionPlugin(MixedPrecision):
+    """MixedPrecision with autocast for ``device_type`` and an explicit dtype (XPU defaults to fp16)."""
+
+    def __init__(self, precision: str, device_type: str) -> None:
+        scaler = torch.amp.GradScaler(device_type) if precision == "16-mixed" else None
+        super().__init__(precision=precision, device=device_type, scaler=scaler)  # type: ignore[arg-type]
+        self.device_type = device_type
+
+    def describe(self) -> str:
+        dtype = "bf16" if self.precision == "bf16-mixed" else "fp16 + GradScaler"
+        return (f"{self.precision}: autocast({self.device_type}, {dtype}) for real matmuls; "
+                "complex regions in complex64")
+
+
+def make_precision_plugin(precision: str, device_type: str) -> Precision:
+    resolved = resolve_precision(precision, device_type)
+    if resolved == "32-true":
+        plugin: Any = Precision()
+        plugin.describe = lambda: "32-true: fp32 everywhere, complex64 for complex regions"
+        return plugin
+    if resolved in ("bf16-mixed", "16-mixed"):
+        return SEMPrecisionPlugin(resolved, device_type)
+    if resolved == "bf16-true":
+        plugin = HalfPrecision("bf16-true")
+        plugin.describe = lambda: "bf16-true: weights and activations in bf16; complex regions in complex64"
+        return plugin
+    raise ValueError(f"precision.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -1,0 +1,165 @@
+"""Value and cross-field checks of a composed config, before anything heavy is built.
+
+Every problem is reported at once, one line each, naming the key and the value: the launcher prints
+them and exits with code 2. Types and unknown keys are already caught by the schemas in
+``sem.config`` when Hydra composes the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = False,
+              strict: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and (value > 0 if strict else value >= 0)
+    if not ok:
+        problems.append(f"{key}={value!r}: must be {'> 0' if strict else '>= 0'}")
+
+
+def _model_problems(m: DictConfig) -> list[str]:
+    p: list[str] = []
+    for key in ("d_model", "n_layers", "max_seq_len", "vocab_size", "mlp_ratio"):
+        _positive(p, f"model.{key}", m.get(key))
+    _positive(p, "model.unitary_lambda", m.get("unitary_lambda"), strict=False)
+    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
+        p.append(f"model.dropout={m.dropout!r}: must be in [0, 1)")
+    if "readout" in m and m.readout not in ("born", "linear"):
+        p.append(f"model.readout={m.readout!r}: must be 'born' or 'linear'")
+    if "recurrence" in m and m.recurrence not in ("fft", "scan"):
+        p.append(f"model.recurrence={m.recurrence!r}: must be 'fft' or 'scan'")
+    if "propagator_warmup_steps" in m:
+        _positive(p, "model.propagator_warmup_steps", m.propagator_warmup_steps, strict=False)
+    if "n_heads" in m:
+        _positive(p, "model.n_heads", m.n_heads)
+        if m.n_heads > 0 and m.d_model % m.n_heads:
+            p.append(f"model.n_heads={m.n_heads}: must divide model.d_model={m.d_model}")
+    return p
+
+
+def _data_problems(cfg: DictConfig, corpus: Any) -> list[str]:
+    d, p = cfg.data, []
+    for key in ("batch_size", "seq_len"):
+        _positive(p, f"data.{key}", d[key])
+    for key in ("val_seq_len", "val_max_windows", "val_batch_size"):
+        _positive(p, f"data.{key}", d[key], allow_none=True)
+    if not 0.0 < d.val_fraction < 1.0:
+        p.append(f"data.val_fraction={d.val_fraction!r}: must be in (0, 1)")
+    max_len = cfg.model.max_seq_len
+    for key in ("seq_len", "val_seq_len"):
+        if d[key] is not None and d[key] > max_len:
+            p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
+    return p + list(corpus.problems())
+
+
+def _optimizer_problems(o: DictConfig) -> list[str]:
+    p: list[str] = []
+    _positive(p, "optimizer.lr", o.lr)
+    _positive(p, "optimizer.weight_decay", o.weight_decay, strict=False)
+    for i, beta in enumerate(o.get("betas") or []):
+        if not 0.0 <= beta < 1.0:
+            p.append(f"optimizer.betas[{i}]={beta!r}: must be in [0, 1)")
+    return p
+
+
+def _trainer_problems(t: DictConfig) -> list[str]:
+    p: list[str] = []
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches",
+                "num_nodes"):
+        _positive(p, f"trainer.{key}", t[key])
+    _positive(p, "trainer.gradient_clip_val", t.gradient_clip_val, allow_none=True)
+    return p
+
+
+def _hardware_problems(cfg: DictConfig) -> list[str]:
+    import torch
+
+    from sem.training.precision_plugin import precision_problems
+
+    name = cfg.accelerator.name
+    if name not in ("auto", "cpu", "cuda", "xpu"):
+        return [f"accelerator.name={name!r}: must be one of auto, cpu, cuda, xpu"]
+    xpu = getattr(torch, "xpu", None)
+    has_xpu = bool(xpu is not None and xpu.is_available())
+    if name == "cuda" and not torch.cuda.is_available():
+        return [f"accelerator=cuda: no CUDA device on this machine (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use accelerator=cpu or auto"]
+    if name == "xpu" and not has_xpu:
+        return [f"accelerator=xpu: no Intel XPU on this machine (torch {torch.__version__}, "
+                "torch.xpu.is_available() is False); use accelerator=cpu or auto"]
+    device = {"auto": "cuda" if torch.cuda.is_available() else ("xpu" if has_xpu else "cpu")}.get(name, name)
+    return precision_problems(cfg.precision.precision, device)
+
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    p: list[str] = []
+    if cfg.engine != "lightning":
+        p.append(f"engine={cfg.engine!r}: only 'lightning' is available in this version")
+    name = cfg.run.name
+    if name is not None and (name.startswith("/") or ".." in name.split("/") or not name.strip()):
+        p.append(f"run.name={name!r}: must be a relative name without '..'")
+    resume = cfg.resume
+    if resume not in (None, "auto"):
+        from pathlib import Path
+
+        path = Path(str(resume)).expanduser()
+        if not path.is_file():
+            p.append(f"resume={resume!r}: no such checkpoint file (use null, auto or a path to a .ckpt)")
+    nan_at = cfg.faults.nan_at_step
+    if nan_at is not None and nan_at < 0:
+        p.append(f"faults.nan_at_step={nan_at!r}: must be >= 0")
+    return p
+
+
+def validate(cfg: DictConfig, corpus: Any) -> list[str]:
+    """Every problem with a composed config, one line each naming the key and the value.
+
+    ``corpus`` is the (cheap, not yet read) corpus object built from ``data.corpus``: its own
+    pre-flight checks (paths exist, readable) are part of the report. Runs before anything heavy
+    is built; an empty list means the config can be built.
+    """
+    from sem.training.curriculum import stage_problems
+    from sem.training.scheduler import problems as scheduler_problems
+
+    problems: list[str] = []
+    checks = [
+        lambda: _model_problems(cfg.model),
+        lambda: _data_problems(cfg, corpus),
+        lambda: _optimizer_problems(cfg.optimizer),
+        lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")
+                                      and k != "decay_shape"}, prefix="scheduler"),
+        lambda: [] if cfg.scheduler.decay_shape in ("linear", "cosine", "1-sqrt") else [
+            f"scheduler.decay_shape={cfg.scheduler.decay_shape!r}: must be linear, cosine or 1-sqrt"],
+        lambda: stage_problems(OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
+                               cfg.trainer.max_steps, cfg.model.max_seq_len, prefix="curriculum"),
+        lambda: _distillation_problems(cfg),
+        lambda: _trainer_problems(cfg.trainer),
+        lambda: _hardware_problems(cfg),
+        lambda: _run_problems(cfg),
+    ]
+    for check in checks:
+        try:
+            problems.extend(check())
+        except Exception as exc:  # an unexpected shape of config is still a config problem
+            problems.append(f"{type(exc).__name__}: {exc}")
+    return problems
+
+
+def _distillation_problems(cfg: DictConfig) -> list[str]:
+    from sem.training.distillation import distill_problems
+
+    t, loss = cfg.distillation.teacher, cfg.distillation.loss
+    if (t is None) != (loss is None):
+        return ["distillation: teacher and loss must both be set or both be null"]
+    if t is None:
+        return []
+    p = distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
+                         decay_end=t.decay_end, ramp_steps=t.ramp_steps)
+    names = [s.name for s in cfg.curriculum.stages]
+    if t.start_stage is not None and t.start_stage not in names:
+        p.append(f"distillation.teacher.start_stage={t.start_stage!r}: no such curriculum stage "
+                 f"(stages: {', '.join(names)})")
+    return p

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real composed config, forced onto CPU, a tiny model and tmp outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# Small, fast settings for anything that trains in a test.
+TINY = [
+    "model=sem_tiny",
+    "accelerator=cpu",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=2",
+    "data.batch_size=4",
+    "data.seq_len=32",
+    "data.val_max_windows=4",
+    "scheduler.warmup_steps=2",
+    "callbacks.console.every_n_steps=4",
+    "checkpoint.every_n_train_steps=6",
+]
+
+
+def make_corpus(root: Path, n_files: int = 40, size: int = 3000) -> Path:
+    """A small deterministic text corpus of Python-like files (enough for a 5% split)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [f"def function_{i}_{j}(x):\n    return x * {j} + {i}  # comment {i * j}\n"
+                 for j in range(size // 60)]
+        (root / f"mod_{i:03d}.py").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+@pytest.fixture
+def tiny_cfg(corpus_dir: Path, cache_dir: Path) -> DictConfig:
+    cfg = compose_cfg([*TINY, "data=text_files", f"data.corpus.paths=[{corpus_dir}]",
+                       f"data.cache_dir={cache_dir}"])
+    return cfg
+
+
+def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    """Run launch.py as a user would, in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
