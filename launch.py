@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from sem.run import main
+from sem.run import cli, main
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -12,4 +12,4 @@ def app(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    app()
+    cli(app)

@@ -300,6 +300,3 @@ def register_configs() -> None:
             cs.store(group=group, name=name, node=node)
     if not OmegaConf.has_resolver("sem.run_dir"):
         OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
-
-
-register_configs()

@@ -121,9 +121,9 @@ class ComplexRMSNorm(nn.Module):
         self.gain = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 2D] real, interleaved (Re, Im) pairs
-        z = x.float().unflatten(-1, (-1, 2))  # [B, T, D, 2]
-        scale = torch.rsqrt(z.pow(2).sum(-1).mean(-1, keepdim=True) + self.eps) * self.gain  # [B, T, D]
-        return (z * scale[..., None]).flatten(-2)
+        # rms over the 2D real features is rms|psi| / sqrt(2); the sqrt(1/2) restores energy D.
+        weight = self.gain.float().repeat_interleave(2) * math.sqrt(0.5)  # [2D], same gain for Re and Im
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps)
 
 
 class SEMBlock(nn.Module):

@@ -20,12 +20,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sem.validation import validate
+from sem.config import register_configs
 from sem.summary import RunSummary
 
 log = logging.getLogger("sem.run")
+register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
 EXIT_BAD_CONFIG = 2
 EXIT_TRAINING_FAILED = 1
+
+
+_main_started = False
+
+
+def cli(app: Any) -> None:
+    """Run the ``@hydra.main`` app. Hydra exits 1 when the config does not compose (unknown key,
+    wrong type, no such option); that is a usage error, so it leaves with exit code 2 instead."""
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 1 and not _main_started:
+            raise SystemExit(EXIT_BAD_CONFIG) from None
+        raise
 
 
 class TrainingFailed(RuntimeError):
@@ -34,6 +50,8 @@ class TrainingFailed(RuntimeError):
 
 def main(cfg: DictConfig) -> float | None:
     """Run one training job from a composed config; return the final ``val/bpb`` for sweepers."""
+    global _main_started
+    _main_started = True
     problems, corpus = _validate(cfg)
     if problems:
         for line in problems:

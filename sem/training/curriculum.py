@@ -160,6 +160,7 @@ class CurriculumManager:
         self._last_observed = -1
         self._max_served = -1
         self._announced = 0  # stages up to this index have had their stage_start reported
+        self._gate_reasons: dict[int, str] = {}
         last = self.stages[-1]
         if last.gate is not None:
             log.warning("curriculum: gate on the last stage %r has no effect (it runs to the end)", last.name)
@@ -266,8 +267,9 @@ class CurriculumManager:
             return  # still improving: hold the stage
         end = max(step + 1, self._max_served + 1)
         self._gate_ends[index] = end
-        self._gate_reason = f"plateau: relative improvement {improvement:.4g} < {gate.threshold:g}"
-        log.info("curriculum: stage %r ends at step %d (%s)", st.name, end, self._gate_reason)
+        reason = f"plateau: relative improvement {improvement:.4g} < {gate.threshold:g}"
+        self._gate_reasons[index] = reason
+        log.info("curriculum: stage %r ends at step %d (%s)", st.name, end, reason)
 
     def _announce(self, upto: int) -> list[StageEvent]:
         """Events for every stage whose start is known and <= ``upto`` or decided by a gate."""
@@ -280,7 +282,7 @@ class CurriculumManager:
             decided_by_gate = prev.gate is not None and (j - 1) in self._gate_ends
             if start is None or (start > upto and not decided_by_gate) or start >= self.max_steps:
                 break
-            reason = getattr(self, "_gate_reason", "") if decided_by_gate else "nominal length"
+            reason = self._gate_reasons.get(j - 1, "gate") if decided_by_gate else "nominal length"
             events.append(StageEvent(start, "stage_end", prev.name, j - 1, reason))
             events.append(StageEvent(start, "stage_start", self.stages[j].name, j, "scheduled"))
             self._announced = j
@@ -291,6 +293,7 @@ class CurriculumManager:
     def state_dict(self) -> dict[str, Any]:
         return {
             "gate_ends": {str(k): v for k, v in self._gate_ends.items()},
+            "gate_reasons": {str(k): v for k, v in self._gate_reasons.items()},
             "window": list(self._window),
             "window_stage": self._window_stage,
             "last_observed": self._last_observed,
@@ -307,6 +310,7 @@ class CurriculumManager:
                 d["stage_names"], names,
             )
         self._gate_ends = {int(k): int(v) for k, v in d["gate_ends"].items()}
+        self._gate_reasons = {int(k): str(v) for k, v in d.get("gate_reasons", {}).items()}
         self._window_stage = int(d["window_stage"])
         gate = self.stages[self._window_stage].gate if 0 <= self._window_stage < len(self.stages) else None
         self._window = deque(d["window"], maxlen=2 * gate.window if gate is not None else None)
