@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 ENERGY_CLAMP = 1e4
 # Chunk length of the two-level scan: intra-chunk [C, C] and inter-chunk [T/C, T/C] decay matrices.
 SCAN_CHUNK = 16
+MIN_DECAY = 1e-6
 
 
 @dataclass
@@ -148,15 +149,19 @@ class SEMBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def log_lambda(self) -> torch.Tensor:
-        """log lambda = -exp(log_A_mag) + i theta, so |lambda| < 1 for any parameter value. [D] complex64."""
-        return torch.complex(-torch.exp(self.log_A_mag.float()), self.theta.float())
+        """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] complex64."""
+        return torch.complex(-self.decay_rate(), self.theta.float())
+
+    def decay_rate(self) -> torch.Tensor:
+        # MIN_DECAY keeps |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up to 1e6 tokens).
+        return torch.exp(self.log_A_mag.float()) + MIN_DECAY
 
     def mix(self, u: torch.Tensor) -> torch.Tensor:
         """Diagonal complex recurrence over time. u [B, T, 2D] real -> [B, T, 2D] float32."""
         with _no_autocast(u):
             log_lam = self.log_lambda()
             # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
-            gamma = torch.sqrt(-torch.expm1(-2.0 * torch.exp(self.log_A_mag.float())))  # [D]
+            gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D]
             x = u.float().unflatten(-1, (-1, 2)) * gamma[:, None]  # [B, T, D, 2]
             h = recurrence_fft(x, log_lam) if self.recurrence == "fft" else recurrence_scan(x, log_lam)
             return h.flatten(-2)

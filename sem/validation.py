@@ -129,10 +129,8 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: _model_problems(cfg.model),
         lambda: _data_problems(cfg, corpus),
         lambda: _optimizer_problems(cfg.optimizer),
-        lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")
-                                      and k != "decay_shape"}, prefix="scheduler"),
-        lambda: [] if cfg.scheduler.decay_shape in ("linear", "cosine", "1-sqrt") else [
-            f"scheduler.decay_shape={cfg.scheduler.decay_shape!r}: must be linear, cosine or 1-sqrt"],
+        lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")},
+                                   prefix="scheduler"),
         lambda: stage_problems(OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
                                cfg.trainer.max_steps, cfg.model.max_seq_len, prefix="curriculum"),
         lambda: _distillation_problems(cfg),
@@ -156,10 +154,7 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
         return ["distillation: teacher and loss must both be set or both be null"]
     if t is None:
         return []
-    p = distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
-                         decay_end=t.decay_end, ramp_steps=t.ramp_steps)
-    names = [s.name for s in cfg.curriculum.stages]
-    if t.start_stage is not None and t.start_stage not in names:
-        p.append(f"distillation.teacher.start_stage={t.start_stage!r}: no such curriculum stage "
-                 f"(stages: {', '.join(names)})")
-    return p
+    return distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
+                            decay_end=t.decay_end, ramp_steps=t.ramp_steps, start_step=t.start_step,
+                            start_stage=t.start_stage,
+                            stage_names=[s.name for s in cfg.curriculum.stages])

@@ -198,7 +198,8 @@ class TextFilesCorpus:
     def _checked_files(self) -> list[tuple[str, Path]]:
         files, problems = _expand_paths(self.paths, "data.corpus.paths")
         if problems:
-            raise CorpusError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise CorpusError(problems[0] + more)
         return files
 
     def documents(self) -> Iterator[Document]:
@@ -372,8 +373,8 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: float, out: P
     ntok = {"train": 0, "val": 0}
     gz = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31 = gzip container, as gzip.compress(data, 9)
     gz_len = 0
-    columns = (SpinnerColumn(), TextColumn("tokenizing corpus: {task.fields[docs]} docs, {task.fields[mb]:.1f} MB"),
-               TimeElapsedColumn())
+    columns = (SpinnerColumn(), TimeElapsedColumn(),
+               TextColumn("tokenizing corpus: {task.fields[docs]} docs, {task.fields[mb]:.1f} MB"))
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val, \
             Progress(*columns, console=Console(stderr=True), transient=True,
                      disable=not sys.stderr.isatty()) as progress:

@@ -98,6 +98,15 @@ class SEMDataModule:
 
     byte_targets = staticmethod(byte_targets)
 
+    def describe(self) -> str:
+        """One line for the run log: the corpus, the split and the batch shape."""
+        if self._cache is None:
+            return f"{self.corpus.describe()} (not set up)"
+        c = self._cache
+        return (f"{self.corpus.describe()}: train {c.n_train_docs} docs / {c.train_bytes / 1e6:.2f} MB, "
+                f"val {c.n_val_docs} docs / {c.val_bytes / 1e6:.3f} MB (gzip -9 {c.gzip_bpb:.3f} bpb); "
+                f"batch {self.batch_size} x {self.seq_len}, val_seq_len {self.val_seq_len}; cache {c.path}")
+
     # ------------------------------------------------------------------------------------------ train
 
     def train_batch(self, step: int, seq_len: int | None = None, batch_size: int | None = None, rank: int = 0,
@@ -152,7 +161,8 @@ class SEMDataModule:
         if max_windows not in self._val_windows:
             val, t = self.cache.val, self.val_seq_len
             n = (val.size - 1) // t
-            idx = np.arange(n) if max_windows is None or max_windows >= n else (np.arange(max_windows) * n) // max_windows
+            m = n if max_windows is None else min(max_windows, n)
+            idx = (np.arange(m) * n) // m  # evenly spaced, distinct, window 0 first; all windows when m == n
             w = torch.from_numpy(val[idx[:, None] * t + np.arange(t + 1)].astype(np.int64))  # [n, T+1]
             self._val_windows[max_windows] = (w[:, :-1], w[:, 1:])
         return self._val_windows[max_windows]

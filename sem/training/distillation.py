@@ -40,9 +40,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         s = s_state[name].detach()
         if t.shape != s.shape:
             raise ValueError(f"ema_update: {name} has shape {tuple(t.shape)} in the teacher, {tuple(s.shape)} in the student")
-        if _averaged(t):
+        if _averaged(t) and decay > 0.0:
             t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
-        else:
+        else:  # decay 0 copies outright (0 * a non-finite stale value would still be NaN)
             t.copy_(s)
 
 

@@ -89,8 +89,8 @@ class SEMLightningModule(pl.LightningModule):
         out = self.model(x, y)
         loss = out.loss
         metrics: dict[str, Any] = {}
-        if self.teacher is not None and self.distill_loss is not None and self.teacher.active(
-                step, self._stage_name(step)):
+        # The teacher distils once ready: its first update (at activation) copies the student.
+        if self.teacher is not None and self.distill_loss is not None and self.teacher.ready:
             teacher_logits = self.teacher(x)
             parts = self.distill_loss(out.logits, teacher_logits, out.ce_loss)
             # keep the unitary penalty; replace plain CE by the distillation mix

@@ -1,0 +1,215 @@
+"""Unit tests for sem/model.py: SEMModel contract, recurrence, propagator, param_groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sem.model import (
+    ENERGY_CLAMP,
+    CayleyPropagator,
+    ModelOutput,
+    SEMModel,
+    count_parameters,
+    param_groups,
+    recurrence_fft,
+    recurrence_scan,
+)
+
+V = 259
+
+
+def tiny(**kw) -> SEMModel:
+    torch.manual_seed(0)
+    args = dict(vocab_size=V, d_model=16, n_layers=2, max_seq_len=64, propagator_warmup_steps=0)
+    args.update(kw)
+    return SEMModel(**args)
+
+
+def reference_loop(u: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
+    """h_t = lambda h_{t-1} + u_t one step at a time (test oracle only). u [B, T, D] complex."""
+    lam, h, out = torch.exp(log_lam), torch.zeros_like(u[:, 0]), []
+    for t in range(u.shape[1]):
+        h = lam * h + u[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("fn", [recurrence_scan, recurrence_fft])
+def test_recurrence_matches_sequential_loop(fn, T: int) -> None:
+    torch.manual_seed(1)
+    u = torch.randn(2, T, 6, dtype=torch.complex64)
+    log_lam = torch.complex(-torch.rand(6) * 2, torch.rand(6) * 3)
+    got = torch.view_as_complex(fn(torch.view_as_real(u), log_lam).contiguous())
+    torch.testing.assert_close(got, reference_loop(u, log_lam), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recurrence, tol", [("scan", 1e-5), ("fft", 1e-3)])
+def test_causality(recurrence: str, tol: float) -> None:
+    # FFT convolution leaks ~1e-4 of float round-off across time (PLATFORM.md); the scan does not.
+    model = tiny(recurrence=recurrence).eval()
+    x = torch.randint(0, 256, (2, 40))
+    t = 23
+    y = x.clone()
+    y[:, t] = (y[:, t] + 7) % 256
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert (a[:, :t] - b[:, :t]).abs().max().item() < tol
+    assert (a[:, t] - b[:, t]).abs().max().item() > 1e-3  # the change is visible from t on
+
+
+def test_propagator_is_unitary() -> None:
+    torch.manual_seed(2)
+    prop = CayleyPropagator(12)
+    with torch.no_grad():
+        prop.h_real.normal_(0, 1.0)  # far from the identity
+        prop.h_imag.normal_(0, 1.0)
+    u = prop.unitary().to(torch.complex128)
+    torch.testing.assert_close(u.conj().T @ u, torch.eye(12, dtype=u.dtype), atol=1e-5, rtol=0)
+    psi = torch.randn(3, 5, 24)  # interleaved Re/Im, D=12
+    out = prop(psi, torch.tensor(1.0))
+    torch.testing.assert_close(out.norm(dim=-1), psi.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    assert (out - psi).abs().max() > 1e-2  # it really mixes
+    torch.testing.assert_close(prop(psi, torch.tensor(0.0)), psi)  # alpha 0 is the identity
+
+
+@pytest.mark.parametrize("readout", ["born", "linear"])
+def test_output_shapes_and_dtypes(readout: str) -> None:
+    model = tiny(readout=readout)
+    x = torch.randint(0, 256, (3, 10))
+    targets = x.clone()
+    targets[0, :4] = -100
+    out = model(x, targets)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (3, 10, V) and out.logits.dtype == torch.float32
+    for value in (out.loss, out.ce_loss, out.unitary_divergence):
+        assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value)
+    torch.testing.assert_close(out.loss, out.ce_loss + model.unitary_lambda * out.unitary_divergence)
+    assert 0.0 <= out.unitary_divergence.item() <= math.log(ENERGY_CLAMP) ** 2
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    bare = model(x)
+    assert bare.loss is None and bare.ce_loss is None and bare.unitary_divergence.shape == ()
+
+
+def test_ce_ignores_masked_targets() -> None:
+    model = tiny()
+    x = torch.randint(0, 256, (2, 8))
+    t1 = x.clone()
+    t1[:, :3] = -100
+    with torch.no_grad():
+        logits = model(x).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, V), x[:, 3:].reshape(-1))
+    torch.testing.assert_close(model(x, t1).ce_loss, manual)
+
+
+def test_autocast_bf16_gives_float32_logits() -> None:
+    model = tiny()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, x)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("readout", ["born", "linear"])
+def test_loss_falls_on_repeated_batch(readout: str) -> None:
+    model = tiny(readout=readout)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95))
+    torch.manual_seed(3)
+    x = torch.randint(0, 256, (4, 33))
+    losses = []
+    for _ in range(30):
+        out = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.ce_loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_set_step_ramps_alpha() -> None:
+    model = tiny(propagator_warmup_steps=100)
+    model.set_step(0)
+    assert model.propagator_alpha.item() == 0.0
+    model.set_step(50)
+    assert model.propagator_alpha.item() == pytest.approx(0.5)
+    for step in (100, 10_000):
+        model.set_step(step)
+        assert model.propagator_alpha.item() == 1.0
+    model.set_step(10)  # pure function of step: going back (resume) works
+    assert model.propagator_alpha.item() == pytest.approx(0.1)
+    assert tiny(propagator_warmup_steps=0).propagator_alpha.item() == 1.0
+    assert "propagator_alpha" in model.state_dict()
+
+
+def test_gradient_checkpointing_matches_plain() -> None:
+    x = torch.randint(0, 256, (2, 20))
+    plain, ckpt = tiny(), tiny(gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m(x, x).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_param_groups_split() -> None:
+    model = tiny()
+    groups = param_groups(model, 0.1)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert decay.isdisjoint(no_decay) and decay | no_decay == set(names.values())
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert "blocks.0.log_A_mag" in no_decay and "blocks.0.theta" in no_decay
+    assert "blocks.1.norm.gain" in no_decay and "norm_f.gain" in no_decay
+    assert "blocks.0.in_proj.weight" in decay and "readout_re" in decay
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    linear = param_groups(tiny(readout="linear"), 0.1)
+    assert "readout.bias" in {n for n, p in tiny(readout="linear").named_parameters()}
+    assert count_parameters(model) == sum(p.numel() for g in groups for p in g["params"])
+    assert len(linear) == 2
+
+
+def test_param_groups_drops_empty_group() -> None:
+    groups = param_groups(torch.nn.Linear(3, 3, bias=False), 0.1)
+    assert [g["name"] for g in groups] == ["decay"]
+
+
+def test_lambda_inside_unit_disk_for_any_params() -> None:
+    block = tiny().blocks[0]
+    with torch.no_grad():
+        block.log_A_mag.copy_(torch.linspace(-40, 5, block.log_A_mag.numel()))
+    assert (block.log_lambda().exp().abs() < 1).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"d_model": 0}, "d_model"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"readout": "softmax"}, "readout"),
+        ({"recurrence": "loop"}, "recurrence"),
+        ({"mlp_ratio": 0}, "mlp_ratio"),
+        ({"born_eps": 0.0}, "born_eps"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"unitary_lambda": -1.0}, "unitary_lambda"),
+        ({"propagator_warmup_steps": -5}, "propagator_warmup_steps"),
+    ],
+)
+def test_bad_constructor_args(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny(**kwargs)
+
+
+def test_too_long_input_raises() -> None:
+    with pytest.raises(ValueError, match=r"T=65.*max_seq_len=64"):
+        tiny()(torch.zeros(1, 65, dtype=torch.long))

@@ -1,0 +1,166 @@
+"""WSD schedule: the pure multiplier at its edges, the LambdaLR binding, lr_scale, resume."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from sem.training.scheduler import WSDScheduler, problems, resolve_steps, wsd_multiplier
+
+
+def _opt(lr: float = 1.0, groups: int = 1) -> torch.optim.Optimizer:
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr * (g + 1)} for g in range(groups)]
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _run(sched: WSDScheduler, steps: int) -> list[float]:
+    """LR used by optimizer steps 0..steps-1, as a training loop would see it."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(sched.optimizer.param_groups[0]["lr"])
+        sched.optimizer.step()
+        sched.step()
+    return lrs
+
+
+def m(step: int, **kw) -> float:
+    base = dict(max_steps=100, warmup_steps=10, decay_steps=20)
+    base.update(kw)
+    return wsd_multiplier(step, **base)
+
+
+def test_warmup_starts_small_nonzero_and_reaches_one():
+    assert m(0) == pytest.approx(0.1)
+    assert m(4) == pytest.approx(0.5)
+    assert m(9) == 1.0
+    assert all(m(s) < m(s + 1) for s in range(9))
+
+
+def test_zero_warmup_starts_at_full_lr():
+    assert m(0, warmup_steps=0) == 1.0
+
+
+def test_stable_phase_is_flat_for_its_whole_length():
+    # warmup 0..9, stable 10..79, decay 80..99
+    assert [m(s) for s in range(10, 80)] == [1.0] * 70
+    assert m(80) < 1.0
+
+
+@pytest.mark.parametrize("min_ratio", [0.0, 0.1])
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_last_decay_step_is_exactly_min_lr_ratio(shape, min_ratio):
+    kw = dict(decay_shape=shape, min_lr_ratio=min_ratio)
+    assert m(99, **kw) == min_ratio  # decay_start + decay_steps - 1 == max_steps - 1
+    assert m(98, **kw) > min_ratio
+    assert m(150, **kw) == min_ratio  # after the decay
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))]
+)
+def test_decay_shape_midpoint(shape, expected):
+    # progress 0.5 at step decay_start + decay_steps/2 - 1 = 80 + 10 - 1
+    assert m(89, decay_shape=shape) == pytest.approx(expected)
+    assert m(89, decay_shape=shape, min_lr_ratio=0.2) == pytest.approx(0.2 + 0.8 * expected)
+
+
+def test_cosine_and_linear_differ_off_midpoint():
+    assert m(84, decay_shape="cosine") > m(84, decay_shape="linear") > m(84, decay_shape="1-sqrt")
+
+
+def test_zero_decay_stays_flat_to_the_end():
+    assert [m(s, decay_steps=0) for s in range(10, 100)] == [1.0] * 90
+
+
+def test_decay_branch_starts_at_decay_start_step():
+    kw = dict(max_steps=1000, decay_steps=20, decay_start_step=400)
+    assert m(399, **kw) == 1.0
+    assert m(400, **kw) == pytest.approx(0.95)
+    assert m(419, **kw) == 0.0
+    assert m(700, **kw) == 0.0
+
+
+def test_resolve_steps():
+    assert resolve_steps(1000, 30, None, "warmup") == 30
+    assert resolve_steps(1000, None, 0.3, "decay") == 300
+    assert resolve_steps(10, None, 0.25, "decay") == 3  # rounded to nearest (2.5 -> 3)
+    for steps, frac in ((None, None), (3, 0.1)):
+        with pytest.raises(ValueError, match="decay"):
+            resolve_steps(100, steps, frac, "decay")
+
+
+def test_problems_one_line_each_naming_key_and_value():
+    assert problems(100, 10, None, None, 0.3, None, 0.0) == []
+    lines = problems(100, 10, 0.1, 95, None, None, 1.5)
+    assert any("warmup_steps=10" in ln and "warmup_fraction=0.1" in ln for ln in lines)
+    assert any("min_lr_ratio=1.5" in ln for ln in lines)
+    assert any("more than max_steps=100" in ln for ln in problems(100, 10, None, 95, None, None, 0.0))
+    assert any("decay_steps=-1" in ln for ln in problems(100, 0, None, -1, None, None, 0.0))
+    assert any("decay_start_step=90" in ln for ln in problems(100, 10, None, 20, None, 90, 0.0))
+    assert any("decay_shape='exp'" in ln for ln in problems(100, 0, None, 0, None, None, 0.0, decay_shape="exp"))
+    assert all(ln.startswith("sched") for ln in problems(100, None, None, 5, 0.1, -3, -1.0, prefix="sched"))
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        WSDScheduler(_opt(), max_steps=100, warmup_steps=1, decay_steps=1, min_lr_ratio=2.0)
+
+
+def test_scheduler_drives_optimizer_lr_through_the_schedule():
+    sched = WSDScheduler(_opt(0.5), max_steps=40, warmup_steps=5, decay_fraction=0.25, min_lr_ratio=0.1)
+    lrs = _run(sched, 40)
+    assert lrs == pytest.approx([0.5 * sched.multiplier(s) for s in range(40)])
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.05)  # last trained step: exactly min_lr_ratio * lr
+    assert sched.decay_steps == 10 and sched.decay_start == 30
+
+
+def test_cosine_preset_has_no_stable_phase():
+    sched = WSDScheduler(_opt(), max_steps=50, warmup_steps=10, decay_shape="cosine", min_lr_ratio=0.1)
+    assert sched.decay_start == 10 and sched.decay_steps == 40
+    assert sched.wsd(9) == 1.0 and sched.wsd(10) < 1.0
+    assert sched.wsd(49) == pytest.approx(0.1)
+
+
+def test_constant_preset_is_flat_after_warmup():
+    sched = WSDScheduler(_opt(), max_steps=50, warmup_steps=10, decay_steps=0)
+    assert [sched.wsd(s) for s in range(9, 50)] == [1.0] * 41
+
+
+def test_lr_scale_composes_across_a_stage_boundary():
+    scale = lambda step: 1.0 if step < 20 else 0.5  # noqa: E731
+    opt = _opt(2.0, groups=2)
+    sched = WSDScheduler(opt, max_steps=40, warmup_steps=4, decay_steps=10, lr_scale=scale)
+    for step in range(40):
+        for g, base in zip(opt.param_groups, (2.0, 4.0)):
+            assert g["lr"] == pytest.approx(base * sched.wsd(step) * scale(step)), step
+        opt.step()
+        sched.step()
+    assert sched.multiplier(19) == 1.0 and sched.multiplier(20) == 0.5
+
+
+@pytest.mark.parametrize("k", [0, 3, 17, 35])
+def test_resume_from_state_dict_matches_continuous(k):
+    kw = dict(max_steps=40, warmup_steps=5, decay_fraction=0.3, decay_shape="cosine", min_lr_ratio=0.1)
+    scale = lambda step: 1.0 if step < 12 else 0.25  # noqa: E731
+    cont = WSDScheduler(_opt(), lr_scale=scale, **kw)
+    full = _run(cont, 40)
+
+    first = WSDScheduler(_opt(), lr_scale=scale, **kw)
+    _run(first, k)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    opt = _opt()
+    resumed = WSDScheduler(opt, lr_scale=scale, **kw)
+    # the restored optimizer state carries some other lr (another config, or a stale value), as
+    # Lightning restores optimizers before schedulers: the schedule at the restored step wins
+    opt.param_groups[0].update(lr=123.0, initial_lr=123.0)
+    resumed.load_state_dict(state)
+    assert _run(resumed, 40 - k) == pytest.approx(full[k:])
+
+
+def test_state_dict_holds_no_callables():
+    sched = WSDScheduler(_opt(), max_steps=10, warmup_steps=2, decay_steps=2, lr_scale=lambda s: 1.0)
+    state = sched.state_dict()
+    assert set(state) == {"last_epoch", "_step_count"}
+    assert not any(callable(v) for v in state.values())
+    pickle.dumps(state)  # a lambda anywhere inside would fail here
