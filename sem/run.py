@@ -117,6 +117,12 @@ class Built:
                  type(self.trainer.accelerator).__name__)
 
 
+def _without(node: DictConfig, *keys: str) -> DictConfig:
+    """An untyped copy of ``node`` without ``keys`` (built separately or not constructor args)."""
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: v for k, v in resolved.items() if k not in keys})
+
+
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     log.info("Instantiating <%s>", node._target_)
     return instantiate(node, **kwargs)
@@ -132,7 +138,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = _instantiate(cfg.data, corpus=corpus)
+    datamodule = _instantiate(_without(cfg.data, "corpus"), corpus=corpus)
     datamodule.setup()
     log.info("data: %s", datamodule.describe())
 
@@ -167,8 +173,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
 
     loggers = [_instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node]
 
-    accel_node = OmegaConf.masked_copy(cfg.accelerator, [k for k in cfg.accelerator if k != "name"])
-    accelerator = _instantiate(accel_node)
+    accelerator = _instantiate(_without(cfg.accelerator, "name"))
     device_type = device_type_of(accelerator)
     precision_plugin = _instantiate(cfg.precision)(device_type=device_type)
 
@@ -245,7 +250,8 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         val_bpb=val["val/bpb"],
         gzip_bpb=dm.gzip_bpb,
         tokens_per_s=_throughput(trainer),
-        best_checkpoint=built.checkpoint.best_model_path or None,
+        # "best" needs a monitored metric; without one Lightning's best is just the latest
+        best_checkpoint=(built.checkpoint.best_model_path or None) if built.checkpoint.monitor else None,
         last_checkpoint=built.checkpoint.last_model_path or None,
     )
     verdict = "below" if val["val/bpb"] < dm.gzip_bpb else "NOT below"

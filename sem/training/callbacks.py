@@ -149,7 +149,8 @@ class MetricsWriter(_Timed):
         out.update({k: v for k, v in row.items() if k.startswith("distill/")})
         self._write(out)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_validation_end: Lightning runs callbacks' epoch-end hooks before the module's
         if trainer.sanity_checking or not pl_module.last_val:
             return
         self._write({"step": trainer.global_step, **pl_module.last_val})
@@ -185,7 +186,8 @@ class SEMConsoleLogger(_Timed):
             row.get("grad_norm", float("nan")), f"{rate / 1000:.1f}k", row["seq_len"], row["stage"],
             _duration(eta))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_validation_end: Lightning runs callbacks' epoch-end hooks before the module's
         if trainer.sanity_checking or not pl_module.last_val:
             return
         v = pl_module.last_val
