@@ -136,18 +136,17 @@ class MetricsWriter(_Timed):
         if not self._optimizer_step_done(trainer, pl_module):
             return
         row = pl_module.last_train
+        step = row["step"]
+        every = trainer.log_every_n_steps
+        if step % every == 0 or step == trainer.max_steps - 1:
+            tokens, seconds = self.clock.lap()
+            out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
+                   "tokens_per_s": tokens / seconds if seconds > 0 else None}
+            out.update({k: v for k, v in row.items() if k.startswith("distill/")})
+            self._write(out)
         for event in row.get("events") or []:
             self._write({"step": event.step, "event": event.kind, "stage": event.stage,
                          "stage_index": event.index, "reason": event.reason})
-        step = row["step"]
-        every = trainer.log_every_n_steps
-        if step % every != 0 and step != trainer.max_steps - 1:
-            return
-        tokens, seconds = self.clock.lap()
-        out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
-               "tokens_per_s": tokens / seconds if seconds > 0 else None}
-        out.update({k: v for k, v in row.items() if k.startswith("distill/")})
-        self._write(out)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_validation_end: Lightning runs callbacks' epoch-end hooks before the module's
@@ -194,6 +193,34 @@ class SEMConsoleLogger(_Timed):
         rank_zero_only(log.info)("validation at step %d | val/loss %.4f | val/bpb %.4f%s",
                                  trainer.global_step, v["val/loss"], v["val/bpb"],
                                  " (final, all windows)" if v.get("final") else "")
+
+
+class CurriculumCallback(pl.Callback):
+    """Announces stage changes and writes a milestone checkpoint at the start of each stage that
+    asks for one (``stage.checkpoint``): ``checkpoints/stage_<name>_step_XXXXXXX.ckpt``, holding the
+    weights after exactly ``event.step`` optimizer steps."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, str] = {}  # step -> stage name, for milestones not yet reached
+        self.milestones: list[str] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        row = pl_module.last_train
+        if not row.get("step_done") or pl_module.curriculum is None:
+            return
+        for event in row.get("events") or []:
+            rank_zero_only(log.info)("curriculum: %s %r at step %d (%s)", event.kind.replace("_", " "),
+                                     event.stage, event.step, event.reason)
+            if event.kind == "stage_start" and pl_module.curriculum.stages[event.index].checkpoint:
+                self._pending[event.step] = event.stage
+        name = self._pending.pop(trainer.global_step, None)
+        if name is not None:
+            path = Path(trainer.default_root_dir) / "checkpoints" / (
+                f"stage_{name}_step_{trainer.global_step:07d}.ckpt")
+            trainer.save_checkpoint(path)
+            self.milestones.append(str(path))
+            rank_zero_only(log.info)("curriculum: milestone checkpoint %s", path)
 
 
 def _duration(seconds: float) -> str:
