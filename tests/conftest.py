@@ -11,6 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from sem.config import register_configs
+
+register_configs()  # the conf/ options start from schemas in the ConfigStore: compose needs them
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
@@ -71,3 +75,11 @@ def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_data_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:
+    """TINY on the small corpus. The corpus is named by a glob so document names are `mod_XXX.py`
+    whatever the tmp folder is called: the train/val split hashes names, and with a folder name in
+    them some folder names put none of the 40 files in a 5% val split."""
+    return [*TINY, "data=text_files", f"data.corpus.paths=[{corpus_dir}/*.py]",
+            f"data.cache_dir={cache_dir}"]
