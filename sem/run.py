@@ -6,6 +6,7 @@ This is the only module that calls ``hydra.utils.instantiate``. Every object it 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sem.validation import validate
 from sem.config import register_configs
+from sem.data.corpus import CorpusError
 from sem.summary import RunSummary
 
 log = logging.getLogger("sem.run")
@@ -48,15 +51,31 @@ class TrainingFailed(RuntimeError):
     """Raised in multirun so Hydra records the job as failed; a single run exits 1 instead."""
 
 
+class ValidateFirst(HydraCallback):
+    """Validates a single run before Hydra creates its directory, so a rejected config writes
+    nothing (not even ``.hydra/`` into an existing ``outputs/<run.name>``). Sweep jobs are
+    validated in ``main`` (each has a fresh directory)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job_cfg = copy.deepcopy(config)
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]  # what the job itself will see
+        _exit_if_invalid(_validate(job_cfg)[0])
+
+
+def _exit_if_invalid(problems: list[str]) -> None:
+    if problems:
+        for line in problems:
+            print(f"config error: {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
 def main(cfg: DictConfig) -> float | None:
     """Run one training job from a composed config; return the final ``val/bpb`` for sweepers."""
     global _main_started
     _main_started = True
     problems, corpus = _validate(cfg)
-    if problems:
-        for line in problems:
-            print(f"config error: {line}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
+    _exit_if_invalid(problems)
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     started = time.time()
@@ -68,6 +87,8 @@ def main(cfg: DictConfig) -> float | None:
             return None
         summary.begin(cfg, parent_checkpoint=built.resume_from)
         return fit_and_summarise(cfg, built, summary, started)
+    except CorpusError as exc:  # found when the corpus is read: still a problem with the input
+        _exit_if_invalid([f"data.corpus: {exc}"])
     except (KeyboardInterrupt, SystemExit) as exc:
         summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +27,21 @@ def _is_global_zero() -> bool:
     return True
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON that every reader accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -121,7 +121,6 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
     pre-flight checks (paths exist, readable) are part of the report. Runs before anything heavy
     is built; an empty list means the config can be built.
     """
-    from sem.training.curriculum import stage_problems
     from sem.training.scheduler import problems as scheduler_problems
 
     problems: list[str] = []
@@ -131,8 +130,8 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: _optimizer_problems(cfg.optimizer),
         lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")},
                                    prefix="scheduler"),
-        lambda: stage_problems(OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
-                               cfg.trainer.max_steps, cfg.model.max_seq_len, prefix="curriculum"),
+        lambda: _curriculum_problems(cfg),
+        lambda: _logger_problems(cfg),
         lambda: _distillation_problems(cfg),
         lambda: _trainer_problems(cfg.trainer),
         lambda: _hardware_problems(cfg),
@@ -144,6 +143,36 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         except Exception as exc:  # an unexpected shape of config is still a config problem
             problems.append(f"{type(exc).__name__}: {exc}")
     return problems
+
+
+def _curriculum_problems(cfg: DictConfig) -> list[str]:
+    from sem.training.curriculum import stage_problems
+
+    stages = cfg.curriculum.stages
+    lines = stage_problems(OmegaConf.to_container(stages, resolve=True), cfg.trainer.max_steps,
+                           cfg.model.max_seq_len, prefix="curriculum")
+    # A stage field copied from elsewhere (curriculum=none takes ${data.seq_len}) is reported
+    # under its source key already: say it once.
+    copied = tuple(f"curriculum.stages[{i}]({st.name}).{key}=" for i, st in enumerate(stages)
+                   for key in ("seq_len", "batch_size") if OmegaConf.is_interpolation(st, key))
+    return [line for line in lines if not line.startswith(copied)]
+
+
+_LOGGER_PACKAGES = {"TensorBoardLogger": ("tensorboard", "tensorboardX"), "WandbLogger": ("wandb",)}
+
+
+def _logger_problems(cfg: DictConfig) -> list[str]:
+    import importlib.util
+
+    out = []
+    for name, node in cfg.logger.items():
+        if node is None:
+            continue
+        needs = _LOGGER_PACKAGES.get(str(node.get("_target_", "")).rsplit(".", 1)[-1])
+        if needs and not any(importlib.util.find_spec(pkg) for pkg in needs):
+            out.append(f"logger.{name}: {node._target_} needs the package {needs[0]!r} "
+                       f"(pip install {needs[0]})")
+    return out
 
 
 def _distillation_problems(cfg: DictConfig) -> list[str]:

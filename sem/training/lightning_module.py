@@ -99,6 +99,10 @@ class SEMLightningModule(pl.LightningModule):
                             "distill/teacher_decay": self.teacher.decay(step)})
         if self.nan_at_step is not None and step == self.nan_at_step:
             loss = loss * float("nan")  # fault injection for tests (faults.nan_at_step)
+        if not torch.isfinite(loss):
+            # Stop before a non-finite loss reaches the weights (and any checkpoint). The health
+            # monitor's policies (skip, rollback) will refine this; failing loudly is the safe default.
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {step}")
 
         self._micro_losses.append(loss.detach())
         self._micro_tokens += x.numel()

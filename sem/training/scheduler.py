@@ -107,6 +107,7 @@ def problems(
     if max_steps <= 0:
         out.append(f"{prefix}: max_steps={max_steps} must be > 0")
     resolved: dict[str, int] = {}
+    said: dict[str, str] = {}  # how each length was given, for the messages
     for name, steps, fraction, optional in (
         ("warmup", warmup_steps, warmup_fraction, False),
         ("decay", decay_steps, decay_fraction, True),
@@ -125,6 +126,8 @@ def problems(
             out.append(f"{prefix}.{name}_fraction={fraction} must be in [0, 1]")
         else:
             resolved[name] = resolve_steps(max(max_steps, 0), steps, fraction, name)
+            said[name] = (f"{prefix}.{name}_steps={steps}" if steps is not None
+                          else f"{prefix}.{name}_fraction={fraction} ({resolved[name]} steps)")
     if not 0.0 <= min_lr_ratio <= 1.0:
         out.append(f"{prefix}.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
     if decay_shape not in DECAY_SHAPES:
@@ -137,7 +140,7 @@ def problems(
             out.append(f"{prefix}.decay_start_step={decay_start_step} is past max_steps={max_steps}")
         elif decay is not None and decay_start_step + decay > max_steps:
             out.append(
-                f"{prefix}.decay_start_step={decay_start_step} + decay ({decay} steps) = "
+                f"{prefix}.decay_start_step={decay_start_step} + {said['decay']} = "
                 f"{decay_start_step + decay} is past max_steps={max_steps}"
             )
         if warm is not None and 0 <= decay_start_step < warm:
@@ -146,11 +149,11 @@ def problems(
             )
     elif warm is not None and decay is not None and warm + decay > max_steps:
         out.append(
-            f"{prefix}: warmup ({warm} steps) + decay ({decay} steps) = {warm + decay} "
-            f"is more than max_steps={max_steps}"
+            f"{said['warmup']} + {said['decay']} = {warm + decay} steps is more than "
+            f"trainer.max_steps={max_steps}"
         )
     elif warm is not None and warm > max_steps:
-        out.append(f"{prefix}: warmup ({warm} steps) is more than max_steps={max_steps}")
+        out.append(f"{said['warmup']} is more than trainer.max_steps={max_steps}")
     return out
 
 

@@ -186,8 +186,6 @@ def test_bad_config_leaves_previous_run_untouched(bad_config_run: tuple[Launch, 
     assert not (run.run_dir / "env.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="Hydra writes <run>/.hydra/*.yaml and launch.log before "
-                   "sem.run.main validates: a rejected config overwrites the previous run's .hydra record")
 def test_bad_config_writes_nothing(bad_config_run: tuple[Launch, dict[str, str]]) -> None:
     run, before = bad_config_run
     assert _digests(run.run_dir.parent.parent) == before

@@ -65,8 +65,6 @@ def test_batch_size_not_positive(base: list[str]) -> None:
     assert len(lines_with(problems, "data.batch_size=0")) == 1, problems
 
 
-@pytest.mark.xfail(strict=True, reason="curriculum=none interpolates data.seq_len/batch_size into its "
-                   "stage, so one bad value is reported twice (once as data.*, once as curriculum.stages[0])")
 @pytest.mark.parametrize("override", ["data.seq_len=4096", "data.batch_size=0"])
 def test_one_bad_data_value_is_reported_once(base: list[str], override: str) -> None:
     assert len(problems_of(base, override)) == 1
