@@ -97,7 +97,8 @@ def test_problems_one_line_each_naming_key_and_value():
     lines = problems(100, 10, 0.1, 95, None, None, 1.5)
     assert any("warmup_steps=10" in ln and "warmup_fraction=0.1" in ln for ln in lines)
     assert any("min_lr_ratio=1.5" in ln for ln in lines)
-    assert any("more than max_steps=100" in ln for ln in problems(100, 10, None, 95, None, None, 0.0))
+    assert any("scheduler.warmup_steps=10 + scheduler.decay_steps=95" in ln and "more than trainer.max_steps=100" in ln
+               for ln in problems(100, 10, None, 95, None, None, 0.0))
     assert any("decay_steps=-1" in ln for ln in problems(100, 0, None, -1, None, None, 0.0))
     assert any("decay_start_step=90" in ln for ln in problems(100, 10, None, 20, None, 90, 0.0))
     assert any("decay_shape='exp'" in ln for ln in problems(100, 0, None, 0, None, None, 0.0, decay_shape="exp"))
