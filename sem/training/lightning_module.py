@@ -91,6 +91,7 @@ class SEMLightningModule(pl.LightningModule):
         metrics: dict[str, Any] = {}
         # The teacher distils once ready: its first update (at activation) copies the student.
         if self.teacher is not None and self.distill_loss is not None and self.teacher.ready:
+            self.teacher.module.set_step(step)  # step-driven blends (propagator alpha) match the student's
             teacher_logits = self.teacher(x)
             parts = self.distill_loss(out.logits, teacher_logits, out.ce_loss)
             # keep the unitary penalty; replace plain CE by the distillation mix

@@ -1,0 +1,154 @@
+"""Curriculum, decay branches and EMA-teacher distillation, end to end through launch.py.
+
+The shapes, LRs and teacher state a user would look for in metrics.jsonl, env.json and the
+checkpoints: each launch runs once per module and writes only under tmp folders.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import run_launch, tiny_data_overrides
+
+LR = 3e-3
+# three stages over 24 steps: 8 + 8 + rest, seq_len 16/32/64, constant tokens per step (128)
+STAGES = [
+    "curriculum=three_stage", "trainer.max_steps=24", "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=12", "checkpoint.every_n_train_steps=8", f"optimizer.lr={LR}",
+    "scheduler.warmup_steps=0", "scheduler.decay_steps=0", "scheduler.decay_fraction=null",
+    "curriculum.stages.0.seq_len=16", "curriculum.stages.0.batch_size=8", "curriculum.stages.0.steps=8",
+    "curriculum.stages.0.fraction=null",
+    "curriculum.stages.1.seq_len=32", "curriculum.stages.1.batch_size=4", "curriculum.stages.1.steps=8",
+    "curriculum.stages.1.fraction=null", "curriculum.stages.1.checkpoint=true",
+    "curriculum.stages.2.seq_len=64", "curriculum.stages.2.batch_size=2",
+    "distillation=ema_teacher", "distillation.teacher.start_stage=s1024",
+    "distillation.teacher.ramp_steps=4",
+]
+
+
+def _launch(args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    return run_launch(args, cwd=cwd, timeout=300, env={"SEM_CACHE_DIR": str(cache_dir)})
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> Path:
+    cwd = tmp_path_factory.mktemp("staged")
+    run_dir = cwd / "run"
+    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), *STAGES, f"hydra.run.dir={run_dir}"],
+                   cwd, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return run_dir
+
+
+def test_shapes_and_lr_change_exactly_at_the_boundaries(staged: Path) -> None:
+    train = {r["step"]: r for r in _rows(staged) if "train/loss" in r}
+    assert sorted(train) == list(range(24))
+    expected = {0: (16, 8, 1.0, "s512"), 8: (32, 4, 0.7, "s1024"), 16: (64, 2, 0.5, "s2048")}
+    for step, row in train.items():
+        start = max(b for b in expected if b <= step)
+        seq_len, batch, scale, name = expected[start]
+        assert (row["seq_len"], row["batch_size"], row["stage"]) == (seq_len, batch, name), step
+        assert row["lr"] == pytest.approx(LR * scale), step  # flat schedule: base x stage.lr_scale
+
+
+def test_stage_events_and_milestone_checkpoint(staged: Path) -> None:
+    events = [(r["step"], r["event"], r["stage"]) for r in _rows(staged) if "event" in r]
+    assert (8, "stage_start", "s1024") in events and (16, "stage_start", "s2048") in events
+    milestone = staged / "checkpoints" / "stage_s1024_step_0000008.ckpt"
+    assert milestone.exists()
+    assert torch.load(milestone, map_location="cpu", weights_only=False)["global_step"] == 8
+
+
+def test_validation_seq_len_is_fixed(staged: Path) -> None:
+    # one val_seq_len for the whole run (data.seq_len), whatever the stage
+    cfg = (staged / "config_resolved.yaml").read_text()
+    assert "val_seq_len: null" in cfg
+    vals = [r for r in _rows(staged) if "val/bpb" in r]
+    assert [r["step"] for r in vals] == [12, 24, 24]
+
+
+def test_distillation_metrics_start_with_the_stage(staged: Path) -> None:
+    train = {r["step"]: r for r in _rows(staged) if "train/loss" in r}
+    assert all("distill/kl" not in train[s] for s in range(0, 9))  # first s1024 step copies the student
+    distilled = [train[s] for s in range(9, 24)]
+    assert all("distill/kl" in r and r["distill/kl"] >= 0 for r in distilled)
+    assert distilled[0]["distill/kl"] == pytest.approx(0.0, abs=1e-6)  # teacher == student right after the copy
+    assert max(r["distill/kl"] for r in distilled) > 0
+    decays = [r["distill/teacher_decay"] for r in distilled]
+    assert decays == sorted(decays) and decays[-1] == pytest.approx(0.999)
+
+
+def test_checkpoint_holds_teacher_and_curriculum(staged: Path) -> None:
+    ckpt = torch.load(staged / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    sem = ckpt["sem"]
+    teacher = sem["teacher"]
+    assert teacher is not None and sem["curriculum"] is not None
+    weights = next(v for v in teacher.values() if isinstance(v, dict))
+    student = ckpt["state_dict"]
+    # same tensors by name (the student's are prefixed "model."), different values: a real EMA
+    shared = [k for k in weights if f"model.{k}" in student]
+    assert shared
+    assert any(not torch.equal(weights[k], student[f"model.{k}"]) for k in shared)
+
+
+# ----------------------------------------------------------------------- decay branches (WSD)
+
+
+@pytest.fixture(scope="module")
+def branches(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+             ) -> tuple[Path, Path]:
+    cwd = tmp_path_factory.mktemp("branch")
+    base = cwd / "base"
+    common = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.log_every_n_steps=1",
+              "scheduler.warmup_steps=2", f"optimizer.lr={LR}"]
+    proc = _launch([*common, "trainer.max_steps=16", "checkpoint.every_n_train_steps=8",
+                    f"hydra.run.dir={base}"], cwd, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = base / "checkpoints" / "step_0000008.ckpt"
+    sweep = cwd / "sweep"
+    proc = _launch(["-m", *common, f"resume={parent}", "scheduler.decay_start_step=8",
+                    "scheduler.decay_fraction=null", "scheduler.decay_steps=4", "trainer.max_steps=12",
+                    "scheduler.decay_shape=linear,1-sqrt", f"hydra.sweep.dir={sweep}"], cwd, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return parent, sweep
+
+
+@pytest.mark.slow
+def test_decay_branches_record_parent_and_decay_at_once(branches: tuple[Path, Path]) -> None:
+    parent, sweep = branches
+    lrs = {}
+    for job, shape in (("0", "linear"), ("1", "1-sqrt")):
+        run = sweep / job
+        assert json.loads((run / "env.json").read_text())["parent_checkpoint"] == str(parent.resolve())
+        assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+        train = {r["step"]: r["lr"] for r in _rows(run) if "train/loss" in r}
+        assert min(train) == 8  # resumed at the parent's step
+        lrs[shape] = [train[s] for s in range(8, 12)]
+        assert lrs[shape][0] < LR and lrs[shape][-1] == pytest.approx(0.0, abs=1e-12)
+        assert lrs[shape] == sorted(lrs[shape], reverse=True)
+    assert lrs["linear"] == pytest.approx([LR * 0.75, LR * 0.5, LR * 0.25, 0.0])
+    assert lrs["1-sqrt"] != pytest.approx(lrs["linear"])
+
+
+# ------------------------------------------------------------------------------ a failing run
+
+
+def test_nan_loss_fails_the_run_with_a_reason(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), "faults.nan_at_step=3",
+                    f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())  # strict JSON
+    assert summary["status"] == "failed" and "step 3" in summary["error"]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
