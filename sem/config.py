@@ -141,13 +141,6 @@ class SchedulerConf:
 
 
 @dataclass
-class GateConf:
-    min_steps: int = 0
-    window: int = 50
-    threshold: float = 0.01
-
-
-@dataclass
 class StageConf:
     name: str = MISSING
     seq_len: int = MISSING
@@ -155,7 +148,9 @@ class StageConf:
     lr_scale: float = 1.0
     steps: int | None = None
     fraction: float | None = None
-    gate: GateConf | None = None
+    # {min_steps, window, threshold}: typed Any because OmegaConf cannot merge a dict into a null
+    # structured node; sem.training.curriculum checks its keys and values.
+    gate: Any = None
     checkpoint: bool = False
 
 

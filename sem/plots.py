@@ -24,7 +24,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def stage_spans(rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    """(stage, first step, last step) for each run of consecutive train rows in one stage."""
+    """(stage, first step, last step) of each stage seen in the train rows; a stage's first step
+    is taken from its ``stage_start`` event row when there is one (train rows are sparse)."""
+    starts = {r["stage"]: r["step"] for r in rows if r.get("event") == "stage_start"}
     spans: list[tuple[str, int, int]] = []
     for r in rows:
         if "stage" not in r or "train/loss" not in r:
@@ -32,7 +34,7 @@ def stage_spans(rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
         if spans and spans[-1][0] == r["stage"]:
             spans[-1] = (spans[-1][0], spans[-1][1], r["step"])
         else:
-            spans.append((r["stage"], r["step"], r["step"]))
+            spans.append((r["stage"], starts.get(r["stage"], r["step"]), r["step"]))
     return spans
 
 

@@ -218,7 +218,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
         trainer=trainer,
         checkpoint=checkpoint,
         resume_from=_resume_path(cfg, run_dir),
-        precision_note=getattr(precision_plugin, "describe", lambda: str(cfg.precision.precision))(),
+        precision_note=precision_plugin.describe(),
     )
 
 

@@ -69,6 +69,9 @@ def _as_stage(item: Stage | dict[str, Any]) -> Stage:
     fields = dict(item)
     gate = fields.get("gate")
     if isinstance(gate, dict):
+        unknown = sorted(set(gate) - {f.name for f in dataclasses.fields(Gate)})
+        if unknown:
+            raise ValueError(f"gate: unknown keys {unknown} (known: min_steps, window, threshold)")
         fields["gate"] = Gate(**gate)
     return Stage(**fields)
 

@@ -59,15 +59,8 @@ class SEMLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        # After a restore the optimizer holds the LR the *old* schedule gave this step; a decay
-        # branch (new scheduler.decay_start_step) must use the new schedule from its first step.
-        for config in self.trainer.lr_scheduler_configs:
-            sched = config.scheduler
-            lambdas = getattr(sched, "lr_lambdas", None)
-            if lambdas is None:
-                continue
-            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, lambdas):
-                group["lr"] = base * fn(sched.last_epoch)
+        # (After a restore WSDScheduler.load_state_dict re-applies the *configured* schedule at the
+        # restored step, so a decay branch uses its new schedule from its first step.)
         if self.teacher is not None:
             self.teacher.to(self.device)
 

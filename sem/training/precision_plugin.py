@@ -9,8 +9,6 @@ real matmuls follow this policy; ``describe()`` says what is in effect.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pytorch_lightning.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
@@ -62,16 +60,26 @@ class SEMPrecisionPlugin(MixedPrecision):
                 "complex regions in complex64")
 
 
+class SEMFullPrecision(Precision):
+    """fp32 everywhere (Lightning's default precision), saying so."""
+
+    def describe(self) -> str:
+        return "32-true: fp32 everywhere, complex64 for complex regions"
+
+
+class SEMHalfPrecision(HalfPrecision):
+    """Weights and activations in bf16 (``bf16-true``), saying so."""
+
+    def describe(self) -> str:
+        return "bf16-true: weights and activations in bf16; complex regions in complex64 from fp32 parts"
+
+
 def make_precision_plugin(precision: str, device_type: str) -> Precision:
     resolved = resolve_precision(precision, device_type)
     if resolved == "32-true":
-        plugin: Any = Precision()
-        plugin.describe = lambda: "32-true: fp32 everywhere, complex64 for complex regions"
-        return plugin
+        return SEMFullPrecision()
     if resolved in ("bf16-mixed", "16-mixed"):
         return SEMPrecisionPlugin(resolved, device_type)
     if resolved == "bf16-true":
-        plugin = HalfPrecision("bf16-true")
-        plugin.describe = lambda: "bf16-true: weights and activations in bf16; complex regions in complex64"
-        return plugin
+        return SEMHalfPrecision("bf16-true")
     raise ValueError(f"precision.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")

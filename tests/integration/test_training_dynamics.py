@@ -101,6 +101,28 @@ def test_checkpoint_holds_teacher_and_curriculum(staged: Path) -> None:
     assert any(not torch.equal(weights[k], student[f"model.{k}"]) for k in shared)
 
 
+@pytest.fixture(scope="module")
+def staged_resumed(staged: Path, corpus_dir: Path, cache_dir: Path) -> Path:
+    """The staged run again from its step-16 checkpoint (in stage s2048), into a new directory."""
+    run_dir = staged.parent / "resumed"
+    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), *STAGES, f"hydra.run.dir={run_dir}",
+                    f"resume={staged / 'checkpoints' / 'step_0000016.ckpt'}"], staged.parent, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return run_dir
+
+
+def test_resume_restores_curriculum_and_teacher(staged: Path, staged_resumed: Path) -> None:
+    train = {r["step"]: r for r in _rows(staged_resumed) if "train/loss" in r}
+    assert sorted(train) == list(range(16, 24))
+    assert all(r["stage"] == "s2048" and r["seq_len"] == 64 for r in train.values())
+    # The teacher was switched on by stage s1024, which a fresh teacher would never see again:
+    # distillation at step 16 proves the teacher (weights, activation, decay) came from the checkpoint.
+    original = {r["step"]: r for r in _rows(staged) if "train/loss" in r}
+    for step in range(16, 24):
+        assert train[step]["distill/teacher_decay"] == pytest.approx(original[step]["distill/teacher_decay"])
+    assert train[16]["distill/kl"] == pytest.approx(original[16]["distill/kl"], rel=1e-3, abs=1e-6)
+
+
 # ----------------------------------------------------------------------- decay branches (WSD)
 
 
