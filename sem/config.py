@@ -76,7 +76,7 @@ class DataConf:
     _target_: str = "sem.data.datamodule.SEMDataModule"
     corpus: Any = MISSING
     batch_size: int = 32
-    seq_len: int = 128  # with batch 32: 4096 tokens per step, measured best for the CPU default
+    seq_len: int = 128  # x batch 32 = 4096 tokens per step: the measured CPU default (README)
     val_seq_len: int | None = None
     val_fraction: float = 0.05
     val_max_windows: int | None = 256

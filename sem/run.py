@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
     from sem.training.lightning_module import SEMLightningModule
     from sem.training.precision_plugin import device_type_of
 
+    # Lightning 2.6 trips over its own torch-2.13 pytree deprecation on every fit: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = _instantiate(_without(cfg.data, "corpus"), corpus=corpus)
