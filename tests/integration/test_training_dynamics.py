@@ -174,3 +174,24 @@ def test_nan_loss_fails_the_run_with_a_reason(tmp_path: Path, corpus_dir: Path, 
     summary = json.loads((run_dir / "summary.json").read_text())  # strict JSON
     assert summary["status"] == "failed" and "step 3" in summary["error"]
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+# ------------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    """With accumulate_grad_batches=2, rows, validation and the EMA teacher's decay ramp all count
+    optimizer steps, not micro-batches (the once-per-step update guard is unit-tested)."""
+    run_dir = tmp_path / "run"
+    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.accumulate_grad_batches=2",
+                    "trainer.log_every_n_steps=1", "distillation=ema_teacher",
+                    "distillation.teacher.ramp_steps=100", f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = _rows(run_dir)
+    train = {r["step"]: r for r in rows if "train/loss" in r}
+    assert sorted(train) == list(range(12))
+    assert [r["step"] for r in rows if "val/bpb" in r] == [6, 12, 12]
+    # teacher activated (copied) at step 0; its ramp advances once per optimizer step
+    for step in range(1, 12):
+        assert train[step]["distill/teacher_decay"] == pytest.approx(0.99 + 0.009 * step / 100)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
