@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -90,9 +91,13 @@ def main(cfg: DictConfig) -> float | None:
         return fit_and_summarise(cfg, built, summary, started)
     except CorpusError as exc:  # found when the corpus is read: still a problem with the input
         _exit_if_invalid([f"data.corpus: {exc}"])
+    except InstantiationException as exc:  # a value only its constructor could check
+        _exit_if_invalid([f"cannot build an object from the config: {exc.__cause__ or exc}"])
     except (KeyboardInterrupt, SystemExit) as exc:
         summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
-        raise
+        code = getattr(exc, "code", None)
+        # SIGTERM reaches us as Lightning's SystemExit with no code: an interrupted run never exits 0
+        raise SystemExit(code if code not in (None, 0) else EXIT_TRAINING_FAILED) from None
     except Exception as exc:  # a training failure: say why in summary.json, exit 1
         log.error("training failed: %s: %s", type(exc).__name__, exc)
         summary.finish("failed", wall_s=time.time() - started, error=f"{type(exc).__name__}: {exc}")
@@ -241,6 +246,19 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 # --------------------------------------------------------------------------- fit and summarise
 
 
+def _save_final_checkpoint(trainer: Any, checkpoint: Any) -> None:
+    """ModelCheckpoint writes ``last.ckpt`` only at its own interval: when max_steps is not a
+    multiple of it, the final weights would go unsaved and ``resume=auto`` would redo steps."""
+    if checkpoint.last_model_path and checkpoint._last_global_step_saved == trainer.global_step:
+        return
+    ckpt_dir = Path(checkpoint.dirpath)
+    path = ckpt_dir / f"step_{trainer.global_step:07d}.ckpt"
+    trainer.save_checkpoint(path)
+    if checkpoint.save_last:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        checkpoint.last_model_path = str(ckpt_dir / "last.ckpt")
+
+
 def _throughput(trainer: Any) -> float | None:
     """Training tokens per second over the whole run (validation time excluded)."""
     for cb in trainer.callbacks:
@@ -259,8 +277,7 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
     )
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=dm.val_loader(),
                 ckpt_path=built.resume_from)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+    _save_final_checkpoint(trainer, built.checkpoint)
 
     log.info("final validation on all %d held-out windows", len(dm.val_windows(None)[0]))
     module.final_validation = True
@@ -274,8 +291,7 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         val_bpb=val["val/bpb"],
         gzip_bpb=dm.gzip_bpb,
         tokens_per_s=_throughput(trainer),
-        # "best" needs a monitored metric; without one Lightning's best is just the latest
-        best_checkpoint=(built.checkpoint.best_model_path or None) if built.checkpoint.monitor else None,
+        best_checkpoint=None,  # no monitored metric yet: "best" comes with the checkpoint manager
         last_checkpoint=built.checkpoint.last_model_path or None,
     )
     verdict = "below" if val["val/bpb"] < dm.gzip_bpb else "NOT below"

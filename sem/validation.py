@@ -27,6 +27,9 @@ def _model_problems(m: DictConfig) -> list[str]:
     _positive(p, "model.unitary_lambda", m.get("unitary_lambda"), strict=False)
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         p.append(f"model.dropout={m.dropout!r}: must be in [0, 1)")
+    if isinstance(m.get("vocab_size"), int) and 0 < m.vocab_size < 259:
+        p.append(f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least 259 "
+                 "(256 bytes + BOS/EOS/PAD)")
     if "readout" in m and m.readout not in ("born", "linear"):
         p.append(f"model.readout={m.readout!r}: must be 'born' or 'linear'")
     if "recurrence" in m and m.recurrence not in ("fft", "scan"):
@@ -63,6 +66,13 @@ def _optimizer_problems(o: DictConfig) -> list[str]:
         if not 0.0 <= beta < 1.0:
             p.append(f"optimizer.betas[{i}]={beta!r}: must be in [0, 1)")
     return p
+
+
+def _length_problems(cfg: DictConfig) -> list[str]:
+    """Components that take their own max_steps must agree with the Trainer's."""
+    return [f"{group}.max_steps={cfg[group].max_steps}: must equal trainer.max_steps="
+            f"{cfg.trainer.max_steps} (leave it at its default, ${{trainer.max_steps}})"
+            for group in ("scheduler", "curriculum") if cfg[group].max_steps != cfg.trainer.max_steps]
 
 
 def _trainer_problems(t: DictConfig) -> list[str]:
@@ -134,6 +144,7 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: _logger_problems(cfg),
         lambda: _distillation_problems(cfg),
         lambda: _trainer_problems(cfg.trainer),
+        lambda: _length_problems(cfg),
         lambda: _hardware_problems(cfg),
         lambda: _run_problems(cfg),
     ]

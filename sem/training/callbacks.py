@@ -126,6 +126,27 @@ class MetricsWriter(_Timed):
         self.path = Path(trainer.default_root_dir) / self.filename
 
     @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a resume into the same run, drop rows the restored state will produce again (those
+        after the checkpoint, and a previous final validation), so every step appears once."""
+        assert self.path is not None
+        if not self.path.exists():
+            return
+        g = trainer.global_step
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+            train_row = "train/loss" in row
+            if not row.get("final") and (row["step"] < g if train_row else row["step"] <= g):
+                kept.append(line + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+
+    @rank_zero_only
     def _write(self, row: dict[str, Any]) -> None:
         assert self.path is not None
         with self.path.open("a") as f:
@@ -202,7 +223,13 @@ class CurriculumCallback(pl.Callback):
 
     def __init__(self) -> None:
         self._pending: dict[int, str] = {}  # step -> stage name, for milestones not yet reached
-        self.milestones: list[str] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        curriculum = pl_module.curriculum
+        if curriculum is not None and curriculum.stages[0].checkpoint and trainer.global_step == 0:
+            rank_zero_only(log.warning)(
+                "curriculum.stages[0].checkpoint=true has no effect: the first stage starts at step 0, "
+                "before any training")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -219,7 +246,6 @@ class CurriculumCallback(pl.Callback):
             path = Path(trainer.default_root_dir) / "checkpoints" / (
                 f"stage_{name}_step_{trainer.global_step:07d}.ckpt")
             trainer.save_checkpoint(path)
-            self.milestones.append(str(path))
             rank_zero_only(log.info)("curriculum: milestone checkpoint %s", path)
 
 

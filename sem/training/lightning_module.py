@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from sem.model import param_groups
+from sem.data.datamodule import byte_targets
+from sem.model import count_parameters, param_groups
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
 
@@ -39,12 +40,12 @@ class SEMLightningModule(pl.LightningModule):
         self.distill_loss = distill_loss
         self.nan_at_step = nan_at_step
         self.bpb = bpb or (lambda nats, n_bytes: nats / math.log(2) / max(n_bytes, 1))
-        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.num_parameters = count_parameters(model)
         self.final_validation = False
         self.last_train: dict[str, Any] = {}  # read by the metrics/console callbacks
         self.last_val: dict[str, float] = {}
         self.last_grad_norm = float("nan")
-        self._micro_losses: list[torch.Tensor] = []
+        self._micro_losses: list[torch.Tensor] = []  # [3] per micro-batch
         self._micro_tokens = 0
 
     # ------------------------------------------------------------------------------- optimizer
@@ -98,7 +99,9 @@ class SEMLightningModule(pl.LightningModule):
             # monitor's policies (skip, rollback) will refine this; failing loudly is the safe default.
             raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {step}")
 
-        self._micro_losses.append(loss.detach())
+        # [loss, ce, unitary_div] of each micro-batch: a step's row is their mean
+        self._micro_losses.append(torch.stack([loss.detach(), out.ce_loss.detach(),
+                                               out.unitary_divergence.detach()]))
         self._micro_tokens += x.numel()
         stage_index, stage = self._stage(step)
         self.last_train = {
@@ -123,7 +126,11 @@ class SEMLightningModule(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Exactly once per optimizer step, whatever accumulate_grad_batches is.
         step = self.global_step  # not yet incremented: the step just taken
-        loss = torch.stack(self._micro_losses).mean().item() if self._micro_losses else float("nan")
+        # Mean over micro-batches and ranks: every rank must feed the curriculum the same loss.
+        means = self.trainer.strategy.reduce(torch.stack(self._micro_losses).mean(0), reduce_op="mean")
+        loss = float(means[0])
+        self.last_train.update({"train/loss": means[0], "train/ce_loss": means[1],
+                                "train/unitary_div": means[2]})
         world = self.trainer.world_size
         self.last_train["tokens"] = self._micro_tokens * world
         self.last_train["grad_norm"] = self.last_grad_norm
@@ -156,7 +163,7 @@ class SEMLightningModule(pl.LightningModule):
         self._val_sums += torch.stack([
             out.ce_loss.detach().double() * n,
             torch.tensor(n, dtype=torch.float64, device=self.device),
-            (y < 256).sum().double(),  # byte targets; BOS/EOS predictions are charged to the bytes
+            torch.tensor(byte_targets(y), dtype=torch.float64, device=self.device),
         ])
 
     def on_validation_epoch_end(self) -> None:

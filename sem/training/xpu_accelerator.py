@@ -75,7 +75,8 @@ class XPUAccelerator(Accelerator):
 
 
 def register() -> None:
-    """Make ``Trainer(accelerator="xpu")`` resolve to XPUAccelerator (idempotent)."""
+    """Make ``Trainer(accelerator="xpu")`` (the string) resolve to XPUAccelerator (idempotent).
+    The config passes the class itself, so the launcher does not need this."""
     AcceleratorRegistry.register("xpu", XPUAccelerator, description="XPUAccelerator", override=True)
 
 
@@ -86,6 +87,3 @@ def auto_accelerator() -> Accelerator:
     if xpu_available():
         return XPUAccelerator()
     return CPUAccelerator()
-
-
-register()

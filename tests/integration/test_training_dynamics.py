@@ -195,3 +195,27 @@ def test_accumulation_counts_optimizer_steps(tmp_path: Path, corpus_dir: Path, c
     for step in range(1, 12):
         assert train[step]["distill/teacher_decay"] == pytest.approx(0.99 + 0.009 * step / 100)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
+
+
+# ------------------------------------------------------------------- resume into the same run
+
+
+def test_resume_auto_continues_the_run_without_duplicate_rows(tmp_path: Path, corpus_dir: Path,
+                                                              cache_dir: Path) -> None:
+    """A run stopped at step 8 (checkpoints every 5: the final step is saved anyway) is continued
+    to step 12 by the same command with resume=auto: each step appears once in metrics.jsonl."""
+    common = [*tiny_data_overrides(corpus_dir, cache_dir), "run.name=again", "trainer.log_every_n_steps=1",
+              "checkpoint.every_n_train_steps=5", "scheduler.decay_fraction=null", "scheduler.decay_steps=0"]
+    first = _launch([*common, "trainer.max_steps=8"], tmp_path, cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "again"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 8
+    second = _launch([*common, "trainer.max_steps=12", "resume=auto"], tmp_path, cache_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = _rows(run_dir)
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(12))
+    assert [r["step"] for r in rows if r.get("final")] == [12]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["status"] == "completed"
