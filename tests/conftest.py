@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from sem.config import register_configs
 
@@ -57,13 +57,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides or [])
-
-
-@pytest.fixture
-def tiny_cfg(corpus_dir: Path, cache_dir: Path) -> DictConfig:
-    cfg = compose_cfg([*TINY, "data=text_files", f"data.corpus.paths=[{corpus_dir}]",
-                       f"data.cache_dir={cache_dir}"])
-    return cfg
 
 
 def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
