@@ -159,6 +159,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
     """Build data, model, optimizer, scheduler, curriculum, distillation, callbacks, loggers,
     precision plugin, accelerator and Trainer, in that order."""
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ProgressBar
 
     from sem.training.lightning_module import SEMLightningModule
     from sem.training.precision_plugin import device_type_of
@@ -217,8 +218,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
         max_epochs=-1,
         check_val_every_n_epoch=None,  # the train loader is infinite: validate by step count
         val_check_interval=cfg.trainer.val_check_interval * accumulate,  # Lightning counts micro-batches
-        enable_progress_bar=interactive and any(
-            type(c).__name__.endswith("ProgressBar") for c in callbacks),
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     return Built(
         datamodule=datamodule,

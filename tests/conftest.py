@@ -59,6 +59,24 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides or [])
 
 
+def losses_on_repeated_batch(model: "torch.nn.Module", steps: int = 30) -> list[float]:
+    """Cross-entropy of `steps` AdamW steps on one fixed batch (a model that learns drives it down)."""
+    import torch
+
+    from sem.model import param_groups
+
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, 256, (4, 33))
+    losses = []
+    for _ in range(steps):
+        out = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.ce_loss.item())
+    return losses
+
+
 def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
                ) -> subprocess.CompletedProcess:
     """Run launch.py as a user would, in a subprocess."""

@@ -9,6 +9,7 @@ import torch
 
 from sem.baselines import TransformerLM
 from sem.model import ModelOutput, param_groups
+from tests.conftest import losses_on_repeated_batch
 
 V = 259
 
@@ -46,16 +47,7 @@ def test_output_contract() -> None:
 
 
 def test_loss_falls_on_repeated_batch() -> None:
-    model = tiny()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3)
-    x = torch.randint(0, 256, (4, 33))
-    losses = []
-    for _ in range(30):
-        out = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = losses_on_repeated_batch(tiny())
     assert losses[-1] < 0.6 * losses[0], losses
 
 

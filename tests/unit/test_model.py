@@ -17,6 +17,7 @@ from sem.model import (
     recurrence_fft,
     recurrence_scan,
 )
+from tests.conftest import losses_on_repeated_batch
 
 V = 259
 
@@ -118,16 +119,8 @@ def test_autocast_bf16_gives_float32_logits() -> None:
 @pytest.mark.parametrize("readout", ["born", "linear"])
 def test_loss_falls_on_repeated_batch(readout: str) -> None:
     model = tiny(readout=readout)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95))
     torch.manual_seed(3)
-    x = torch.randint(0, 256, (4, 33))
-    losses = []
-    for _ in range(30):
-        out = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.ce_loss.item())
+    losses = losses_on_repeated_batch(model)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
