@@ -45,6 +45,8 @@ class TransformerLM(nn.Module):
     """Token + learned position embeddings -> N pre-norm blocks -> LayerNorm -> linear head."""
 
     no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias")
+    # >=2-D weights that are not hidden matrices (kept out of Muon): tok_emb, pos_emb and the head.
+    non_matrix_keywords: ClassVar[tuple[str, ...]] = ("emb", "head")
 
     def __init__(
         self,
@@ -88,6 +90,10 @@ class TransformerLM(nn.Module):
 
     def set_step(self, step: int) -> None:
         """No step-dependent behaviour; present for a uniform model interface."""
+
+    def probes(self) -> dict[str, float]:
+        """No model-specific diagnostics (SEMModel.probes has sem/*); present for a uniform interface."""
+        return {}
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         check_input_length(input_ids, self.max_seq_len)

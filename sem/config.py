@@ -27,7 +27,9 @@ class SEMModelConf:
     mlp_ratio: float = 2.0
     readout: str = "born"  # born | linear
     unitary_lambda: float = 0.01
-    propagator_warmup_steps: int = 200
+    # Alpha ramps 0 -> 1 over this many steps: give steps or a fraction of trainer.max_steps (one of them).
+    propagator_warmup_steps: int | None = None
+    propagator_warmup_fraction: float | None = 0.2
     recurrence: str = "fft"  # fft | scan
     gradient_checkpointing: bool = False
     born_eps: float = 1e-6
@@ -80,6 +82,7 @@ class DataConf:
     val_seq_len: int | None = None
     val_fraction: float = 0.05
     val_max_windows: int | None = 256
+    final_val_max_windows: int | None = None  # null = every held-out window (the summary's val_bpb)
     val_batch_size: int | None = None
     cache_dir: str = "${oc.env:SEM_CACHE_DIR,'~/.cache/sem'}"
     seed: int = "${seed}"  # type: ignore[assignment]
@@ -121,6 +124,23 @@ class SGDConf:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
+
+
+@dataclass
+class MuonConf:
+    """Muon on hidden matrices, AdamW on the rest (sem.training.optim.MuonAdamW)."""
+
+    _target_: str = "sem.training.optim.MuonAdamW"
+    _partial_: bool = True
+    lr: float = 0.02  # Muon's, on the "matrix" group; scaled by sqrt(max(1, rows/cols)) per matrix
+    adamw_lr: float = 3e-3  # every other group
+    momentum: float = 0.95
+    nesterov: bool = True
+    weight_decay: float = 0.1  # decoupled, both sides
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adamw_eps: float = 1e-8
+    ns_steps: int = 5
+    ns_dtype: str = "auto"  # auto (bfloat16 on CUDA/XPU, float32 elsewhere) | float32 | bfloat16
 
 
 @dataclass
@@ -171,8 +191,11 @@ class EMATeacherConf:
     _partial_: bool = True  # the student is passed in by the composition root
     decay_start: float = 0.99
     decay_end: float = 0.999
-    ramp_steps: int = 1000
+    # Lengths in steps or as fractions of trainer.max_steps (resolved once per run: sem.training.budget).
+    ramp_steps: int | None = None
+    ramp_fraction: float | None = 0.5
     start_step: int | None = None
+    start_fraction: float | None = None
     start_stage: str | None = None
 
 
@@ -271,7 +294,7 @@ _SCHEMAS: dict[str | None, dict[str, Any]] = {
     "model": {"sem_schema": SEMModelConf, "transformer_schema": TransformerConf},
     "data": {"stdlib_schema": StdlibDataConf, "text_files_schema": TextFilesDataConf,
              "jsonl_schema": JsonlDataConf},
-    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf},
+    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf, "muon_schema": MuonConf},
     "scheduler": {"scheduler_schema": SchedulerConf},
     "curriculum": {"curriculum_schema": CurriculumConf},
     "distillation": {"distillation_schema": DistillationConf},

@@ -20,8 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
-# ||psi_t||^2 / D is clamped to [1/ENERGY_CLAMP, ENERGY_CLAMP] before the log, so the per-token
-# penalty log(e)^2 is bounded by log(ENERGY_CLAMP)^2 ~= 84.8 and its gradient vanishes beyond the clamp.
+# ||psi_t||^2 / D of the residual state entering norm_f is clamped to [1/ENERGY_CLAMP, ENERGY_CLAMP]
+# before the log, so the per-token penalty log(e)^2 is bounded by log(ENERGY_CLAMP)^2 ~= 84.8 and its
+# gradient vanishes beyond the clamp.
 ENERGY_CLAMP = 1e4
 # Chunk length of the two-level scan: intra-chunk [C, C] and inter-chunk [T/C, T/C] decay matrices.
 SCAN_CHUNK = 16
@@ -33,7 +34,7 @@ class ModelOutput:
     logits: torch.Tensor  # [B, T, V] float32
     loss: torch.Tensor | None  # ce_loss + unitary_lambda * unitary_divergence
     ce_loss: torch.Tensor | None  # mean nats/token over targets != -100
-    unitary_divergence: torch.Tensor  # scalar float32
+    unitary_divergence: torch.Tensor  # scalar float32: mean log(||psi_t||^2 / D)^2 entering norm_f
 
 
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
@@ -204,6 +205,9 @@ class SEMModel(nn.Module):
     """Encoder -> N SEMBlocks -> ComplexRMSNorm -> Cayley propagator -> Born (or linear) readout."""
 
     no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias", "gain", "log_A_mag", "theta", "skip_D")
+    # >=2-D weights that are not hidden matrices (kept out of Muon): the token table, the readout and
+    # the propagator's h_real/h_imag (they parametrise H of U = Cayley(H), not a map on the state).
+    non_matrix_keywords: ClassVar[tuple[str, ...]] = ("embed", "propagator", "readout")
 
     def __init__(
         self,
@@ -242,6 +246,9 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
+        # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] final state.
+        self._last_energy: torch.Tensor | None = None
+        self._last_state: torch.Tensor | None = None
 
         # Encoder: one [V, 2D] table = Re and Im embeddings side by side; std 1/sqrt(2) -> energy ~ D.
         self.embed = nn.Embedding(vocab_size, 2 * d_model)
@@ -269,6 +276,34 @@ class SEMModel(nn.Module):
         """Propagator blend alpha = min(1, step / propagator_warmup_steps): a pure function of step."""
         self.propagator_alpha.fill_(self._alpha(step))
 
+    @torch.no_grad()
+    def probes(self) -> dict[str, float]:
+        """Diagnostics of the SEM state, computed on demand (logging steps only), as Python floats.
+
+        Always: ``sem/unitarity_error`` (max |U^H U - I|), ``sem/max_lambda`` (max |lambda| over all
+        blocks), ``sem/alpha`` (propagator blend). After a forward, from that forward's batch:
+        ``sem/energy_mean`` / ``sem/energy_max`` (pre-norm ||psi_t||^2 / D over tokens) and
+        ``sem/phase_coherence`` (mean over tokens of R_t = |mean_d psi_td / |psi_td||, in [0, 1], of the
+        state fed to the readout: 1 when all channels share one phase, ~1/sqrt(D) for random phases).
+        """
+        u = self.propagator.unitary()  # [D, D] complex64
+        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        out = {
+            "sem/unitarity_error": (u.conj().T @ u - eye).abs().max().item(),
+            # |lambda| = exp(-decay_rate), [D] per block
+            "sem/max_lambda": max(torch.exp(-b.decay_rate()).max().item() for b in self.blocks),
+            "sem/alpha": self.propagator_alpha.item(),
+        }
+        if self._last_energy is not None and self._last_state is not None:
+            energy = self._last_energy.float()  # [B, T]
+            psi = self._last_state.float().unflatten(-1, (-1, 2)).contiguous()  # [B, T, D, 2]
+            z = torch.view_as_complex(psi)  # [B, T, D] complex64
+            unit = z / z.abs().clamp_min(1e-12)  # e^{i phase}; a zero channel contributes 0
+            out["sem/energy_mean"] = energy.mean().item()
+            out["sem/energy_max"] = energy.max().item()
+            out["sem/phase_coherence"] = unit.mean(-1).abs().mean().item()
+        return out
+
     def _readout(self, psi: torch.Tensor) -> torch.Tensor:  # psi [B, T, 2D] -> logits [B, T, V] float32
         if self.readout_kind == "linear":
             return self.readout(psi).float()
@@ -285,10 +320,15 @@ class SEMModel(nn.Module):
                 psi = checkpoint(block, psi, use_reentrant=False)
             else:
                 psi = block(psi)
-        psi = self.propagator(self.norm_f(psi), self.propagator_alpha)
+        # The penalty reads the residual state entering norm_f: after the norm (and the unitary
+        # propagator) the energy is ~1 by construction and the term would be inert (~1e-11).
+        # Not detached: its gradient reaches the blocks and the embedding that write the residual.
         with _no_autocast(psi):
             energy = psi.float().pow(2).sum(-1) / self.d_model  # [B, T] ||psi_t||^2 / D
             unitary_div = torch.log(energy.clamp(1.0 / ENERGY_CLAMP, ENERGY_CLAMP)).pow(2).mean()
+        psi = self.propagator(self.norm_f(psi), self.propagator_alpha)  # [B, T, 2D] float32
+        # Detached views for probes(): references only, the statistics are computed there on demand.
+        self._last_energy, self._last_state = energy.detach(), psi.detach()
         logits = self._readout(psi)
         if targets is None:
             return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div)
@@ -297,14 +337,30 @@ class SEMModel(nn.Module):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: "decay" (2-D+ weights) and "no_decay" (p.ndim < 2 or a no_decay_keywords match)."""
-    keywords: tuple[str, ...] = getattr(model, "no_decay_keywords", ("norm", "bias"))
-    decay, no_decay = [], []
+    """Optimizer groups, empty ones dropped, in this order:
+
+    - "matrix": hidden 2-D weight matrices (the linear maps inside blocks), Muon's share; a model
+      opts in by declaring ``non_matrix_keywords``: without it no weight is called a matrix;
+    - "decay": every other >=2-D weight (embeddings, readout, positional tables, the propagator);
+    - "no_decay": ``p.ndim < 2`` or a ``no_decay_keywords`` match (norms, gains, biases, per-channel
+      recurrence parameters), weight decay 0.
+
+    "matrix" and "decay" both get ``weight_decay``: for AdamW or SGD the split changes nothing.
+    """
+    no_decay_keys: tuple[str, ...] = getattr(model, "no_decay_keywords", ("norm", "bias"))
+    non_matrix_keys: tuple[str, ...] | None = getattr(model, "non_matrix_keywords", None)
+    matrix, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(k in name for k in keywords) else decay).append(p)
+        if p.ndim < 2 or any(k in name for k in no_decay_keys):
+            no_decay.append(p)
+        elif non_matrix_keys is not None and p.ndim == 2 and not any(k in name for k in non_matrix_keys):
+            matrix.append(p)
+        else:
+            decay.append(p)
     groups = [
+        {"name": "matrix", "params": matrix, "weight_decay": weight_decay},
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]

@@ -58,8 +58,9 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     _shade(ax, spans)
-    if train:
-        ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train/loss", lw=1)
+    if train:  # cross-entropy, comparable with val/loss (train/loss may hold a distillation mix)
+        key = "train/ce_loss" if all("train/ce_loss" in r for r in train) else "train/loss"
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label=key, lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="val/loss", ms=3)
     ax.set_xlabel("step")

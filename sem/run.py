@@ -82,8 +82,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     started = time.time()
     summary = RunSummary(run_dir)
+    resume_from = _resume_path(cfg, run_dir)
+    cfg, budget = resolve_lengths(cfg, _recorded_budget(resume_from))
     try:
-        built = build(cfg, run_dir, corpus)
+        built = build(cfg, run_dir, corpus, resume_from=resume_from, budget=budget)
         if cfg.dry_run:
             built.describe()
             return None
@@ -155,9 +157,35 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     return instantiate(node, **kwargs)
 
 
-def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
+def resolve_lengths(cfg: DictConfig, recorded: dict[str, Any] | None = None
+                    ) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's config with every fraction of ``trainer.max_steps`` turned into steps (once, here),
+    and the record of what was resolved (saved in checkpoints; ``recorded`` from the checkpoint a run
+    resumes wins, so a decay branch keeps its parent's warm-up and stage boundaries)."""
+    from sem.training.budget import resolve_budget
+
+    resolved, record = resolve_budget(OmegaConf.to_container(cfg, resolve=True), recorded)
+    if record:
+        log.info("budget (trainer.max_steps=%d): %s", cfg.trainer.max_steps,
+                 ", ".join(f"{k}={v}" for k, v in record.items()))
+    return OmegaConf.create(resolved), record
+
+
+def _recorded_budget(resume_from: str | None) -> dict[str, Any] | None:
+    """The lengths the checkpoint's run resolved, or None (a fresh run, or an older checkpoint)."""
+    if resume_from is None:
+        return None
+    import torch
+
+    ckpt = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+    return (ckpt.get("sem") or {}).get("budget")
+
+
+def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None = None,
+          budget: dict[str, Any] | None = None) -> Built:
     """Build data, model, optimizer, scheduler, curriculum, distillation, callbacks, loggers,
-    precision plugin, accelerator and Trainer, in that order."""
+    precision plugin, accelerator and Trainer, in that order. ``cfg`` has its lengths resolved
+    (``resolve_lengths``)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ProgressBar
 
@@ -188,6 +216,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
         distill_loss=distill_loss,
         nan_at_step=cfg.faults.nan_at_step,
         bpb=datamodule.val_bpb,
+        budget=budget,
     )
 
     interactive = sys.stderr.isatty()
@@ -225,7 +254,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any) -> Built:
         module=module,
         trainer=trainer,
         checkpoint=checkpoint,
-        resume_from=_resume_path(cfg, run_dir),
+        resume_from=resume_from,
         precision_note=precision_plugin.describe(),
     )
 
@@ -279,9 +308,12 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
                 ckpt_path=built.resume_from)
     _save_final_checkpoint(trainer, built.checkpoint)
 
-    log.info("final validation on all %d held-out windows", len(dm.val_windows(None)[0]))
+    final_windows = dm.final_val_max_windows
+    n_windows = len(dm.val_windows(final_windows)[0])
+    log.info("final validation on %s %d held-out windows",
+             "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)
     module.final_validation = True
-    trainer.validate(module, dataloaders=dm.val_loader(max_windows=None), verbose=False)
+    trainer.validate(module, dataloaders=dm.val_loader(max_windows=final_windows), verbose=False)
     val = module.last_val
     summary.finish(
         "completed",
@@ -289,12 +321,15 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         steps=trainer.global_step,
         val_loss=val["val/loss"],
         val_bpb=val["val/bpb"],
-        gzip_bpb=dm.gzip_bpb,
+        **dm.compressor_bpb,
         tokens_per_s=_throughput(trainer),
         best_checkpoint=None,  # no monitored metric yet: "best" comes with the checkpoint manager
         last_checkpoint=built.checkpoint.last_model_path or None,
     )
-    verdict = "below" if val["val/bpb"] < dm.gzip_bpb else "NOT below"
-    log.info("final: val/bpb %.4f (%s gzip -9 %.4f), val/loss %.4f nats/token, %d steps",
-             val["val/bpb"], verdict, dm.gzip_bpb, val["val/loss"], trainer.global_step)
+    bpb = val["val/bpb"]
+    anchors = ", ".join(f"{name} {dm.compressor_bpb[key]:.4f}" for name, key in
+                        (("gzip -9", "gzip_bpb"), ("bz2 -9", "bz2_bpb"), ("xz -9e", "xz_bpb")))
+    beaten = sum(bpb < v for v in dm.compressor_bpb.values())
+    log.info("final: val/bpb %.4f vs %s on the same held-out bytes (below %d of 3); val/loss %.4f "
+             "nats/token, %d steps", bpb, anchors, beaten, val["val/loss"], trainer.global_step)
     return float(val["val/bpb"]) if math.isfinite(val["val/bpb"]) else float("inf")

@@ -61,7 +61,8 @@ class RunSummary:
 
     def finish(self, status: Status, *, wall_s: float, steps: int | None = None,
                val_loss: float | None = None, val_bpb: float | None = None,
-               gzip_bpb: float | None = None, tokens_per_s: float | None = None,
+               gzip_bpb: float | None = None, bz2_bpb: float | None = None,
+               xz_bpb: float | None = None, tokens_per_s: float | None = None,
                best_checkpoint: str | None = None, last_checkpoint: str | None = None,
                error: str | None = None) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -70,6 +71,8 @@ class RunSummary:
             "val_loss": val_loss,
             "val_bpb": val_bpb,
             "gzip_bpb": gzip_bpb,
+            "bz2_bpb": bz2_bpb,
+            "xz_bpb": xz_bpb,
             "tokens_per_s": tokens_per_s,
             "wall_s": round(wall_s, 2),
             "best_checkpoint": best_checkpoint,

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sem.training.budget import length_problems
+
 def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = False,
               strict: bool = True) -> None:
     if value is None and allow_none:
@@ -20,7 +22,7 @@ def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = F
         problems.append(f"{key}={value!r}: must be {'> 0' if strict else '>= 0'}")
 
 
-def _model_problems(m: DictConfig) -> list[str]:
+def _model_problems(m: DictConfig, max_steps: int) -> list[str]:
     p: list[str] = []
     for key in ("d_model", "n_layers", "max_seq_len", "vocab_size", "mlp_ratio"):
         _positive(p, f"model.{key}", m.get(key))
@@ -35,7 +37,8 @@ def _model_problems(m: DictConfig) -> list[str]:
     if "recurrence" in m and m.recurrence not in ("fft", "scan"):
         p.append(f"model.recurrence={m.recurrence!r}: must be 'fft' or 'scan'")
     if "propagator_warmup_steps" in m:
-        _positive(p, "model.propagator_warmup_steps", m.propagator_warmup_steps, strict=False)
+        p += length_problems("model.propagator_warmup_steps", m.propagator_warmup_steps,
+                             "model.propagator_warmup_fraction", m.get("propagator_warmup_fraction"), max_steps)
     if "n_heads" in m:
         _positive(p, "model.n_heads", m.n_heads)
         if m.n_heads > 0 and m.d_model % m.n_heads:
@@ -47,7 +50,7 @@ def _data_problems(cfg: DictConfig, corpus: Any) -> list[str]:
     d, p = cfg.data, []
     for key in ("batch_size", "seq_len"):
         _positive(p, f"data.{key}", d[key])
-    for key in ("val_seq_len", "val_max_windows", "val_batch_size"):
+    for key in ("val_seq_len", "val_max_windows", "final_val_max_windows", "val_batch_size"):
         _positive(p, f"data.{key}", d[key], allow_none=True)
     if not 0.0 < d.val_fraction < 1.0:
         p.append(f"data.val_fraction={d.val_fraction!r}: must be in (0, 1)")
@@ -62,9 +65,16 @@ def _optimizer_problems(o: DictConfig) -> list[str]:
     p: list[str] = []
     _positive(p, "optimizer.lr", o.lr)
     _positive(p, "optimizer.weight_decay", o.weight_decay, strict=False)
-    for i, beta in enumerate(o.get("betas") or []):
-        if not 0.0 <= beta < 1.0:
-            p.append(f"optimizer.betas[{i}]={beta!r}: must be in [0, 1)")
+    for key in ("betas", "adamw_betas"):  # adamw_betas: muon's AdamW side
+        for i, beta in enumerate(o.get(key) or []):
+            if not 0.0 <= beta < 1.0:
+                p.append(f"optimizer.{key}[{i}]={beta!r}: must be in [0, 1)")
+    if "adamw_lr" in o:
+        _positive(p, "optimizer.adamw_lr", o.adamw_lr)
+    if "momentum" in o and not 0.0 <= o.momentum < 1.0:
+        p.append(f"optimizer.momentum={o.momentum!r}: must be in [0, 1)")
+    if o.get("ns_dtype", "auto") not in ("auto", "float32", "bfloat16"):
+        p.append(f"optimizer.ns_dtype={o.ns_dtype!r}: must be auto, float32 or bfloat16")
     return p
 
 
@@ -135,7 +145,7 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
 
     problems: list[str] = []
     checks = [
-        lambda: _model_problems(cfg.model),
+        lambda: _model_problems(cfg.model, cfg.trainer.max_steps),
         lambda: _data_problems(cfg, corpus),
         lambda: _optimizer_problems(cfg.optimizer),
         lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")},
@@ -194,7 +204,13 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
         return ["distillation: teacher and loss must both be set or both be null"]
     if t is None:
         return []
+    n = cfg.trainer.max_steps
     return distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
-                            decay_end=t.decay_end, ramp_steps=t.ramp_steps, start_step=t.start_step,
-                            start_stage=t.start_stage,
-                            stage_names=[s.name for s in cfg.curriculum.stages])
+                            decay_end=t.decay_end, start_stage=t.start_stage,
+                            stage_names=[s.name for s in cfg.curriculum.stages]) + [
+        *length_problems("distillation.teacher.ramp_steps", t.ramp_steps,
+                         "distillation.teacher.ramp_fraction", t.get("ramp_fraction"), n, may_overrun=True),
+        *length_problems("distillation.teacher.start_step", t.start_step,
+                         "distillation.teacher.start_fraction", t.get("start_fraction"), n,
+                         required=False, strictly_inside=True),
+    ]

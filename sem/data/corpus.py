@@ -18,6 +18,8 @@ import sys
 import sysconfig
 import tempfile
 import time
+import bz2
+import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STDLIB_EXCLUDES: tuple[str, ...] = (
     "test", "tests", "idle_test", "encodings", "site-packages", "dist-packages", "__pycache__",
 )
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: bz2 -9 and xz -9e anchors beside gzip -9
 _STALE_TMP_S = 6 * 3600  # a build dir this old was left by a killed builder
 
 
@@ -281,6 +283,8 @@ class TokenCache:
     n_train_docs: int
     n_val_docs: int
     gzip_bpb: float  # gzip -9 bits per byte of the concatenated held-out document bytes
+    bz2_bpb: float  # bz2 -9 of the same bytes
+    xz_bpb: float  # xz -9e of the same bytes
     path: Path
 
 
@@ -303,7 +307,7 @@ def _try_load(path: Path) -> TokenCache | None:
         if train.size != meta["n_train_tokens"] or val.size != meta["n_val_tokens"]:
             return None
         return TokenCache(train, val, meta["val_bytes"], meta["train_bytes"], meta["n_train_docs"],
-                          meta["n_val_docs"], meta["gzip_bpb"], path)
+                          meta["n_val_docs"], meta["gzip_bpb"], meta["bz2_bpb"], meta["xz_bpb"], path)
     except (OSError, ValueError, KeyError) as e:
         log.warning("ignoring unusable token cache %s: %s", path, e)
         return None
@@ -343,9 +347,10 @@ def load_or_build_cache(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: 
                 raise
             log.debug("another process built %s first; using theirs", final)
         else:
-            log.info("built token cache %s in %.1f s: %d train / %d val docs, %d / %d bytes, gzip -9 %.3f bpb",
-                     final, meta["build_s"], meta["n_train_docs"], meta["n_val_docs"], meta["train_bytes"],
-                     meta["val_bytes"], meta["gzip_bpb"])
+            log.info("built token cache %s in %.1f s: %d train / %d val docs, %d / %d bytes; held-out bytes "
+                     "compress to gzip -9 %.3f, bz2 -9 %.3f, xz -9e %.3f bpb", final, meta["build_s"],
+                     meta["n_train_docs"], meta["n_val_docs"], meta["train_bytes"], meta["val_bytes"],
+                     meta["gzip_bpb"], meta["bz2_bpb"], meta["xz_bpb"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cache = _try_load(final)
@@ -371,8 +376,13 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: float, out: P
     n = {"train": 0, "val": 0}
     nbytes = {"train": 0, "val": 0}
     ntok = {"train": 0, "val": 0}
-    gz = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31 = gzip container, as gzip.compress(data, 9)
-    gz_len = 0
+    # The held-out bytes, streamed through three standard compressors: the reference points for val/bpb.
+    compressors = {
+        "gzip_bpb": zlib.compressobj(9, zlib.DEFLATED, 31),  # 31 = gzip container, as gzip.compress(data, 9)
+        "bz2_bpb": bz2.BZ2Compressor(9),
+        "xz_bpb": lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME),  # xz -9e
+    }
+    packed = dict.fromkeys(compressors, 0)  # compressed bytes so far
     columns = (SpinnerColumn(), TimeElapsedColumn(),
                TextColumn("tokenizing corpus: {task.fields[docs]} docs, {task.fields[mb]:.1f} MB"))
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val, \
@@ -388,10 +398,12 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: float, out: P
             nbytes[side] += len(doc.data)
             ntok[side] += ids.size
             if side == "val":
-                gz_len += len(gz.compress(doc.data))
+                for name, comp in compressors.items():
+                    packed[name] += len(comp.compress(doc.data))
             if (n["train"] + n["val"]) % 64 == 0:
                 progress.update(task, docs=n["train"] + n["val"], mb=(nbytes["train"] + nbytes["val"]) / 1e6)
-        gz_len += len(gz.flush())
+        for name, comp in compressors.items():
+            packed[name] += len(comp.flush())
         for f in (f_train, f_val):
             f.flush()
             os.fsync(f.fileno())
@@ -407,4 +419,4 @@ def _build(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: float, out: P
                           f"in the val split at data.val_fraction={val_fraction}; add more documents or raise it")
     return {"n_train_docs": n["train"], "n_val_docs": n["val"], "train_bytes": nbytes["train"],
             "val_bytes": nbytes["val"], "n_train_tokens": ntok["train"], "n_val_tokens": ntok["val"],
-            "gzip_bpb": 8.0 * gz_len / nbytes["val"]}
+            **{name: 8.0 * size / nbytes["val"] for name, size in packed.items()}}

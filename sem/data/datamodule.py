@@ -47,12 +47,14 @@ def _dist_rank_world() -> tuple[int, int]:
 
 class SEMDataModule:
     def __init__(self, corpus: Corpus, batch_size: int = 32, seq_len: int = 256, val_seq_len: int | None = None,
-                 val_fraction: float = 0.05, val_max_windows: int | None = 256, val_batch_size: int | None = None,
+                 val_fraction: float = 0.05, val_max_windows: int | None = 256,
+                 final_val_max_windows: int | None = None, val_batch_size: int | None = None,
                  cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None) -> None:
         _positive("data.batch_size", batch_size)
         _positive("data.seq_len", seq_len)
         _positive("data.val_seq_len", val_seq_len, allow_none=True)
         _positive("data.val_max_windows", val_max_windows, allow_none=True)
+        _positive("data.final_val_max_windows", final_val_max_windows, allow_none=True)
         _positive("data.val_batch_size", val_batch_size, allow_none=True)
         if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -64,6 +66,7 @@ class SEMDataModule:
         self.val_seq_len = val_seq_len or seq_len
         self.val_fraction = float(val_fraction)
         self.val_max_windows = val_max_windows
+        self.final_val_max_windows = final_val_max_windows  # None: every held-out window
         self.val_batch_size = val_batch_size or batch_size
         self.cache_dir = str(cache_dir)
         self.seed = seed
@@ -96,6 +99,12 @@ class SEMDataModule:
         """gzip -9 bits per byte of the held-out bytes: the reference point for val/bpb."""
         return self.cache.gzip_bpb
 
+    @property
+    def compressor_bpb(self) -> dict[str, float]:
+        """Bits per byte of the held-out bytes under gzip -9, bz2 -9 and xz -9e: val/bpb's anchors."""
+        c = self.cache
+        return {"gzip_bpb": c.gzip_bpb, "bz2_bpb": c.bz2_bpb, "xz_bpb": c.xz_bpb}
+
     byte_targets = staticmethod(byte_targets)
 
     def describe(self) -> str:
@@ -104,7 +113,8 @@ class SEMDataModule:
             return f"{self.corpus.describe()} (not set up)"
         c = self._cache
         return (f"{self.corpus.describe()}: train {c.n_train_docs} docs / {c.train_bytes / 1e6:.2f} MB, "
-                f"val {c.n_val_docs} docs / {c.val_bytes / 1e6:.3f} MB (gzip -9 {c.gzip_bpb:.3f} bpb); "
+                f"val {c.n_val_docs} docs / {c.val_bytes / 1e6:.3f} MB (gzip -9 {c.gzip_bpb:.3f}, bz2 -9 {c.bz2_bpb:.3f}, "
+                f"xz -9e {c.xz_bpb:.3f} bpb); "
                 f"batch {self.batch_size} x {self.seq_len}, val_seq_len {self.val_seq_len}; cache {c.path}")
 
     # ------------------------------------------------------------------------------------------ train

@@ -163,7 +163,7 @@ class MetricsWriter(_Timed):
             tokens, seconds = self.clock.lap()
             out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
                    "tokens_per_s": tokens / seconds if seconds > 0 else None}
-            out.update({k: v for k, v in row.items() if k.startswith("distill/")})
+            out.update({k: v for k, v in row.items() if k.startswith(("distill/", "sem/"))})
             self._write(out)
         for event in row.get("events") or []:
             self._write({"step": event.step, "event": event.kind, "stage": event.stage,
@@ -200,9 +200,14 @@ class SEMConsoleLogger(_Timed):
         rate = tokens / seconds if seconds > 0 else float("nan")
         eta = (trainer.max_steps - done) * seconds / max(self._steps_in_lap, 1)
         self._steps_in_lap = 0
+        # Cross-entropy is the headline (what val/loss measures); the other terms of the training
+        # loss sit beside it: the unitary penalty and, with a teacher, the distillation KL.
+        extra = f" | udiv {_num(row.get('train/unitary_div')):.4f}"
+        if "distill/kl" in row:
+            extra += f" | kl {_num(row['distill/kl']):.4f} (distill loss {_num(row['distill/loss']):.4f})"
         rank_zero_only(log.info)(
-            "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %s tok/s | seq %d | %s | ETA %s",
-            done, trainer.max_steps, _plain(row["train/loss"]) or float("nan"), row["lr"],
+            "step %d/%d | ce %.4f%s | lr %.2e | grad %.3f | %s tok/s | seq %d | %s | ETA %s",
+            done, trainer.max_steps, _num(row["train/ce_loss"]), extra, row["lr"],
             row.get("grad_norm", float("nan")), f"{rate / 1000:.1f}k", row["seq_len"], row["stage"],
             _duration(eta))
 
@@ -213,7 +218,7 @@ class SEMConsoleLogger(_Timed):
         v = pl_module.last_val
         rank_zero_only(log.info)("validation at step %d | val/loss %.4f | val/bpb %.4f%s",
                                  trainer.global_step, v["val/loss"], v["val/bpb"],
-                                 " (final, all windows)" if v.get("final") else "")
+                                 f" (final, {v.get('val/windows')} windows)" if v.get("final") else "")
 
 
 class CurriculumCallback(pl.Callback):
@@ -247,6 +252,12 @@ class CurriculumCallback(pl.Callback):
                 f"stage_{name}_step_{trainer.global_step:07d}.ckpt")
             trainer.save_checkpoint(path)
             rank_zero_only(log.info)("curriculum: milestone checkpoint %s", path)
+
+
+def _num(value: Any) -> float:
+    """A float for a console line: NaN where there is no value."""
+    plain = _plain(value)
+    return float("nan") if plain is None else float(plain)
 
 
 def _duration(seconds: float) -> str:

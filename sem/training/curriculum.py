@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sem.training.budget import stage_lengths
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,8 @@ class Gate:
 
 @dataclass
 class Stage:
-    """One stage. Length: exactly one of ``steps`` / ``fraction`` (of max_steps, rounded to nearest),
+    """One stage. Length: ``steps`` or ``fraction`` (of max_steps; fractions are rounded at their
+    cumulative boundaries, see ``sem.training.budget.stage_lengths``; steps win when both are set),
     except the last stage, which always runs to max_steps and may give neither. ``checkpoint``
     asks for a milestone checkpoint at the stage's start."""
 
@@ -76,12 +79,10 @@ def _as_stage(item: Stage | dict[str, Any]) -> Stage:
     return Stage(**fields)
 
 
-def _nominal_length(stage: Stage, max_steps: int) -> int | None:
-    if stage.steps is not None:
-        return int(stage.steps)
-    if stage.fraction is not None:
-        return int(math.floor(stage.fraction * max_steps + 0.5))
-    return None
+def _length_ok(st: Stage) -> bool:
+    if st.steps is not None:
+        return st.steps >= 0
+    return st.fraction is None or 0.0 <= st.fraction <= 1.0
 
 
 def stage_problems(
@@ -103,7 +104,6 @@ def stage_problems(
     if out:
         return out
     seen: set[str] = set()
-    total = 0
     for i, st in enumerate(parsed):
         key = f"{prefix}.stages[{i}]({st.name})"
         last = i == len(parsed) - 1
@@ -120,16 +120,12 @@ def stage_problems(
             out.append(f"{key}.batch_size={st.batch_size} must be > 0")
         if not (st.lr_scale > 0 and math.isfinite(st.lr_scale)):
             out.append(f"{key}.lr_scale={st.lr_scale} must be a finite number > 0")
-        if st.steps is not None and st.fraction is not None:
-            out.append(f"{key}: steps={st.steps} and fraction={st.fraction}: give only one")
-        elif st.steps is None and st.fraction is None and not last:
+        if st.steps is None and st.fraction is None and not last:
             out.append(f"{key}: give steps or fraction (only the last stage may give neither)")
         elif st.steps is not None and st.steps < 0:
             out.append(f"{key}.steps={st.steps} must be >= 0")
-        elif st.fraction is not None and not 0.0 <= st.fraction <= 1.0:
+        elif st.steps is None and st.fraction is not None and not 0.0 <= st.fraction <= 1.0:
             out.append(f"{key}.fraction={st.fraction} must be in [0, 1]")
-        else:
-            total += _nominal_length(st, max_steps) or 0
         if st.gate is not None:
             g = st.gate
             if g.window < 1:
@@ -138,6 +134,8 @@ def stage_problems(
                 out.append(f"{key}.gate.min_steps={g.min_steps} must be >= 0")
             if not g.threshold >= 0:
                 out.append(f"{key}.gate.threshold={g.threshold} must be >= 0")
+    valid = [st if _length_ok(st) else dataclasses.replace(st, steps=0, fraction=None) for st in parsed]
+    total = sum(n for n in stage_lengths(valid, max_steps) if n is not None)
     if total > max_steps:
         out.append(f"{prefix}.stages: stage lengths add up to {total} steps, more than max_steps={max_steps}")
     return out
@@ -156,7 +154,7 @@ class CurriculumManager:
             raise ValueError("; ".join(found))
         self.stages: list[Stage] = [_as_stage(s) for s in stages]
         self.max_steps = max_steps
-        self._nominal = [_nominal_length(s, max_steps) for s in self.stages]
+        self._nominal = stage_lengths(self.stages, max_steps)
         self._gate_ends: dict[int, int] = {}  # stage index -> decided first step of the next stage
         self._window: deque[float] = deque()  # finite losses of the current gated stage
         self._window_stage = -1  # which stage _window belongs to

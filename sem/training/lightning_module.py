@@ -28,6 +28,7 @@ class SEMLightningModule(pl.LightningModule):
         distill_loss: DistillationLoss | None = None,
         nan_at_step: int | None = None,
         bpb: Callable[[float, int], float] | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -40,6 +41,7 @@ class SEMLightningModule(pl.LightningModule):
         self.distill_loss = distill_loss
         self.nan_at_step = nan_at_step
         self.bpb = bpb or (lambda nats, n_bytes: nats / math.log(2) / max(n_bytes, 1))
+        self.budget = dict(budget or {})  # lengths resolved from fractions of max_steps (sem.training.budget)
         self.num_parameters = count_parameters(model)
         self.final_validation = False
         self.last_train: dict[str, Any] = {}  # read by the metrics/console callbacks
@@ -128,7 +130,9 @@ class SEMLightningModule(pl.LightningModule):
         step = self.global_step  # not yet incremented: the step just taken
         # Mean over micro-batches and ranks: every rank must feed the curriculum the same loss.
         means = self.trainer.strategy.reduce(torch.stack(self._micro_losses).mean(0), reduce_op="mean")
-        loss = float(means[0])
+        # The curriculum's plateau gate watches the cross-entropy: the training loss also holds the
+        # distillation mix (it roughly halves when a teacher switches on) and the unitary penalty.
+        ce = float(means[1])
         self.last_train.update({"train/loss": means[0], "train/ce_loss": means[1],
                                 "train/unitary_div": means[2]})
         world = self.trainer.world_size
@@ -139,7 +143,18 @@ class SEMLightningModule(pl.LightningModule):
         if self.teacher is not None and self.teacher.active(step, self._stage_name(step)):
             self.teacher.update(self.model, step)
         if self.curriculum is not None:
-            self.last_train["events"] = self.curriculum.observe(step, loss)
+            self.last_train["events"] = self.curriculum.observe(step, ce)
+        if self._logging_step(step):
+            probes = getattr(self.model, "probes", None)
+            if probes is not None:
+                with torch.no_grad():
+                    values = probes()  # cheap diagnostics of the SEM state (sem/*), logging steps only
+                self.last_train.update(values)
+                if values:
+                    self.log_dict(values, on_step=True, on_epoch=False)
+
+    def _logging_step(self, step: int) -> bool:
+        return step % self.trainer.log_every_n_steps == 0 or step == self.trainer.max_steps - 1
 
     def _stage(self, step: int) -> tuple[int, str]:
         if self.curriculum is None:
@@ -153,7 +168,7 @@ class SEMLightningModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- validation
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, windows
         self.model.set_step(self.global_step)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -164,20 +179,23 @@ class SEMLightningModule(pl.LightningModule):
             out.ce_loss.detach().double() * n,
             torch.tensor(n, dtype=torch.float64, device=self.device),
             torch.tensor(byte_targets(y), dtype=torch.float64, device=self.device),
+            torch.tensor(y.shape[0], dtype=torch.float64, device=self.device),
         ])
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        nats, tokens, n_bytes = (float(v) for v in sums)
+        nats, tokens, n_bytes, windows = (float(v) for v in sums)
         val_loss = nats / max(tokens, 1.0)
         val_bpb = self.bpb(nats, int(n_bytes))
-        self.last_val = {"val/loss": val_loss, "val/bpb": val_bpb, "final": self.final_validation}
+        self.last_val = {"val/loss": val_loss, "val/bpb": val_bpb, "final": self.final_validation,
+                         "val/windows": int(windows)}
         self.log_dict({"val/loss": val_loss, "val/bpb": val_bpb}, sync_dist=False)
 
     # ---------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sem"] = {
+            "budget": self.budget,
             "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
         }

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from sem.training.budget import fraction_steps
+
 log = logging.getLogger(__name__)
 
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
@@ -50,11 +52,13 @@ def wsd_multiplier(
       step ``warmup_steps - 1`` reaches 1);
     - stable: exactly 1.0 until the decay starts at ``decay_start_step`` if given (a decay branch from a
       stable-phase checkpoint), else at ``max_steps - decay_steps``;
-    - decay: progress ``p = (step - decay_start + 1) / decay_steps``, multiplier
-      ``min_lr_ratio + (1 - min_lr_ratio) * curve(p)``. The *last decay step* is
-      ``decay_start + decay_steps - 1`` and gets exactly ``min_lr_ratio``; with the default decay start
-      that is ``max_steps - 1``, the last step trained;
-    - after the decay: ``min_lr_ratio``.
+    - decay: progress ``p = (step - decay_start + 1) / (decay_steps + 1)``, multiplier
+      ``min_lr_ratio + (1 - min_lr_ratio) * curve(p)``. Every decay step trains at an LR strictly above
+      ``min_lr_ratio``: the *last decay step* ``decay_start + decay_steps - 1`` (with the default decay
+      start, ``max_steps - 1``, the last step trained) runs at ``curve(D / (D + 1))``, e.g.
+      ``lr / (D + 1)`` for a linear decay to 0; the curve would reach ``min_lr_ratio`` one step later,
+      after the run. So no step is wasted at LR 0, and ``decay_steps=1`` halves the LR for one step;
+    - after the decay (a branch that decays before ``max_steps``): ``min_lr_ratio``.
 
     If warmup and decay overlap (which ``problems`` reports) the smaller of the two envelopes wins.
     """
@@ -62,21 +66,20 @@ def wsd_multiplier(
     decay_start = decay_start_step if decay_start_step is not None else max_steps - decay_steps
     if step < decay_start:
         decayed = 1.0
-    elif decay_steps <= 0 or step >= decay_start + decay_steps - 1:
+    elif decay_steps <= 0 or step >= decay_start + decay_steps:
         decayed = min_lr_ratio
     else:
-        progress = (step - decay_start + 1) / decay_steps
+        progress = (step - decay_start + 1) / (decay_steps + 1)
         decayed = min_lr_ratio + (1.0 - min_lr_ratio) * _decay_curve(progress, decay_shape)
     return min(warm, decayed)
 
 
 def resolve_steps(max_steps: int, steps: int | None, fraction: float | None, name: str) -> int:
-    """A length given either in steps or as a fraction of ``max_steps`` (rounded to nearest)."""
-    if (steps is None) == (fraction is None):
-        raise ValueError(
-            f"{name}: give exactly one of {name}_steps and {name}_fraction "
-            f"(got steps={steps}, fraction={fraction})"
-        )
+    """A length given in steps or as a fraction of ``max_steps`` (rounded to nearest). Steps win when
+    both are set: a preset gives a fraction, and ``scheduler.warmup_steps=200`` from the shell must
+    simply work."""
+    if steps is None and fraction is None:
+        raise ValueError(f"{name}: give {name}_steps or {name}_fraction (both are null)")
     if steps is not None:
         if steps < 0:
             raise ValueError(f"{name}_steps={steps}: must be >= 0")
@@ -84,7 +87,7 @@ def resolve_steps(max_steps: int, steps: int | None, fraction: float | None, nam
     assert fraction is not None
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"{name}_fraction={fraction}: must be in [0, 1]")
-    return int(math.floor(fraction * max_steps + 0.5))
+    return fraction_steps(fraction, max_steps)
 
 
 def problems(
@@ -112,17 +115,12 @@ def problems(
         ("warmup", warmup_steps, warmup_fraction, False),
         ("decay", decay_steps, decay_fraction, True),
     ):
-        if steps is not None and fraction is not None:
-            out.append(
-                f"{prefix}.{name}_steps={steps} and {prefix}.{name}_fraction={fraction}: "
-                "give only one (set the other to null)"
-            )
-        elif steps is None and fraction is None:
+        if steps is None and fraction is None:
             if not optional:
                 out.append(f"{prefix}.{name}_steps / {prefix}.{name}_fraction: both null, give one")
         elif steps is not None and steps < 0:
             out.append(f"{prefix}.{name}_steps={steps} must be >= 0")
-        elif fraction is not None and not 0.0 <= fraction <= 1.0:
+        elif steps is None and fraction is not None and not 0.0 <= fraction <= 1.0:
             out.append(f"{prefix}.{name}_fraction={fraction} must be in [0, 1]")
         else:
             resolved[name] = resolve_steps(max(max_steps, 0), steps, fraction, name)
@@ -160,7 +158,7 @@ def problems(
 class WSDScheduler(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` with ``lr(step) = base_lr * wsd_multiplier(step) * lr_scale(step)``.
 
-    Lengths are in steps or fractions of ``max_steps`` (exactly one of each pair). The three presets
+    Lengths are in steps or fractions of ``max_steps`` (steps win when both are set). The three presets
     are this one class:
 
     - ``wsd``: warmup, stable at 1.0, then ``decay_steps`` of decay ending at ``max_steps - 1``;

@@ -156,10 +156,39 @@ def test_decay_branches_record_parent_and_decay_at_once(branches: tuple[Path, Pa
         train = {r["step"]: r["lr"] for r in _rows(run) if "train/loss" in r}
         assert min(train) == 8  # resumed at the parent's step
         lrs[shape] = [train[s] for s in range(8, 12)]
-        assert lrs[shape][0] < LR and lrs[shape][-1] == pytest.approx(0.0, abs=1e-12)
+        assert lrs[shape][0] < LR and lrs[shape][-1] > 0.0  # no step is wasted at LR 0
         assert lrs[shape] == sorted(lrs[shape], reverse=True)
-    assert lrs["linear"] == pytest.approx([LR * 0.75, LR * 0.5, LR * 0.25, 0.0])
+    assert lrs["linear"] == pytest.approx([LR * 0.8, LR * 0.6, LR * 0.4, LR * 0.2])
     assert lrs["1-sqrt"] != pytest.approx(lrs["linear"])
+
+
+def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corpus_dir: Path,
+                                                            cache_dir: Path) -> None:
+    """Fractions are resolved once, against the parent's trainer.max_steps=40 (warm-up 2 steps, stages
+    at 20 and 32); a branch with trainer.max_steps=24 keeps them. Resolved afresh against 24 they
+    would be 1 warm-up step and stages at 12 and 19."""
+    common = [*tiny_data_overrides(corpus_dir, cache_dir), "curriculum=three_stage", "trainer.log_every_n_steps=1",
+              "scheduler.warmup_steps=null", "curriculum.stages.0.seq_len=16", "curriculum.stages.0.batch_size=8",
+              "curriculum.stages.1.seq_len=32", "curriculum.stages.1.batch_size=4",
+              "curriculum.stages.2.seq_len=64", "curriculum.stages.2.batch_size=2"]
+    parent = tmp_path / "parent"
+    proc = _launch([*common, "trainer.max_steps=40", "checkpoint.every_n_train_steps=10",
+                    "trainer.val_check_interval=20", f"hydra.run.dir={parent}"], tmp_path, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ckpt = parent / "checkpoints" / "step_0000010.ckpt"
+    recorded = torch.load(ckpt, map_location="cpu", weights_only=True)["sem"]["budget"]
+    assert recorded == {"scheduler.warmup_steps": 2, "curriculum.stages.0.steps": 20,
+                        "curriculum.stages.1.steps": 12, "model.propagator_warmup_steps": 8}
+    branch = tmp_path / "branch"
+    proc = _launch([*common, f"resume={ckpt}", "trainer.max_steps=24", "scheduler.decay_start_step=10",
+                    "scheduler.decay_fraction=null", "scheduler.decay_steps=14", "trainer.val_check_interval=12",
+                    f"hydra.run.dir={branch}"], tmp_path, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    train = {r["step"]: r for r in _rows(branch) if "train/loss" in r}
+    assert sorted(train) == list(range(10, 24))
+    assert [train[s]["stage"] for s in range(10, 24)] == ["s512"] * 10 + ["s1024"] * 4
+    resolved = (branch / "config_resolved.yaml").read_text()
+    assert "warmup_steps: 2\n" in resolved and "propagator_warmup_steps: 8\n" in resolved
 
 
 # ------------------------------------------------------------------------------ a failing run

@@ -69,7 +69,11 @@ def test_param_groups() -> None:
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     assert "blocks.0.norm1.weight" in no_decay and "blocks.0.qkv.bias" in no_decay
     assert all(p.ndim >= 2 for p in groups["decay"]["params"])
-    assert len(groups["decay"]["params"]) + len(no_decay) == len(names)
+    matrix = {names[id(p)] for p in groups["matrix"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert decay == {"tok_emb.weight", "pos_emb.weight", "head.weight"}
+    assert "blocks.0.qkv.weight" in matrix and "blocks.1.fc_out.weight" in matrix
+    assert len(matrix) + len(groups["decay"]["params"]) + len(no_decay) == len(names)
 
 
 def test_unitary_lambda_warns(caplog: pytest.LogCaptureFixture) -> None:

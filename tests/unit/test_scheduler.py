@@ -51,20 +51,34 @@ def test_stable_phase_is_flat_for_its_whole_length():
 
 @pytest.mark.parametrize("min_ratio", [0.0, 0.1])
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
-def test_last_decay_step_is_exactly_min_lr_ratio(shape, min_ratio):
+def test_every_decay_step_trains_above_min_lr_ratio(shape, min_ratio):
     kw = dict(decay_shape=shape, min_lr_ratio=min_ratio)
-    assert m(99, **kw) == min_ratio  # decay_start + decay_steps - 1 == max_steps - 1
-    assert m(98, **kw) > min_ratio
-    assert m(150, **kw) == min_ratio  # after the decay
+    decay = [m(s, **kw) for s in range(80, 100)]  # decay_start 80 .. max_steps - 1
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing
+    assert decay[-1] > min_ratio  # the last step trained is not wasted at min (0 by default)
+    assert m(99, **kw) == pytest.approx(min_ratio + (1 - min_ratio) * _curve(shape, 20 / 21))
+    assert m(100, **kw) == min_ratio  # after the decay
+    assert m(150, **kw) == min_ratio
+
+
+def _curve(shape: str, p: float) -> float:
+    return {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "1-sqrt": 1 - math.sqrt(p)}[shape]
+
+
+def test_linear_decay_to_zero_ends_at_lr_over_decay_plus_one():
+    assert m(99) == pytest.approx(1 / 21)
+    one = dict(max_steps=10, warmup_steps=0, decay_steps=1)
+    assert [wsd_multiplier(s, **one) for s in (8, 9)] == [1.0, pytest.approx(0.5)]
 
 
 @pytest.mark.parametrize(
     ("shape", "expected"), [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))]
 )
 def test_decay_shape_midpoint(shape, expected):
-    # progress 0.5 at step decay_start + decay_steps/2 - 1 = 80 + 10 - 1
-    assert m(89, decay_shape=shape) == pytest.approx(expected)
-    assert m(89, decay_shape=shape, min_lr_ratio=0.2) == pytest.approx(0.2 + 0.8 * expected)
+    # progress (step - 80 + 1) / 21 = 0.5 at step 89.5: decay_steps=19 puts it on step 89 (10 / 20)
+    assert m(89, decay_shape=shape, decay_steps=19, max_steps=99) == pytest.approx(expected)
+    assert m(89, decay_shape=shape, decay_steps=19, max_steps=99, min_lr_ratio=0.2) == pytest.approx(
+        0.2 + 0.8 * expected)
 
 
 def test_cosine_and_linear_differ_off_midpoint():
@@ -78,8 +92,9 @@ def test_zero_decay_stays_flat_to_the_end():
 def test_decay_branch_starts_at_decay_start_step():
     kw = dict(max_steps=1000, decay_steps=20, decay_start_step=400)
     assert m(399, **kw) == 1.0
-    assert m(400, **kw) == pytest.approx(0.95)
-    assert m(419, **kw) == 0.0
+    assert m(400, **kw) == pytest.approx(20 / 21)
+    assert m(419, **kw) == pytest.approx(1 / 21)
+    assert m(420, **kw) == 0.0
     assert m(700, **kw) == 0.0
 
 
@@ -112,7 +127,7 @@ def test_scheduler_drives_optimizer_lr_through_the_schedule():
     lrs = _run(sched, 40)
     assert lrs == pytest.approx([0.5 * sched.multiplier(s) for s in range(40)])
     assert lrs[0] == pytest.approx(0.1)
-    assert lrs[-1] == pytest.approx(0.05)  # last trained step: exactly min_lr_ratio * lr
+    assert lrs[-1] == pytest.approx(0.5 * (0.1 + 0.9 / 11))  # last trained step: above min_lr_ratio
     assert sched.decay_steps == 10 and sched.decay_start == 30
 
 
@@ -120,7 +135,7 @@ def test_cosine_preset_has_no_stable_phase():
     sched = WSDScheduler(_opt(), max_steps=50, warmup_steps=10, decay_shape="cosine", min_lr_ratio=0.1)
     assert sched.decay_start == 10 and sched.decay_steps == 40
     assert sched.wsd(9) == 1.0 and sched.wsd(10) < 1.0
-    assert sched.wsd(49) == pytest.approx(0.1)
+    assert sched.wsd(49) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 41)))
 
 
 def test_constant_preset_is_flat_after_warmup():

@@ -37,6 +37,8 @@ SINGLE = {
         ["scheduler.warmup_steps=10", "scheduler.decay_fraction=0.5"], ["scheduler", "10", "max_steps=12"]),
     "lr_zero": (["optimizer.lr=0"], ["optimizer.lr=0"]),
     "lr_negative": (["optimizer.lr=-0.5"], ["optimizer.lr=-0.5"]),
+    "muon_adamw_lr_zero": (["optimizer=muon", "optimizer.adamw_lr=0"], ["optimizer.adamw_lr=0"]),
+    "muon_momentum_one": (["optimizer=muon", "optimizer.momentum=1.0"], ["optimizer.momentum=1.0"]),
     "missing_data_path": (["data.corpus.paths=[/no/such/dir/x.txt]"], ["data.corpus.paths", "/no/such/dir/x.txt"]),
     "stage_seq_len_over_max": (["curriculum=two_stage", "model.max_seq_len=512"],
                                ["curriculum.stages[1]", "seq_len=1024", "512"]),
