@@ -134,8 +134,8 @@ def test_plots_and_checkpoint(tiny_run: Launch) -> None:
 
 
 def test_console_lines(tiny_run: Launch) -> None:
-    # a line every callbacks.console.every_n_steps=4 steps: "step N/M | loss ..."
-    done = [int(n) for n in re.findall(rf"step (\d+)/{MAX_STEPS} \| loss \d", tiny_run.output)]
+    # a line every callbacks.console.every_n_steps=4 steps: "step N/M | ce ... | udiv ..." (CE first)
+    done = [int(n) for n in re.findall(rf"step (\d+)/{MAX_STEPS} \| ce \d\.\d+ \| udiv \d", tiny_run.output)]
     assert done == [4, 8, 12], tiny_run.output[-3000:]
     assert "Traceback" not in tiny_run.output
 

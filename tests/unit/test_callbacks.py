@@ -165,7 +165,7 @@ def test_console_logger_lines(tmp_path: Path, clock: FakeTime, caplog: pytest.Lo
         drive(console, trainer, module, clock, range(7), validate_after={3: 5.0})
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 3/7", "step 6/7", "step 7/7"]
-    assert "| loss 2.0000 | lr 1.00e-03 |" in lines[0]
+    assert lines[0].startswith("step 3/7 | ce 2.0000 | udiv ") and "| lr 1.00e-03 |" in lines[0]
     assert "0.1k tok/s" in lines[1]  # 128 tok/s: the 5 s validation is left out
     assert any("validation at step 4 | val/loss 1.5000 | val/bpb 2.2500" in r.getMessage()
                for r in caplog.records)

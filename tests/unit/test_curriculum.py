@@ -151,10 +151,13 @@ def test_stage_problems_one_line_each():
     ]
     lines = stage_problems(bad, 100, 256)
     for needle in ("seq_len=512", "max_seq_len=256", "batch_size=0", "lr_scale=0.0",
-                   "steps=10 and fraction=0.1", "duplicate", "stages[1](a): give steps or fraction",
-                   "seq_len=-1", "add up to 200"):
+                   "duplicate", "stages[1](a): give steps or fraction",
+                   "seq_len=-1", "add up to 210"):
         assert any(needle in ln for ln in lines), (needle, lines)
     assert any("unknown keys ['seqlen']" in ln for ln in stage_problems([{"name": "x", "seqlen": 1}], 10, None))
     assert stage_problems([], 10, None) == ["curriculum.stages: empty, give at least one stage"]
     with pytest.raises(ValueError, match="batch_size=0"):
         CurriculumManager(bad, 100)
+    # steps win over a preset's fraction (`curriculum.stages.0.steps=300` from the shell just works)
+    both = CurriculumManager([Stage("a", 8, 1, steps=10, fraction=0.5), Stage("b", 8, 1)], 100)
+    assert both.boundaries() == [0, 10]
