@@ -158,8 +158,7 @@ class MetricsWriter(_Timed):
             return
         row = pl_module.last_train
         step = row["step"]
-        every = trainer.log_every_n_steps
-        if step % every == 0 or step == trainer.max_steps - 1:
+        if is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps):
             tokens, seconds = self.clock.lap()
             out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
                    "tokens_per_s": tokens / seconds if seconds > 0 else None}
@@ -252,6 +251,11 @@ class CurriculumCallback(pl.Callback):
                 f"stage_{name}_step_{trainer.global_step:07d}.ckpt")
             trainer.save_checkpoint(path)
             rank_zero_only(log.info)("curriculum: milestone checkpoint %s", path)
+
+
+def is_logging_step(step: int, every: int, max_steps: int) -> bool:
+    """Optimizer step ``step`` (0-based) gets a train row: every ``every`` steps, and the last one."""
+    return step % every == 0 or step == max_steps - 1
 
 
 def _num(value: Any) -> float:

@@ -13,6 +13,7 @@ from torch import nn
 
 from sem.data.datamodule import byte_targets
 from sem.model import count_parameters, param_groups
+from sem.training.callbacks import is_logging_step
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
 
@@ -154,7 +155,8 @@ class SEMLightningModule(pl.LightningModule):
                     self.log_dict(values, on_step=True, on_epoch=False)
 
     def _logging_step(self, step: int) -> bool:
-        return step % self.trainer.log_every_n_steps == 0 or step == self.trainer.max_steps - 1
+        # the same steps MetricsWriter writes a row for: probes are computed only when they are written
+        return is_logging_step(step, self.trainer.log_every_n_steps, self.trainer.max_steps)
 
     def _stage(self, step: int) -> tuple[int, str]:
         if self.curriculum is None:
