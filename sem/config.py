@@ -248,13 +248,34 @@ class TrainerConf:
 
 @dataclass
 class CheckpointConf:
-    _target_: str = "pytorch_lightning.callbacks.ModelCheckpoint"
-    filename: str = "step_{step:07d}"
-    every_n_train_steps: int = 500
-    save_top_k: int = -1  # keep every periodic checkpoint; retention policy comes with the checkpoint manager
-    save_last: bool = True
-    auto_insert_metric_name: bool = False
-    save_on_train_epoch_end: bool = False
+    _target_: str = "sem.training.checkpoint.CheckpointManager"
+    every_n_steps: int = 500
+    keep_last: int = 2
+    keep_best: int = 1
+    monitor: str = "val/bpb"
+    mode: str = "min"
+    save_on_exit: bool = True
+    every_n_train_steps: int | None = None  # removed (Lightning's name): validation names every_n_steps
+
+
+def _check(**values: Any) -> dict[str, Any]:
+    return field(default_factory=lambda: dict(values))
+
+
+@dataclass
+class HealthConf:
+    _target_: str = "sem.training.health.HealthMonitor"
+    enabled: bool = True
+    nonfinite_loss: str | None = "skip"
+    nonfinite_grad: str | None = "skip"
+    loss_spike: dict[str, Any] = _check(action="skip", z=8.0, min_ratio=1.5, window=100, min_history=20)
+    grad_explosion: dict[str, Any] = _check(action="warn", z=10.0, min_ratio=5.0, window=100, min_history=20)
+    plateau: dict[str, Any] = _check(action="warn", window=500, min_improvement=0.0)
+    stall: dict[str, Any] = _check(action="warn", factor=10.0, window=50, min_history=10)
+    probes: dict[str, Any] = _check(action="warn", limits={})
+    escalate_after: int = 3
+    max_rollbacks: int = 3
+    rollback_lr_scale: float = 1.0
 
 
 @dataclass
@@ -264,7 +285,9 @@ class RunConf:
 
 @dataclass
 class FaultsConf:
-    nan_at_step: int | None = None
+    nan_at_step: int | None = None  # the loss of this optimizer step becomes NaN
+    inf_grad_at_step: int | None = None  # one gradient entry of this step becomes inf
+    spike_at_step: int | None = None  # the loss of this step is multiplied by 100
 
 
 @dataclass
@@ -281,6 +304,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    health: HealthConf = field(default_factory=HealthConf)
     seed: int = 1234
     engine: str = "lightning"
     run: RunConf = field(default_factory=RunConf)
@@ -302,6 +326,7 @@ _SCHEMAS: dict[str | None, dict[str, Any]] = {
     "accelerator": {"accelerator_schema": AcceleratorConf},
     "trainer": {"trainer_schema": TrainerConf},
     "checkpoint": {"checkpoint_schema": CheckpointConf},
+    "health": {"health_schema": HealthConf},
 }
 
 

@@ -7,8 +7,10 @@ This is the only module that calls ``hydra.utils.instantiate``. Every object it 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -27,12 +29,14 @@ from sem.validation import validate
 from sem.config import register_configs
 from sem.data.corpus import CorpusError
 from sem.summary import RunSummary
+from sem.training.preemption import EXIT_PREEMPTED, StopSignals
 
 log = logging.getLogger("sem.run")
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
 EXIT_BAD_CONFIG = 2
 EXIT_TRAINING_FAILED = 1
+# EXIT_PREEMPTED (75): stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; resume=auto continues
 
 
 _main_started = False
@@ -62,7 +66,19 @@ class ValidateFirst(HydraCallback):
         job_cfg = copy.deepcopy(config)
         with open_dict(job_cfg):
             del job_cfg["hydra"]  # what the job itself will see
-        _exit_if_invalid(_validate(job_cfg)[0])
+        _exit_if_invalid(_validate(job_cfg)[0] + _run_dir_problems(Path(config.hydra.run.dir)))
+
+
+def _run_dir_problems(run_dir: Path) -> list[str]:
+    """A run dir (or the part of its path that exists) must be writable: found now, not mid-save."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    for d in {existing, existing / "checkpoints"}:
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            return [f"hydra.run.dir={str(run_dir)!r}: {d} is not writable (choose another run.name "
+                    "or fix its permissions)"]
+    return []
 
 
 def _exit_if_invalid(problems: list[str]) -> None:
@@ -77,15 +93,26 @@ def main(cfg: DictConfig) -> float | None:
     global _main_started
     _main_started = True
     problems, corpus = _validate(cfg)
-    _exit_if_invalid(problems)
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _exit_if_invalid(problems or _run_dir_problems(run_dir))
+
     started = time.time()
+    signals = StopSignals()
+    signals.install()  # from here on, SIGTERM/SIGINT/SIGUSR1 end the run at a step boundary, saved
     summary = RunSummary(run_dir)
-    resume_from = _resume_path(cfg, run_dir)
-    cfg, budget = resolve_lengths(cfg, _recorded_budget(resume_from))
     try:
-        built = build(cfg, run_dir, corpus, resume_from=resume_from, budget=budget)
+        checkpoints = _instantiate(_without(cfg.checkpoint, "every_n_train_steps"),
+                                   dirpath=str(run_dir / "checkpoints"))
+        resume_from, payload = _resume(cfg, checkpoints)
+        finished = _already_finished(cfg, run_dir, payload)
+        if finished is not None:
+            return finished
+        recorded = (payload.get("sem") or {}).get("budget") if payload is not None else None
+        cfg, budget = resolve_lengths(cfg, recorded)
+        built = build(cfg, run_dir, corpus, resume_from=resume_from, budget=budget,
+                      checkpoints=checkpoints, signals=signals)
+        if payload is not None:
+            _exit_if_invalid(_shape_problems(built.module, payload, resume_from))
         if cfg.dry_run:
             built.describe()
             return None
@@ -96,9 +123,10 @@ def main(cfg: DictConfig) -> float | None:
     except InstantiationException as exc:  # a value only its constructor could check
         _exit_if_invalid([f"cannot build an object from the config: {exc.__cause__ or exc}"])
     except (KeyboardInterrupt, SystemExit) as exc:
-        summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
         code = getattr(exc, "code", None)
-        # SIGTERM reaches us as Lightning's SystemExit with no code: an interrupted run never exits 0
+        if isinstance(exc, SystemExit) and code in (0, EXIT_BAD_CONFIG, EXIT_PREEMPTED):
+            raise
+        summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
         raise SystemExit(code if code not in (None, 0) else EXIT_TRAINING_FAILED) from None
     except Exception as exc:  # a training failure: say why in summary.json, exit 1
         log.error("training failed: %s: %s", type(exc).__name__, exc)
@@ -107,6 +135,8 @@ def main(cfg: DictConfig) -> float | None:
             raise TrainingFailed(str(exc)) from exc
         log.debug("traceback", exc_info=True)
         sys.exit(EXIT_TRAINING_FAILED)
+    finally:
+        signals.restore()
 
 
 def _validate(cfg: DictConfig) -> tuple[list[str], Any]:
@@ -135,6 +165,7 @@ class Built:
     checkpoint: Any
     resume_from: str | None
     precision_note: str
+    signals: StopSignals | None = None
 
     def describe(self) -> None:
         log.info("dry run: built everything, not training")
@@ -182,7 +213,8 @@ def _recorded_budget(resume_from: str | None) -> dict[str, Any] | None:
 
 
 def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None = None,
-          budget: dict[str, Any] | None = None) -> Built:
+          budget: dict[str, Any] | None = None, checkpoints: Any = None,
+          signals: StopSignals | None = None) -> Built:
     """Build data, model, optimizer, scheduler, curriculum, distillation, callbacks, loggers,
     precision plugin, accelerator and Trainer, in that order. ``cfg`` has its lengths resolved
     (``resolve_lengths``)."""
@@ -207,6 +239,18 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
     teacher = _instantiate(cfg.distillation.teacher) if cfg.distillation.teacher else None
     distill_loss = _instantiate(cfg.distillation.loss) if cfg.distillation.loss else None
 
+    from sem.summary import is_global_zero
+    from sem.training.health import Faults
+
+    health = _instantiate(cfg.health)
+    if is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        health.events_path = run_dir / "health.jsonl"
+        health.events_path.touch()  # present (empty) in every run: no events is news too
+    if checkpoints is None:
+        checkpoints = _instantiate(_without(cfg.checkpoint, "every_n_train_steps"),
+                                   dirpath=str(run_dir / "checkpoints"))
+
     module = SEMLightningModule(
         model=model,
         optimizer=optimizer,
@@ -214,9 +258,13 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         curriculum=curriculum,
         teacher=teacher,
         distill_loss=distill_loss,
-        nan_at_step=cfg.faults.nan_at_step,
+        faults=Faults(**cfg.faults),
         bpb=datamodule.val_bpb,
         budget=budget,
+        health=health,
+        checkpoints=checkpoints,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
     )
 
     interactive = sys.stderr.isatty()
@@ -227,8 +275,9 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         if name == "progress_bar" and not interactive:
             continue  # a live bar only makes sense in a terminal; logs get SEMConsoleLogger lines
         callbacks.append(_instantiate(node))
-    checkpoint = _instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
-    callbacks.append(checkpoint)
+    from sem.training.callbacks import CheckpointCallback, ManagedCheckpointIO
+
+    callbacks.append(CheckpointCallback(checkpoints, signals))
 
     loggers = [_instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node]
 
@@ -240,7 +289,8 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
     trainer = _instantiate(
         cfg.trainer,
         accelerator=accelerator,
-        plugins=[precision_plugin],
+        plugins=[precision_plugin, ManagedCheckpointIO(checkpoints)],
+        enable_checkpointing=False,  # sem's CheckpointCallback saves; Lightning's ModelCheckpoint is not used
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
@@ -253,39 +303,78 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         datamodule=datamodule,
         module=module,
         trainer=trainer,
-        checkpoint=checkpoint,
+        checkpoint=checkpoints,
         resume_from=resume_from,
         precision_note=precision_plugin.describe(),
+        signals=signals,
     )
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+def _resume(cfg: DictConfig, checkpoints: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """(path, verified payload) to resume from, or (None, None) for a fresh start. ``resume=auto``
+    takes the newest checkpoint that verifies (bad ones are skipped with a warning); an explicit path
+    that does not verify is a usage error (exit 2)."""
+    from sem.training.checkpoint import CheckpointError
+
     if cfg.resume is None:
-        return None
+        return None, None
     if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            log.info("resume=auto: resuming from %s", last)
-            return str(last)
-        log.info("resume=auto: no checkpoint in %s, starting fresh", last.parent)
+        found = checkpoints.newest_valid()
+        if found is None:
+            log.info("resume=auto: no valid checkpoint in %s, starting fresh", checkpoints.dir)
+            return None, None
+        path, payload = found
+        log.info("resume=auto: resuming from %s (step %s)", path, payload.get("global_step"))
+        return str(path), payload
+    path = Path(cfg.resume).expanduser().resolve()
+    try:
+        return str(path), checkpoints.load(path)
+    except CheckpointError as exc:
+        _exit_if_invalid([f"resume={cfg.resume}: {exc}"])
+        raise  # not reached
+
+
+def _already_finished(cfg: DictConfig, run_dir: Path, payload: dict[str, Any] | None) -> float | None:
+    """The final val/bpb when resuming a run that already completed all its steps (nothing to do)."""
+    if payload is None or int(payload.get("global_step", -1)) < cfg.trainer.max_steps:
         return None
-    return str(Path(cfg.resume).expanduser().resolve())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # trained to the end but never summarised (killed in the final validation): finish it
+    if summary.get("status") != "completed" or summary.get("steps") != payload.get("global_step"):
+        return None
+    log.info("resume: this run already finished at step %d (summary.json: completed, val/bpb %s); "
+             "nothing to do. Raise trainer.max_steps to train further.", summary["steps"], summary.get("val_bpb"))
+    bpb = summary.get("val_bpb")
+    return float(bpb) if bpb is not None else float("inf")
+
+
+def _shape_problems(module: Any, payload: dict[str, Any], path: str | None) -> list[str]:
+    """One line naming the mismatching keys when a checkpoint does not fit the configured model."""
+    have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in payload["state_dict"].items() if hasattr(v, "shape")}
+    missing, unexpected = sorted(set(have) - set(got)), sorted(set(got) - set(have))
+    wrong = [f"{k} {list(got[k])} in the checkpoint vs {list(have[k])} configured"
+             for k in sorted(set(have) & set(got)) if have[k] != got[k]]
+    parts = []
+    if wrong:
+        parts.append("shape mismatch: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+    if missing:
+        parts.append(f"missing in the checkpoint: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append(f"not in the model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    if not parts:
+        return []
+    return [f"resume={path}: the checkpoint does not fit the configured model ({'; '.join(parts)}); "
+            "resume with the model config it was trained with"]
 
 
 # --------------------------------------------------------------------------- fit and summarise
 
 
-def _save_final_checkpoint(trainer: Any, checkpoint: Any) -> None:
-    """ModelCheckpoint writes ``last.ckpt`` only at its own interval: when max_steps is not a
-    multiple of it, the final weights would go unsaved and ``resume=auto`` would redo steps."""
-    if checkpoint.last_model_path and checkpoint._last_global_step_saved == trainer.global_step:
-        return
-    ckpt_dir = Path(checkpoint.dirpath)
-    path = ckpt_dir / f"step_{trainer.global_step:07d}.ckpt"
-    trainer.save_checkpoint(path)
-    if checkpoint.save_last:
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-        checkpoint.last_model_path = str(ckpt_dir / "last.ckpt")
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def _throughput(trainer: Any) -> float | None:
@@ -306,7 +395,19 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
     )
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=dm.val_loader(),
                 ckpt_path=built.resume_from)
-    _save_final_checkpoint(trainer, built.checkpoint)
+    checkpoints = built.checkpoint
+    stopped_by = built.signals.received if built.signals is not None else None
+    if stopped_by is not None and trainer.global_step < trainer.max_steps:
+        last = checkpoints.last()
+        summary.finish("preempted", wall_s=time.time() - started, steps=trainer.global_step,
+                       **dm.compressor_bpb, tokens_per_s=_throughput(trainer),
+                       best_checkpoint=_str(checkpoints.best()), last_checkpoint=_str(last),
+                       error=f"stopped by {stopped_by} at step {trainer.global_step}")
+        log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run.name) continues. "
+                    "Exit code %d.", stopped_by, trainer.global_step, last, EXIT_PREEMPTED)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return float("nan")  # the job is recorded as preempted in its summary.json; the sweep moves on
+        sys.exit(EXIT_PREEMPTED)
 
     final_windows = dm.final_val_max_windows
     n_windows = len(dm.val_windows(final_windows)[0])
@@ -323,8 +424,8 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         val_bpb=val["val/bpb"],
         **dm.compressor_bpb,
         tokens_per_s=_throughput(trainer),
-        best_checkpoint=None,  # no monitored metric yet: "best" comes with the checkpoint manager
-        last_checkpoint=built.checkpoint.last_model_path or None,
+        best_checkpoint=_str(checkpoints.best()),
+        last_checkpoint=_str(checkpoints.last()),
     )
     bpb = val["val/bpb"]
     anchors = ", ".join(f"{name} {dm.compressor_bpb[key]:.4f}" for name, key in

@@ -1,5 +1,6 @@
-"""The files a run leaves behind besides metrics: ``config_resolved.yaml``, ``env.json``,
-``summary.json`` and ``plots/``. Written by global rank zero only, atomically."""
+"""The files a run leaves behind besides metrics: ``config_resolved.yaml``, ``env.json`` (the first
+attempt), ``attempts.jsonl`` (one line per start or resume), ``summary.json`` and ``plots/``. Written by
+global rank zero only, atomically."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import math
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 Status = Literal["completed", "failed", "preempted"]
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
     # The same environment variables Lightning reads for its rank_zero_only.rank.
     for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
         if key in os.environ:
@@ -50,14 +52,21 @@ class RunSummary:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.enabled = _is_global_zero()
+        self.enabled = is_global_zero()
 
     def begin(self, cfg: DictConfig, parent_checkpoint: str | None = None) -> None:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_json(self.run_dir / "env.json", environment(parent_checkpoint))
+        env = environment(parent_checkpoint)
+        if not (self.run_dir / "env.json").exists():  # the run's origin; later attempts are appended below
+            write_json(self.run_dir / "env.json", env)
+        attempt = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "command": env["command_line"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
+                   "resumed_from": parent_checkpoint}
+        with (self.run_dir / "attempts.jsonl").open("a") as f:
+            f.write(json.dumps(attempt) + "\n")
 
     def finish(self, status: Status, *, wall_s: float, steps: int | None = None,
                val_loss: float | None = None, val_bpb: float | None = None,

@@ -128,10 +128,34 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         path = Path(str(resume)).expanduser()
         if not path.is_file():
             p.append(f"resume={resume!r}: no such checkpoint file (use null, auto or a path to a .ckpt)")
-    nan_at = cfg.faults.nan_at_step
-    if nan_at is not None and nan_at < 0:
-        p.append(f"faults.nan_at_step={nan_at!r}: must be >= 0")
+    for key, value in cfg.faults.items():
+        if value is not None and value < 0:
+            p.append(f"faults.{key}={value!r}: must be >= 0 (an optimizer step) or null")
     return p
+
+
+def _checkpoint_problems(cfg: DictConfig) -> list[str]:
+    c, p = cfg.checkpoint, []
+    if c.get("every_n_train_steps") is not None:
+        p.append(f"checkpoint.every_n_train_steps={c.every_n_train_steps}: removed; use "
+                 f"checkpoint.every_n_steps={c.every_n_train_steps}")
+    for key, low in (("every_n_steps", 0), ("keep_last", 1), ("keep_best", 0)):
+        if c[key] < low:
+            p.append(f"checkpoint.{key}={c[key]}: must be >= {low}")
+    if c.mode not in ("min", "max"):
+        p.append(f"checkpoint.mode={c.mode!r}: must be min or max")
+    return p
+
+
+def _health_problems(cfg: DictConfig) -> list[str]:
+    from sem.training.health import HealthMonitor
+
+    node = {k: v for k, v in OmegaConf.to_container(cfg.health, resolve=True).items() if not k.startswith("_")}
+    try:
+        HealthMonitor(**node)
+    except (TypeError, ValueError) as exc:
+        return [str(exc)]
+    return []
 
 
 def validate(cfg: DictConfig, corpus: Any) -> list[str]:
@@ -157,6 +181,8 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: _length_problems(cfg),
         lambda: _hardware_problems(cfg),
         lambda: _run_problems(cfg),
+        lambda: _checkpoint_problems(cfg),
+        lambda: _health_problems(cfg),
     ]
     for check in checks:
         try:

@@ -30,7 +30,7 @@ TINY = [
     "data.val_max_windows=4",
     "scheduler.warmup_steps=2",
     "callbacks.console.every_n_steps=4",
-    "checkpoint.every_n_train_steps=6",
+    "checkpoint.every_n_steps=6",
 ]
 
 

@@ -15,7 +15,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+
+from sem.training.checkpoint import CheckpointManager
+from sem.training.preemption import StopSignals
 
 log = logging.getLogger("sem")
 
@@ -221,12 +225,7 @@ class SEMConsoleLogger(_Timed):
 
 
 class CurriculumCallback(pl.Callback):
-    """Announces stage changes and writes a milestone checkpoint at the start of each stage that
-    asks for one (``stage.checkpoint``): ``checkpoints/stage_<name>_step_XXXXXXX.ckpt``, holding the
-    weights after exactly ``event.step`` optimizer steps."""
-
-    def __init__(self) -> None:
-        self._pending: dict[int, str] = {}  # step -> stage name, for milestones not yet reached
+    """Announces stage changes on the console (milestone checkpoints: ``CheckpointCallback``)."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         curriculum = pl_module.curriculum
@@ -243,14 +242,76 @@ class CurriculumCallback(pl.Callback):
         for event in row.get("events") or []:
             rank_zero_only(log.info)("curriculum: %s %r at step %d (%s)", event.kind.replace("_", " "),
                                      event.stage, event.step, event.reason)
-            if event.kind == "stage_start" and pl_module.curriculum.stages[event.index].checkpoint:
-                self._pending[event.step] = event.stage
-        name = self._pending.pop(trainer.global_step, None)
-        if name is not None:
-            path = Path(trainer.default_root_dir) / "checkpoints" / (
-                f"stage_{name}_step_{trainer.global_step:07d}.ckpt")
-            trainer.save_checkpoint(path)
-            rank_zero_only(log.info)("curriculum: milestone checkpoint %s", path)
+
+
+class CheckpointCallback(pl.Callback):
+    """Adapts ``CheckpointManager`` to Lightning: a checkpoint every ``every_n_steps`` optimizer steps,
+    at the start of each curriculum stage that asks for one (``stage_<name>_step_XXXXXXX.ckpt``, the
+    weights after exactly ``event.step`` steps), after a stop signal and at the end of training
+    (``save_on_exit``). Validation metrics at a checkpoint's step go into its sidecar (for ``best``)."""
+
+    def __init__(self, manager: CheckpointManager, signals: StopSignals | None = None) -> None:
+        self.manager = manager
+        self.signals = signals
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signals is not None:
+            self.signals.install()  # Lightning installed its own SIGTERM handler at fit start: ours decides
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, milestone: str | None = None) -> None:
+        # Lightning's own checkpoint dict (loops, optimizer, scheduler, precision, callbacks, and the
+        # module's "sem" entry); every rank builds it (collective-safe), rank zero writes it.
+        payload = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if trainer.is_global_zero:
+            row = pl_module.last_train
+            metrics = {k: _plain(row.get(k)) for k in ("train/loss", "train/ce_loss")}
+            path = self.manager.save(payload, step=trainer.global_step, stage=row.get("stage"),
+                                     metrics=metrics, config=pl_module.config, milestone=milestone)
+            if path is not None and milestone is not None:
+                log.info("curriculum: milestone checkpoint %s", path)
+        trainer.strategy.barrier("sem.checkpoint")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        row = pl_module.last_train
+        if not row.get("step_done"):
+            return
+        done = trainer.global_step
+        curriculum = pl_module.curriculum
+        for event in row.get("events") or []:
+            if (event.kind == "stage_start" and event.step == done and curriculum is not None
+                    and curriculum.stages[event.index].checkpoint):
+                self.save(trainer, pl_module, milestone=event.stage)
+        stop = self.signals is not None and self.signals.received is not None
+        if self.manager.due(done) or (stop and self.manager.save_on_exit and done < trainer.max_steps):
+            self.save(trainer, pl_module)
+        if stop:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not pl_module.last_val or pl_module.last_val.get("final"):
+            return
+        if trainer.is_global_zero:
+            self.manager.record_metrics(trainer.global_step, {k: v for k, v in pl_module.last_val.items()
+                                                              if k.startswith("val/")})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.manager.save_on_exit and self.manager.last_saved_step != trainer.global_step \
+                and trainer.global_step > 0:
+            self.save(trainer, pl_module)
+
+
+class ManagedCheckpointIO(TorchCheckpointIO):
+    """Lightning loads a checkpoint to resume through this: the manager's verified, weights-only
+    payload (already read once to resolve the resume; not read twice)."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        super().__init__()
+        self.manager = manager
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        return self.manager.load(path)
 
 
 def is_logging_step(step: int, every: int, max_steps: int) -> bool:

@@ -236,8 +236,9 @@ class CurriculumManager:
 
     def observe(self, step: int, loss: float) -> list[StageEvent]:
         """Record the train loss of optimizer step ``step`` (after it ran). Returns the stage events
-        that became known: boundaries at ``step + 1`` and gate decisions (which may lie a step or two
-        ahead when the loader has already built those batches). A step seen twice is ignored."""
+        that are reached: boundaries at ``step + 1`` (a gate decision may put a boundary a step or two
+        ahead when the loader has already built those batches; it is announced when reached). A step
+        seen twice is ignored."""
         if step <= self._last_observed:
             return []
         self._last_observed = step
@@ -273,7 +274,7 @@ class CurriculumManager:
         log.info("curriculum: stage %r ends at step %d (%s)", st.name, end, reason)
 
     def _announce(self, upto: int) -> list[StageEvent]:
-        """Events for every stage whose start is known and <= ``upto`` or decided by a gate."""
+        """Events for every stage whose start is known and <= ``upto``."""
         events: list[StageEvent] = []
         starts = self._starts()
         while self._announced + 1 < len(self.stages):
@@ -281,7 +282,10 @@ class CurriculumManager:
             start = starts[j]
             prev = self.stages[j - 1]
             decided_by_gate = prev.gate is not None and (j - 1) in self._gate_ends
-            if start is None or (start > upto and not decided_by_gate) or start >= self.max_steps:
+            # Announced when the boundary is reached, never ahead: a gate decision taken a step or two
+            # early (the loader had built those batches) lives in the state until then, so a checkpoint
+            # in between keeps it and a resumed run still writes the events and the milestone.
+            if start is None or start > upto or start >= self.max_steps:
                 break
             reason = self._gate_reasons.get(j - 1, "gate") if decided_by_gate else "nominal length"
             events.append(StageEvent(start, "stage_end", prev.name, j - 1, reason))

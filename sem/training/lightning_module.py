@@ -4,6 +4,7 @@ Lightning's hooks. It holds no policy of its own: every number comes from a core
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,16 @@ from torch import nn
 from sem.data.datamodule import byte_targets
 from sem.model import count_parameters, param_groups
 from sem.training.callbacks import is_logging_step
+from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
+from sem.training.health import Decision, Faults, HealthMonitor, HealthStop
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of optimizer step ``step``'s random draws (dropout): a function of the step alone,
+    so a resumed run, a prefetching loader or an extra validation cannot shift the stream."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
 class SEMLightningModule(pl.LightningModule):
@@ -27,9 +36,13 @@ class SEMLightningModule(pl.LightningModule):
         curriculum: CurriculumManager | None = None,
         teacher: Callable[..., EMATeacher] | None = None,
         distill_loss: DistillationLoss | None = None,
-        nan_at_step: int | None = None,
+        faults: Faults | None = None,
         bpb: Callable[[float, int], float] | None = None,
         budget: dict[str, Any] | None = None,
+        health: HealthMonitor | None = None,
+        checkpoints: CheckpointManager | None = None,
+        config: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -40,7 +53,11 @@ class SEMLightningModule(pl.LightningModule):
         # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
         self.teacher: EMATeacher | None = teacher(student=model) if teacher is not None else None
         self.distill_loss = distill_loss
-        self.nan_at_step = nan_at_step
+        self.faults = faults or Faults()
+        self.health = health or HealthMonitor.off()
+        self.checkpoints = checkpoints  # where a health rollback finds the last good state
+        self.config = config  # the resolved run config, stored in every checkpoint
+        self.seed = seed
         self.bpb = bpb or (lambda nats, n_bytes: nats / math.log(2) / max(n_bytes, 1))
         self.budget = dict(budget or {})  # lengths resolved from fractions of max_steps (sem.training.budget)
         self.num_parameters = count_parameters(model)
@@ -50,6 +67,8 @@ class SEMLightningModule(pl.LightningModule):
         self.last_grad_norm = float("nan")
         self._micro_losses: list[torch.Tensor] = []  # [3] per micro-batch
         self._micro_tokens = 0
+        self._decision = Decision()
+        self._step_started: float | None = None
 
     # ------------------------------------------------------------------------------- optimizer
 
@@ -58,7 +77,12 @@ class SEMLightningModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params=param_groups(self.model, wd))
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        lr_scale = self.curriculum.lr_scale if self.curriculum is not None else None
+        curriculum = self.curriculum
+        health = self.health
+
+        def lr_scale(step: int) -> float:  # the stage's LR scale times the health policy's (rollbacks)
+            return (curriculum.lr_scale(step) if curriculum is not None else 1.0) * health.lr_factor
+
         scheduler = self.scheduler_factory(optimizer=optimizer, lr_scale=lr_scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -71,17 +95,31 @@ class SEMLightningModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        # Called once per optimizer step after unscaling: the one place to read the true grad norm.
-        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        # Called once per optimizer step after unscaling, before the update: the one place to read
+        # the true grad norm, and where the health policy decides whether the update is applied.
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
-        self.last_grad_norm = float(norm)
+        step = self.global_step
+        self.faults.grads(step, params)
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.last_grad_norm = norm
+        loss = float(self.trainer.strategy.reduce(torch.stack([m[0] for m in self._micro_losses]).mean(),
+                                                  reduce_op="mean"))
+        seconds = time.perf_counter() - self._step_started if self._step_started is not None else None
+        self._decision = self.health.check_step(step, loss, norm, seconds)
+        if not self._decision.apply_update:
+            for p in params:
+                p.grad = None  # the optimizer leaves parameters without a gradient untouched
+        elif gradient_clip_val and math.isfinite(norm) and norm > float(gradient_clip_val):
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), torch.tensor(norm))
 
     # ------------------------------------------------------------------------------- training
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # [B, T] int64
         step = self.global_step  # index of the optimizer step this micro-batch belongs to
+        if not self._micro_losses:  # the first micro-batch of the step
+            self._step_started = time.perf_counter()
+            torch.manual_seed(step_seed(self.seed, step, self.global_rank))
         self.model.set_step(step)
         out = self.model(x, y)
         loss = out.loss
@@ -95,12 +133,9 @@ class SEMLightningModule(pl.LightningModule):
             loss = parts["loss"] + (out.loss - out.ce_loss)
             metrics.update({"distill/kl": parts["kl"].detach(), "distill/loss": parts["loss"].detach(),
                             "distill/teacher_decay": self.teacher.decay(step)})
-        if self.nan_at_step is not None and step == self.nan_at_step:
-            loss = loss * float("nan")  # fault injection for tests (faults.nan_at_step)
-        if not torch.isfinite(loss):
-            # Stop before a non-finite loss reaches the weights (and any checkpoint). The health
-            # monitor's policies (skip, rollback) will refine this; failing loudly is the safe default.
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {step}")
+        loss = self.faults.loss(step, loss)  # faults.nan_at_step / spike_at_step (rehearsals)
+        # A non-finite loss is judged with the gradients (configure_gradient_clipping): the health
+        # policy then skips the update, rolls back or stops before anything reaches the weights.
 
         # [loss, ce, unitary_div] of each micro-batch: a step's row is their mean
         self._micro_losses.append(torch.stack([loss.detach(), out.ce_loss.detach(),
@@ -141,7 +176,13 @@ class SEMLightningModule(pl.LightningModule):
         self.last_train["grad_norm"] = self.last_grad_norm
         self.last_train["step_done"] = True
         self._micro_losses, self._micro_tokens = [], 0
-        if self.teacher is not None and self.teacher.active(step, self._stage_name(step)):
+        decision, self._decision = self._decision, Decision()
+        self.last_train["health"] = decision.action
+        if decision.action == "stop":
+            raise HealthStop("; ".join(f"step {e.step}: {e.check}: {e.message}" for e in decision.events))
+        if decision.action == "rollback":
+            self._rollback(step)
+        elif decision.apply_update and self.teacher is not None and self.teacher.active(step, self._stage_name(step)):
             self.teacher.update(self.model, step)
         if self.curriculum is not None:
             self.last_train["events"] = self.curriculum.observe(step, ce)
@@ -153,6 +194,27 @@ class SEMLightningModule(pl.LightningModule):
                 self.last_train.update(values)
                 if values:
                     self.log_dict(values, on_step=True, on_epoch=False)
+                    probe_decision = self.health.check_probes(step, values)
+                    if probe_decision.action == "stop":
+                        raise HealthStop("; ".join(e.message for e in probe_decision.events))
+            self.last_train.update(self.health.metrics())
+
+    def _rollback(self, step: int) -> None:
+        """Reload the newest valid checkpoint's model, optimizer and teacher; the step counter, the
+        data position and the schedule carry on (the windows since that checkpoint are skipped)."""
+        found = self.checkpoints.newest_valid() if self.checkpoints is not None else None
+        if found is None:
+            raise HealthStop(f"step {step}: rollback needed but no valid checkpoint exists yet "
+                             "(save earlier with checkpoint.every_n_steps, or use action skip)")
+        path, payload = found
+        self.load_state_dict(payload["state_dict"])
+        for optimizer, state in zip(self.trainer.optimizers, payload["optimizer_states"]):
+            optimizer.load_state_dict(state)
+        teacher_state = (payload.get("sem") or {}).get("teacher")
+        if self.teacher is not None and teacher_state is not None:
+            self.teacher.load_state_dict(teacher_state)
+            self.teacher.to(self.device)
+        self.health.rolled_back(step, int(payload.get("global_step", -1)))
 
     def _logging_step(self, step: int) -> bool:
         # the same steps MetricsWriter writes a row for: probes are computed only when they are written
@@ -196,7 +258,14 @@ class SEMLightningModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        step = self.trainer.global_step
         checkpoint["sem"] = {
+            "format": 1,
+            "step": step,
+            "stage": self._stage_name(max(step - 1, 0)),
+            "config": self.config,
+            "rng": rng_state(),
+            "health": self.health.state_dict(),
             "budget": self.budget,
             "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
@@ -208,3 +277,7 @@ class SEMLightningModule(pl.LightningModule):
             self.curriculum.load_state_dict(state["curriculum"])
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
+        if state.get("health") is not None:
+            self.health.load_state_dict(state["health"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])

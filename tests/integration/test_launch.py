@@ -225,7 +225,7 @@ def test_missing_cuda_is_one_line(tmp_path: Path, corpus_dir: Path, cache_dir: P
 def sweep(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> Launch:
     cwd = tmp_path_factory.mktemp("sweep")
     args = ["-m", *tiny_data_overrides(corpus_dir, cache_dir), "model=transformer_tiny",
-            "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_train_steps=3",
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3",
             "optimizer.lr=1e-3,3e-3", f"hydra.sweep.dir={cwd}/sweep"]
     return Launch(run_launch(args, cwd=cwd, timeout=300, env=_env(cache_dir)), cwd / "sweep")
 

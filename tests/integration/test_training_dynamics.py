@@ -20,7 +20,7 @@ LR = 3e-3
 # three stages over 24 steps: 8 + 8 + rest, seq_len 16/32/64, constant tokens per step (128)
 STAGES = [
     "curriculum=three_stage", "trainer.max_steps=24", "trainer.log_every_n_steps=1",
-    "trainer.val_check_interval=12", "checkpoint.every_n_train_steps=8", f"optimizer.lr={LR}",
+    "trainer.val_check_interval=12", "checkpoint.every_n_steps=8", f"optimizer.lr={LR}",
     "scheduler.warmup_steps=0", "scheduler.decay_steps=0", "scheduler.decay_fraction=null",
     "curriculum.stages.0.seq_len=16", "curriculum.stages.0.batch_size=8", "curriculum.stages.0.steps=8",
     "curriculum.stages.0.fraction=null",
@@ -133,7 +133,7 @@ def branches(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_d
     base = cwd / "base"
     common = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.log_every_n_steps=1",
               "scheduler.warmup_steps=2", f"optimizer.lr={LR}"]
-    proc = _launch([*common, "trainer.max_steps=16", "checkpoint.every_n_train_steps=8",
+    proc = _launch([*common, "trainer.max_steps=16", "checkpoint.every_n_steps=8",
                     f"hydra.run.dir={base}"], cwd, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = base / "checkpoints" / "step_0000008.ckpt"
@@ -172,7 +172,7 @@ def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corp
               "curriculum.stages.1.seq_len=32", "curriculum.stages.1.batch_size=4",
               "curriculum.stages.2.seq_len=64", "curriculum.stages.2.batch_size=2"]
     parent = tmp_path / "parent"
-    proc = _launch([*common, "trainer.max_steps=40", "checkpoint.every_n_train_steps=10",
+    proc = _launch([*common, "trainer.max_steps=40", "checkpoint.every_n_steps=10",
                     "trainer.val_check_interval=20", f"hydra.run.dir={parent}"], tmp_path, cache_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ckpt = parent / "checkpoints" / "step_0000010.ckpt"
@@ -234,7 +234,7 @@ def test_resume_auto_continues_the_run_without_duplicate_rows(tmp_path: Path, co
     """A run stopped at step 8 (checkpoints every 5: the final step is saved anyway) is continued
     to step 12 by the same command with resume=auto: each step appears once in metrics.jsonl."""
     common = [*tiny_data_overrides(corpus_dir, cache_dir), "run.name=again", "trainer.log_every_n_steps=1",
-              "checkpoint.every_n_train_steps=5", "scheduler.decay_fraction=null", "scheduler.decay_steps=0"]
+              "checkpoint.every_n_steps=5", "scheduler.decay_fraction=null", "scheduler.decay_steps=0"]
     first = _launch([*common, "trainer.max_steps=8"], tmp_path, cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "again"

@@ -1,0 +1,406 @@
+"""CheckpointManager: atomic saves, JSON sidecars, retention, discovery and verified loading.
+
+Plain Python over ``torch.save``/``torch.load``: the Lightning adapter and the standalone engine hand it
+a payload (a dict of tensors, numbers, strings, lists and dicts) and it owns everything on disk::
+
+    checkpoints/step_0000500.ckpt        the payload
+    checkpoints/step_0000500.json        its sidecar: step, stage, metrics, sha256, config hash, versions
+    checkpoints/stage_long_step_0000800.ckpt (+ .json)   a curriculum-stage milestone
+    checkpoints/last.ckpt -> step_...    relative symlinks, replaced atomically after each save
+    checkpoints/best.ckpt -> step_...
+
+A save never leaves a half-written file under a final name: temp file, fsync, sidecar, rename, fsync
+of the directory, then the pointers. Loading is ``weights_only=True`` only and checks the sha256; a bad
+file is skipped (with one warning line) in favour of the previous valid one. Retention scans the
+directory, so it survives restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_NAME = re.compile(r"^(?:stage_(?P<stage>.+)_)?step_(?P<step>\d{7,})\.ckpt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, foreign, unsafe or non-finite."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def config_hash(config: Any) -> str:
+    """A short stable hash of a resolved config (plain containers)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, as weights-only-loadable values (tensors, ints, lists)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_py, np_state[2:])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        state["xpu"] = [xpu.get_rng_state(i) for i in range(xpu.device_count())]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    xpu = getattr(torch, "xpu", None)
+    if "xpu" in state and xpu is not None and xpu.is_available():
+        for i, s in enumerate(state["xpu"]):
+            xpu.set_rng_state(s, i)
+
+
+def _py(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        out["sem"] = importlib.metadata.version("sem")
+    except importlib.metadata.PackageNotFoundError:
+        out["sem"] = "unknown"
+    return out
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of floating/complex tensors in ``tree`` holding NaN or inf."""
+    bad: list[str] = []
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
+            bad.append(prefix or "<tensor>")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def _mkstemp(path: Path) -> tuple[int, Path]:
+    """A temp file beside ``path`` with the permissions a plain ``open`` would give (mkstemp: 0600)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, Path(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = _mkstemp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` a relative symlink to ``target`` (same directory), atomically."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+# ------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One checkpoint on disk as its sidecar describes it."""
+
+    path: Path
+    step: int
+    milestone: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str) -> float | None:
+        value = self.metrics.get(name)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+class CheckpointManager:
+    """Owns ``<run>/checkpoints/``.
+
+    every_n_steps: save after every N optimizer steps (0 = only on exit and at milestones).
+    keep_last: newest periodic checkpoints kept (>= 1). keep_best: best ones by ``monitor`` kept (0 = none).
+    monitor/mode: the metric in a checkpoint's sidecar that ranks it (``val/bpb``, min).
+    save_on_exit: save at the end of training and when stopped by a signal.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 500, keep_last: int = 2,
+                 keep_best: int = 1, monitor: str = "val/bpb", mode: Literal["min", "max"] = "min",
+                 save_on_exit: bool = True) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"checkpoint.every_n_steps={every_n_steps}: must be >= 0")
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last}: must be >= 1 (the newest is always kept)")
+        if keep_best < 0:
+            raise ValueError(f"checkpoint.keep_best={keep_best}: must be >= 0")
+        if mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.mode={mode!r}: must be min or max")
+        self.dir = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+        self.save_on_exit = save_on_exit
+        self.last_saved_step: int | None = None
+        self._loaded: tuple[Path, dict[str, Any]] | None = None  # the last verified payload, reused once
+
+    # --------------------------------------------------------------------------------- save
+
+    def due(self, steps_done: int) -> bool:
+        """Is a periodic save due after ``steps_done`` optimizer steps?"""
+        return self.every_n_steps > 0 and steps_done > 0 and steps_done % self.every_n_steps == 0
+
+    def path_for(self, step: int, milestone: str | None = None) -> Path:
+        name = f"step_{step:07d}.ckpt" if milestone is None else f"stage_{milestone}_step_{step:07d}.ckpt"
+        return self.dir / name
+
+    def save(self, payload: dict[str, Any], *, step: int, stage: str | None = None,
+             metrics: dict[str, Any] | None = None, config: Any = None,
+             milestone: str | None = None) -> Path | None:
+        """Write ``payload`` for ``step`` (optimizer steps done); returns the path, or None when the
+        payload's weights are not finite or the disk refused (the previous checkpoints stay valid)."""
+        bad = nonfinite_tensors(payload.get("state_dict", {}), "state_dict")
+        if bad:
+            log.warning("checkpoint: not saving step %d: non-finite weights (%s)", step, ", ".join(bad[:3]))
+            return None
+        path = self.path_for(step, milestone)
+        metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _mkstemp(path)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(payload, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                sidecar = {
+                    "format": FORMAT,
+                    "file": path.name,
+                    "step": step,
+                    "stage": stage,
+                    "milestone": milestone,
+                    "metrics": metrics,
+                    "config_hash": config_hash(config) if config is not None else None,
+                    "sha256": file_sha256(tmp),
+                    "bytes": tmp.stat().st_size,
+                    "versions": _versions(),
+                }
+                _write_atomic(sidecar_of(path), (json.dumps(sidecar, indent=2, allow_nan=False,
+                                                            default=str) + "\n").encode())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.dir)
+            _point(self.dir / "last.ckpt", path)
+        except OSError as exc:
+            log.error("checkpoint: could not save step %d to %s: %s (previous checkpoints kept)",
+                      step, self.dir, exc)
+            return None
+        self.last_saved_step = step
+        self.apply_retention()
+        return path
+
+    def record_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Add metrics measured after a save (e.g. a validation at the same step) to its sidecars,
+        so retention can rank it; then re-apply retention."""
+        for saved in self.scan():
+            if saved.step != step:
+                continue
+            side = sidecar_of(saved.path)
+            data = json.loads(side.read_text())
+            data["metrics"].update({k: v for k, v in metrics.items()
+                                    if isinstance(v, (int, float)) and math.isfinite(v)})
+            _write_atomic(side, (json.dumps(data, indent=2) + "\n").encode())
+        self.apply_retention()
+
+    # ---------------------------------------------------------------------------- retention
+
+    def scan(self) -> list[Saved]:
+        """Every checkpoint with a readable sidecar, oldest first."""
+        found: list[Saved] = []
+        if not self.dir.is_dir():
+            return found
+        for path in self.dir.glob("*.ckpt"):
+            m = _NAME.match(path.name)
+            if m is None or path.is_symlink():
+                continue
+            try:
+                side = json.loads(sidecar_of(path).read_text())
+            except (OSError, ValueError):
+                continue
+            found.append(Saved(path, int(m["step"]), m["stage"], side.get("metrics") or {}))
+        return sorted(found, key=lambda s: (s.step, s.milestone is None))
+
+    def ranked(self, saved: list[Saved] | None = None) -> list[Saved]:
+        """Checkpoints carrying the monitored metric, best first (ties: the newer first)."""
+        scored = [s for s in (saved if saved is not None else self.scan()) if s.metric(self.monitor) is not None]
+        sign = 1.0 if self.mode == "min" else -1.0
+        return sorted(scored, key=lambda s: (sign * s.metric(self.monitor), -s.step))  # type: ignore[operator]
+
+    def keep_set(self, saved: list[Saved]) -> set[Path]:
+        """What retention keeps: the newest ``keep_last`` periodic ones, the ``keep_best`` best by
+        the monitor, every milestone, and always the newest and the best."""
+        periodic = [s for s in saved if s.milestone is None]
+        keep = {s.path for s in periodic[-self.keep_last:]}
+        keep |= {s.path for s in saved if s.milestone is not None}
+        keep |= {s.path for s in self.ranked(saved)[: max(self.keep_best, 1)]}
+        if saved:
+            keep.add(max(saved, key=lambda s: s.step).path)
+        return keep
+
+    def apply_retention(self) -> list[Path]:
+        """Delete what the policy does not keep; point ``best.ckpt`` at the best. Returns the deleted."""
+        saved = self.scan()
+        keep = self.keep_set(saved)
+        deleted = []
+        for s in saved:
+            if s.path not in keep:
+                s.path.unlink(missing_ok=True)
+                sidecar_of(s.path).unlink(missing_ok=True)
+                deleted.append(s.path)
+        best = self.best()
+        if best is not None:
+            _point(self.dir / "best.ckpt", best)
+        for link in (self.dir / "last.ckpt", self.dir / "best.ckpt"):
+            if link.is_symlink() and not link.exists():  # dangling: its target was removed by hand
+                link.unlink()
+        return deleted
+
+    def best(self) -> Path | None:
+        ranked = self.ranked()
+        return ranked[0].path if ranked else None
+
+    def last(self) -> Path | None:
+        saved = self.scan()
+        return max(saved, key=lambda s: (s.step, s.milestone is None)).path if saved else None
+
+    # --------------------------------------------------------------------------------- load
+
+    def load(self, path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+        """The verified payload of ``path``; raises CheckpointError saying what is wrong with it."""
+        path = Path(path)
+        if self._loaded is not None and self._loaded[0] == path.resolve():
+            return self._loaded[1]
+        payload = verify(path, map_location)
+        self._loaded = (path.resolve(), payload)
+        return payload
+
+    def newest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, skipping bad ones with one warning line each."""
+        candidates = sorted(self.scan(), key=lambda s: (s.step, s.milestone is None), reverse=True)
+        listed = {s.path for s in candidates}
+        # a complete file whose sidecar was never written (killed between the two) is still a candidate
+        for path in self.dir.glob("*.ckpt") if self.dir.is_dir() else []:
+            m = _NAME.match(path.name)
+            if m and not path.is_symlink() and path not in listed:
+                candidates.append(Saved(path, int(m["step"]), m["stage"]))
+        candidates.sort(key=lambda s: (s.step, s.milestone is None), reverse=True)
+        for s in candidates:
+            try:
+                return s.path, self.load(s.path)
+            except CheckpointError as exc:
+                log.warning("checkpoint: skipping %s: %s", s.path.name, exc)
+        return None
+
+
+def verify(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load ``path`` with ``weights_only=True`` and check it against its sidecar (when it has one),
+    that it is a sem checkpoint and that its weights are finite."""
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
+    real = path.resolve()
+    side_path = sidecar_of(real)
+    sidecar = None
+    if side_path.is_file():
+        try:
+            sidecar = json.loads(side_path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"unreadable sidecar {side_path.name}: {exc}") from None
+        if sidecar.get("sha256") and file_sha256(real) != sidecar["sha256"]:
+            raise CheckpointError(f"sha256 does not match its sidecar {side_path.name} (truncated or altered)")
+    try:
+        payload = torch.load(real, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError (code in the file), RuntimeError (not a zip), EOFError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            first = "it holds Python objects, not only tensors and plain data (refused: loading could run code)"
+        raise CheckpointError(f"cannot be loaded safely: {first}") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "sem" not in payload:
+        raise CheckpointError("not a sem checkpoint (no 'state_dict' and 'sem' entries)")
+    bad = nonfinite_tensors(payload["state_dict"], "state_dict")
+    if bad:
+        raise CheckpointError(f"non-finite weights in {', '.join(bad[:3])}")
+    return payload

@@ -1,0 +1,317 @@
+"""HealthMonitor: checks each optimizer step, turns findings into events, and decides an action.
+
+Plain Python, shared by both engines. After the backward pass and before the update, the engine calls
+``monitor.check_step(step, loss, grad_norm)`` and obeys the returned decision:
+
+- ``ok`` / ``warn``: apply the update (a warning was logged);
+- ``skip``: do not apply this update (the step and its batch are still counted);
+- ``rollback``: do not apply it, reload the last good checkpoint, carry on from the next step (the data
+  windows since that checkpoint, the offending one included, are not seen again), LR scaled by
+  ``rollback_lr_scale``; at most ``max_rollbacks`` times, then ``stop``;
+- ``stop``: raise ``HealthStop`` (the run fails with a clear message, exit 1).
+
+Checks: non-finite loss, non-finite gradients, grad-norm explosion (robust z-score over a window),
+loss spike (robust z-score against the recent window), plateau (no progress over a window), throughput
+stall (a step far slower than the recent median), and the model's own probes (for SEM: propagator
+unitarity error, max |lambda|, pre-norm energy), each with its own action. The grad norm must be the
+true one: after unscaling, before clipping. Repeated skips escalate to a rollback
+(``escalate_after`` in a row). Events go to ``health.jsonl`` (one JSON object per line) and are logged.
+
+``Faults`` injects the failures these checks exist for, so tests and users can rehearse each path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("sem.health")
+
+Action = Literal["warn", "skip", "rollback", "stop"]
+ACTIONS = ("warn", "skip", "rollback", "stop")
+_SEVERITY = {"ok": 0, "warn": 1, "skip": 2, "rollback": 3, "stop": 4}
+
+
+class HealthStop(RuntimeError):
+    """The health policy stopped the run."""
+
+
+@dataclass
+class HealthEvent:
+    step: int
+    check: str
+    action: str
+    value: float | None
+    limit: float | None
+    message: str
+
+    def row(self) -> dict[str, Any]:
+        value = self.value if self.value is None or math.isfinite(self.value) else str(self.value)
+        return {"step": self.step, "check": self.check, "action": self.action, "value": value,
+                "limit": self.limit, "message": self.message}
+
+
+@dataclass
+class Decision:
+    action: str = "ok"
+    events: list[HealthEvent] = field(default_factory=list)
+
+    @property
+    def apply_update(self) -> bool:
+        return self.action in ("ok", "warn")
+
+    def add(self, event: HealthEvent) -> None:
+        self.events.append(event)
+        if _SEVERITY[event.action] > _SEVERITY[self.action]:
+            self.action = event.action
+
+
+def _robust_z(value: float, history: deque[float]) -> tuple[float, float]:
+    """(z, median): distance of ``value`` above the window's median in robust standard deviations."""
+    med = statistics.median(history)
+    mad = statistics.median(abs(h - med) for h in history)
+    scale = 1.4826 * mad + 1e-8 * max(abs(med), 1.0)
+    return (value - med) / scale, med
+
+
+class HealthMonitor:
+    """Per-check settings are dicts: ``{"action": ..., <thresholds>}``; an action of ``null``
+    switches a check off. ``enabled=false`` switches every check off (``conf/health/off.yaml``)."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        nonfinite_loss: str | None = "skip",
+        nonfinite_grad: str | None = "skip",
+        grad_explosion: dict[str, Any] | None = None,
+        loss_spike: dict[str, Any] | None = None,
+        plateau: dict[str, Any] | None = None,
+        stall: dict[str, Any] | None = None,
+        probes: dict[str, Any] | None = None,
+        escalate_after: int = 3,
+        max_rollbacks: int = 3,
+        rollback_lr_scale: float = 1.0,
+    ) -> None:
+        self.enabled = enabled
+        self.nonfinite_loss = _action("nonfinite_loss", nonfinite_loss)
+        self.nonfinite_grad = _action("nonfinite_grad", nonfinite_grad)
+        self.grad_explosion = _check("grad_explosion", grad_explosion,
+                                     {"action": "warn", "z": 10.0, "min_ratio": 5.0, "window": 100,
+                                      "min_history": 20})
+        self.loss_spike = _check("loss_spike", loss_spike,
+                                 {"action": "skip", "z": 8.0, "min_ratio": 1.5, "window": 100,
+                                  "min_history": 20})
+        self.plateau = _check("plateau", plateau, {"action": "warn", "window": 500, "min_improvement": 0.0})
+        self.stall = _check("stall", stall, {"action": "warn", "factor": 10.0, "window": 50, "min_history": 10})
+        self.probes = _check("probes", probes, {"action": "warn", "limits": {}})
+        if escalate_after < 1:
+            raise ValueError(f"health.escalate_after={escalate_after}: must be >= 1")
+        if max_rollbacks < 0:
+            raise ValueError(f"health.max_rollbacks={max_rollbacks}: must be >= 0")
+        if not 0 < rollback_lr_scale <= 1:
+            raise ValueError(f"health.rollback_lr_scale={rollback_lr_scale}: must be in (0, 1]")
+        self.escalate_after = escalate_after
+        self.max_rollbacks = max_rollbacks
+        self.rollback_lr_scale = rollback_lr_scale
+        self.events_path: Path | None = None
+        # state (saved in checkpoints)
+        self._losses: deque[float] = deque(maxlen=int(self.loss_spike.get("window", 100)))
+        self._norms: deque[float] = deque(maxlen=int(self.grad_explosion.get("window", 100)))
+        self._seconds: deque[float] = deque(maxlen=int(self.stall.get("window", 50)))
+        self._plateau: deque[float] = deque(maxlen=int(self.plateau.get("window", 500)))
+        self.consecutive_bad = 0
+        self.skipped = 0
+        self.rollbacks = 0
+        self.events = 0
+        self.lr_factor = 1.0
+
+    @classmethod
+    def off(cls) -> HealthMonitor:
+        return cls(enabled=False)
+
+    # ------------------------------------------------------------------------------ checks
+
+    def check_step(self, step: int, loss: float, grad_norm: float, seconds: float | None = None) -> Decision:
+        """Judge optimizer step ``step`` before its update is applied (loss: the step's training
+        loss; grad_norm: the true norm, unscaled and unclipped; seconds: its wall time)."""
+        d = Decision()
+        if not self.enabled:
+            return d
+        if not math.isfinite(loss) and self.nonfinite_loss:
+            d.add(HealthEvent(step, "nonfinite_loss", self.nonfinite_loss, loss, None,
+                              f"training loss is {loss}"))
+        elif not math.isfinite(grad_norm) and self.nonfinite_grad:
+            d.add(HealthEvent(step, "nonfinite_grad", self.nonfinite_grad, grad_norm, None,
+                              f"gradient norm is {grad_norm}"))
+        else:
+            self._outlier(d, step, "loss_spike", self.loss_spike, loss, self._losses, "loss")
+            self._outlier(d, step, "grad_explosion", self.grad_explosion, grad_norm, self._norms, "grad norm")
+        if seconds is not None and self.stall.get("action"):
+            self._stall(d, step, seconds)
+        if d.apply_update:
+            self.consecutive_bad = 0
+            self._remember(loss, grad_norm)
+            self._check_plateau(d, step, loss)
+        else:
+            self.consecutive_bad += 1
+            if d.action == "skip" and self.consecutive_bad >= self.escalate_after:
+                d.add(HealthEvent(step, "repeated", "rollback", float(self.consecutive_bad),
+                                  float(self.escalate_after),
+                                  f"{self.consecutive_bad} bad steps in a row: rolling back"))
+        if d.action == "rollback" and self.rollbacks >= self.max_rollbacks:
+            d.add(HealthEvent(step, "max_rollbacks", "stop", float(self.rollbacks), float(self.max_rollbacks),
+                              f"already rolled back {self.rollbacks} times (health.max_rollbacks)"))
+        if d.action == "skip":
+            self.skipped += 1
+        self._emit(d)
+        return d
+
+    def check_probes(self, step: int, probes: dict[str, Any]) -> Decision:
+        """Judge the model's own diagnostics (after the update, on logging steps): each probe named in
+        ``probes.limits`` above its limit (or non-finite) is an event with the probes' action."""
+        d = Decision()
+        if not self.enabled or not self.probes.get("action"):
+            return d
+        for key, limit in (self.probes.get("limits") or {}).items():
+            value = probes.get(key)
+            if isinstance(value, torch.Tensor):
+                value = float(value)
+            if value is not None and (not math.isfinite(value) or value > limit):
+                d.add(HealthEvent(step, f"probe:{key}", self.probes["action"], value, float(limit),
+                                  f"{key} = {value:.4g} > {limit:g}"))
+        if d.action in ("skip", "rollback"):  # the update is already applied: only warn or stop make sense
+            d.action = "warn"
+        self._emit(d)
+        return d
+
+    def _outlier(self, d: Decision, step: int, name: str, cfg: dict[str, Any], value: float,
+                 history: deque[float], what: str) -> None:
+        if not cfg.get("action") or len(history) < int(cfg["min_history"]):
+            return
+        z, med = _robust_z(value, history)
+        ratio = value / med if med > 0 else math.inf
+        if z > cfg["z"] and ratio > cfg["min_ratio"]:
+            d.add(HealthEvent(step, name, cfg["action"], value, cfg["z"],
+                              f"{what} {value:.4g} is {ratio:.1f}x the recent median {med:.4g} "
+                              f"(robust z {z:.1f} > {cfg['z']:g})"))
+
+    def _stall(self, d: Decision, step: int, seconds: float) -> None:
+        cfg = self.stall
+        if len(self._seconds) >= int(cfg["min_history"]):
+            med = statistics.median(self._seconds)
+            if med > 0 and seconds > cfg["factor"] * med:
+                d.add(HealthEvent(step, "stall", cfg["action"], seconds, cfg["factor"] * med,
+                                  f"step took {seconds:.2f}s, {seconds / med:.0f}x the recent median {med:.3f}s"))
+                return  # an outlier does not enter the baseline
+        self._seconds.append(seconds)
+
+    def _check_plateau(self, d: Decision, step: int, loss: float) -> None:
+        cfg = self.plateau
+        if not cfg.get("action"):
+            return
+        self._plateau.append(loss)
+        window = self._plateau.maxlen or 0
+        if len(self._plateau) < window:
+            return
+        half = window // 2
+        values = list(self._plateau)
+        before, after = sum(values[:half]) / half, sum(values[half:]) / (window - half)
+        improvement = (before - after) / max(abs(before), 1e-12)
+        if improvement <= cfg["min_improvement"]:
+            d.add(HealthEvent(step, "plateau", cfg["action"], improvement, cfg["min_improvement"],
+                              f"loss improved {improvement:.2%} over the last {window} steps"))
+        self._plateau.clear()  # judge the next window afresh: one warning per window at most
+
+    def _remember(self, loss: float, grad_norm: float) -> None:
+        if math.isfinite(loss):
+            self._losses.append(loss)
+        if math.isfinite(grad_norm):
+            self._norms.append(grad_norm)
+
+    # ------------------------------------------------------------------------------ actions
+
+    def rolled_back(self, step: int, to_step: int | None) -> None:
+        """The engine reloaded the checkpoint of ``to_step``: count it and lower the LR factor."""
+        self.rollbacks += 1
+        self.consecutive_bad = 0
+        self.lr_factor *= self.rollback_lr_scale
+        self._emit(Decision(events=[HealthEvent(
+            step, "rollback", "rollback", float(to_step) if to_step is not None else None, None,
+            f"reloaded the checkpoint of step {to_step}; continuing at step {step + 1} "
+            f"(rollback {self.rollbacks} of at most {self.max_rollbacks}, LR x{self.lr_factor:g})")]))
+
+    def _emit(self, d: Decision) -> None:
+        for e in d.events:
+            self.events += 1
+            level = logging.WARNING if e.action in ("warn", "skip", "rollback") else logging.ERROR
+            log.log(level, "health: step %d %s -> %s: %s", e.step, e.check, e.action, e.message)
+            if self.events_path is not None:
+                with self.events_path.open("a") as f:
+                    f.write(json.dumps(e.row()) + "\n")
+
+    def metrics(self) -> dict[str, float]:
+        return {"health/skipped": self.skipped, "health/rollbacks": self.rollbacks,
+                "health/events": self.events, "health/lr_factor": self.lr_factor}
+
+    # --------------------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self._losses), "norms": list(self._norms), "seconds": list(self._seconds),
+                "plateau": list(self._plateau), "consecutive_bad": self.consecutive_bad,
+                "skipped": self.skipped, "rollbacks": self.rollbacks, "events": self.events,
+                "lr_factor": self.lr_factor}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._losses.clear(), self._losses.extend(d["losses"])
+        self._norms.clear(), self._norms.extend(d["norms"])
+        self._seconds.clear(), self._seconds.extend(d.get("seconds", []))
+        self._plateau.clear(), self._plateau.extend(d.get("plateau", []))
+        self.consecutive_bad = int(d["consecutive_bad"])
+        self.skipped, self.rollbacks = int(d["skipped"]), int(d["rollbacks"])
+        self.events, self.lr_factor = int(d["events"]), float(d["lr_factor"])
+
+
+def _action(name: str, value: str | None) -> str | None:
+    if value is not None and value not in ACTIONS:
+        raise ValueError(f"health.{name}={value!r}: must be one of {', '.join(ACTIONS)} or null")
+    return value
+
+
+def _check(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    cfg = {**defaults, **(dict(given) if given else {})}
+    unknown = set(cfg) - set(defaults)
+    if unknown:
+        raise ValueError(f"health.{name}: unknown keys {sorted(unknown)} (known: {sorted(defaults)})")
+    _action(f"{name}.action", cfg["action"])
+    return cfg
+
+
+@dataclass
+class Faults:
+    """Fault injection (``faults.*``): make step N's loss NaN, its gradients inf, or its loss x100."""
+
+    nan_at_step: int | None = None
+    inf_grad_at_step: int | None = None
+    spike_at_step: int | None = None
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == self.nan_at_step:
+            loss = loss * float("nan")
+        if step == self.spike_at_step:
+            loss = loss * 100.0
+        return loss
+
+    def grads(self, step: int, params: list[torch.Tensor]) -> None:
+        if step == self.inf_grad_at_step:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("inf")
+                    return
