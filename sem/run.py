@@ -101,8 +101,7 @@ def main(cfg: DictConfig) -> float | None:
     signals.install()  # from here on, SIGTERM/SIGINT/SIGUSR1 end the run at a step boundary, saved
     summary = RunSummary(run_dir)
     try:
-        checkpoints = _instantiate(_without(cfg.checkpoint, "every_n_train_steps"),
-                                   dirpath=str(run_dir / "checkpoints"))
+        checkpoints = _instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
         resume_from, payload = _resume(cfg, checkpoints)
         finished = _already_finished(cfg, run_dir, payload)
         if finished is not None:
@@ -248,8 +247,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         health.events_path = run_dir / "health.jsonl"
         health.events_path.touch()  # present (empty) in every run: no events is news too
     if checkpoints is None:
-        checkpoints = _instantiate(_without(cfg.checkpoint, "every_n_train_steps"),
-                                   dirpath=str(run_dir / "checkpoints"))
+        checkpoints = _instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
 
     module = SEMLightningModule(
         model=model,

@@ -193,12 +193,23 @@ def check_logger(option: str, cfg: DictConfig, tmp_path: Path) -> None:
 
 
 def check_checkpoint(option: str, cfg: DictConfig, tmp_path: Path) -> None:
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from sem.training.checkpoint import CheckpointManager
 
     assert _problems(cfg) == []
     ckpt = instantiate(cfg.checkpoint, dirpath=str(tmp_path / "checkpoints"))
-    assert isinstance(ckpt, ModelCheckpoint)
-    assert ckpt.save_last
+    assert isinstance(ckpt, CheckpointManager)
+    assert ckpt.save_on_exit and ckpt.keep_last >= 1 and ckpt.every_n_steps > 0
+
+
+def check_health(option: str, cfg: DictConfig, tmp_path: Path) -> None:
+    from sem.training.health import HealthMonitor
+
+    assert _problems(cfg) == []
+    monitor = instantiate(cfg.health)
+    assert isinstance(monitor, HealthMonitor)
+    assert monitor.enabled == (option != "off")
+    nan_action = monitor.check_step(0, float("nan"), 1.0).action
+    assert nan_action == {"default": "skip", "strict": "stop", "off": "ok"}[option]
 
 
 def _check_preset(cfg: DictConfig) -> None:
@@ -225,7 +236,7 @@ CHECKS: dict[str, Callable[[str, DictConfig, Path], None]] = {
     "scheduler": check_scheduler, "curriculum": check_curriculum,
     "distillation": check_distillation, "precision": check_precision,
     "accelerator": check_accelerator, "trainer": check_trainer, "callbacks": check_callbacks,
-    "logger": check_logger, "checkpoint": check_checkpoint, "debug": check_debug,
+    "logger": check_logger, "checkpoint": check_checkpoint, "health": check_health, "debug": check_debug,
     "experiment": check_experiment,
 }
 
@@ -259,7 +270,7 @@ def test_option_composes_and_builds(group: str, option: str, base: list[str], js
 def test_every_group_has_options() -> None:
     groups = {g for g, _ in OPTIONS}
     for must in ("model", "data", "optimizer", "scheduler", "curriculum", "precision", "accelerator",
-                 "trainer", "callbacks", "logger", "checkpoint", "debug"):
+                 "trainer", "callbacks", "logger", "checkpoint", "health", "debug"):
         assert must in groups, f"conf/{must}/ has no options"
 
 

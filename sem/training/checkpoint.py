@@ -197,7 +197,10 @@ class CheckpointManager:
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 500, keep_last: int = 2,
                  keep_best: int = 1, monitor: str = "val/bpb", mode: Literal["min", "max"] = "min",
-                 save_on_exit: bool = True) -> None:
+                 save_on_exit: bool = True, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None:
+            raise ValueError(f"checkpoint.every_n_train_steps={every_n_train_steps}: removed; use "
+                             f"checkpoint.every_n_steps={every_n_train_steps}")
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps={every_n_steps}: must be >= 0")
         if keep_last < 1:

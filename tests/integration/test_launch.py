@@ -130,7 +130,9 @@ def test_plots_and_checkpoint(tiny_run: Launch) -> None:
     assert last.stat().st_size > 0
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == MAX_STEPS
-    assert tiny_run.json("summary.json")["last_checkpoint"] == str(last)
+    summary = tiny_run.json("summary.json")
+    assert last.is_symlink() and summary["last_checkpoint"] == str(last.resolve())
+    assert Path(summary["best_checkpoint"]).exists()
 
 
 def test_console_lines(tiny_run: Launch) -> None:

@@ -172,7 +172,7 @@ def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corp
               "curriculum.stages.1.seq_len=32", "curriculum.stages.1.batch_size=4",
               "curriculum.stages.2.seq_len=64", "curriculum.stages.2.batch_size=2"]
     parent = tmp_path / "parent"
-    proc = _launch([*common, "trainer.max_steps=40", "checkpoint.every_n_steps=10",
+    proc = _launch([*common, "trainer.max_steps=40", "checkpoint.every_n_steps=10", "checkpoint.keep_last=4",
                     "trainer.val_check_interval=20", f"hydra.run.dir={parent}"], tmp_path, cache_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ckpt = parent / "checkpoints" / "step_0000010.ckpt"
@@ -194,15 +194,16 @@ def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corp
 # ------------------------------------------------------------------------------ a failing run
 
 
-def test_nan_loss_fails_the_run_with_a_reason(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+def test_nan_loss_fails_a_strict_run_with_a_reason(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), "faults.nan_at_step=3",
+    proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), "faults.nan_at_step=3", "health=strict",
                     f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())  # strict JSON
     assert summary["status"] == "failed" and "step 3" in summary["error"]
-    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert "HealthStop" in summary["error"] and "nonfinite_loss" in summary["error"]
+    assert not list((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 # ------------------------------------------------------------------- gradient accumulation
