@@ -248,6 +248,10 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         health.events_path.touch()  # present (empty) in every run: no events is news too
     if checkpoints is None:
         checkpoints = _instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
+    every, val_every = cfg.checkpoint.every_n_steps, cfg.trainer.val_check_interval
+    if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
+        log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
+                    "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
 
     module = SEMLightningModule(
         model=model,

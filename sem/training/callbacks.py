@@ -166,7 +166,7 @@ class MetricsWriter(_Timed):
             tokens, seconds = self.clock.lap()
             out = {"step": step, **{k: row.get(k) for k in self.TRAIN_KEYS},
                    "tokens_per_s": tokens / seconds if seconds > 0 else None}
-            out.update({k: v for k, v in row.items() if k.startswith(("distill/", "sem/"))})
+            out.update({k: v for k, v in row.items() if k.startswith(("distill/", "sem/", "health/"))})
             self._write(out)
         for event in row.get("events") or []:
             self._write({"step": event.step, "event": event.kind, "stage": event.stage,

@@ -100,17 +100,22 @@ class SEMLightningModule(pl.LightningModule):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         step = self.global_step
         self.faults.grads(step, params)
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        self.last_grad_norm = norm
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = self.last_grad_norm = float(total_norm)
         loss = float(self.trainer.strategy.reduce(torch.stack([m[0] for m in self._micro_losses]).mean(),
                                                   reduce_op="mean"))
         seconds = time.perf_counter() - self._step_started if self._step_started is not None else None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and math.isfinite(loss) and not math.isfinite(norm):
+            # fp16 loss-scale overflow: routine, the GradScaler skips this step and lowers its scale
+            self._decision = Decision()
+            return
         self._decision = self.health.check_step(step, loss, norm, seconds)
         if not self._decision.apply_update:
             for p in params:
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
         elif gradient_clip_val and math.isfinite(norm) and norm > float(gradient_clip_val):
-            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), torch.tensor(norm))
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), total_norm)
 
     # ------------------------------------------------------------------------------- training
 
