@@ -405,10 +405,11 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
                        **dm.compressor_bpb, tokens_per_s=_throughput(trainer),
                        best_checkpoint=_str(checkpoints.best()), last_checkpoint=_str(last),
                        error=f"stopped by {stopped_by} at step {trainer.global_step}")
-        log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run.name) continues. "
-                    "Exit code %d.", stopped_by, trainer.global_step, last, EXIT_PREEMPTED)
+        log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run dir) continues",
+                    stopped_by, trainer.global_step, last)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return float("nan")  # the job is recorded as preempted in its summary.json; the sweep moves on
+        log.warning("exit code %d (preempted)", EXIT_PREEMPTED)
         sys.exit(EXIT_PREEMPTED)
 
     final_windows = dm.final_val_max_windows

@@ -239,9 +239,13 @@ class CheckpointManager:
             log.warning("checkpoint: not saving step %d: non-finite weights (%s)", step, ", ".join(bad[:3]))
             return None
         path = self.path_for(step, milestone)
-        metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+        metrics = {k: v for k, v in (metrics or {}).items()
+                   if isinstance(v, (str, bool)) or (isinstance(v, (int, float)) and math.isfinite(v))}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last_saved_step is None:  # the first save of this process: clear a killed save's leftovers
+                for stale in self.dir.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
             fd, tmp = _mkstemp(path)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -283,6 +287,8 @@ class CheckpointManager:
             if saved.step != step:
                 continue
             side = sidecar_of(saved.path)
+            if not side.is_file():
+                continue
             data = json.loads(side.read_text())
             data["metrics"].update({k: v for k, v in metrics.items()
                                     if isinstance(v, (int, float)) and math.isfinite(v)})
@@ -292,7 +298,7 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------- retention
 
     def scan(self) -> list[Saved]:
-        """Every checkpoint with a readable sidecar, oldest first."""
+        """Every checkpoint file (with its sidecar's metrics where it has one), oldest first."""
         found: list[Saved] = []
         if not self.dir.is_dir():
             return found
@@ -303,7 +309,7 @@ class CheckpointManager:
             try:
                 side = json.loads(sidecar_of(path).read_text())
             except (OSError, ValueError):
-                continue
+                side = {}  # killed between the rename and the sidecar: still a checkpoint (verify decides)
             found.append(Saved(path, int(m["step"]), m["stage"], side.get("metrics") or {}))
         return sorted(found, key=lambda s: (s.step, s.milestone is None))
 
@@ -355,23 +361,16 @@ class CheckpointManager:
     def load(self, path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         """The verified payload of ``path``; raises CheckpointError saying what is wrong with it."""
         path = Path(path)
-        if self._loaded is not None and self._loaded[0] == path.resolve():
-            return self._loaded[1]
+        cached, self._loaded = self._loaded, None
+        if cached is not None and cached[0] == path.resolve():
+            return cached[1]  # once: the engine's restore takes ownership of the tensors
         payload = verify(path, map_location)
         self._loaded = (path.resolve(), payload)
         return payload
 
     def newest_valid(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies, skipping bad ones with one warning line each."""
-        candidates = sorted(self.scan(), key=lambda s: (s.step, s.milestone is None), reverse=True)
-        listed = {s.path for s in candidates}
-        # a complete file whose sidecar was never written (killed between the two) is still a candidate
-        for path in self.dir.glob("*.ckpt") if self.dir.is_dir() else []:
-            m = _NAME.match(path.name)
-            if m and not path.is_symlink() and path not in listed:
-                candidates.append(Saved(path, int(m["step"]), m["stage"]))
-        candidates.sort(key=lambda s: (s.step, s.milestone is None), reverse=True)
-        for s in candidates:
+        for s in sorted(self.scan(), key=lambda s: (s.step, s.milestone is None), reverse=True):
             try:
                 return s.path, self.load(s.path)
             except CheckpointError as exc:
@@ -398,7 +397,7 @@ def verify(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         payload = torch.load(real, map_location=map_location, weights_only=True)
     except Exception as exc:  # UnpicklingError (code in the file), RuntimeError (not a zip), EOFError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
             first = "it holds Python objects, not only tensors and plain data (refused: loading could run code)"
         raise CheckpointError(f"cannot be loaded safely: {first}") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "sem" not in payload:

@@ -54,9 +54,8 @@ class HealthEvent:
     message: str
 
     def row(self) -> dict[str, Any]:
-        value = self.value if self.value is None or math.isfinite(self.value) else str(self.value)
-        return {"step": self.step, "check": self.check, "action": self.action, "value": value,
-                "limit": self.limit, "message": self.message}
+        return {"step": self.step, "check": self.check, "action": self.action, "value": _json_number(self.value),
+                "limit": _json_number(self.limit), "message": self.message}
 
 
 @dataclass
@@ -72,6 +71,11 @@ class Decision:
         self.events.append(event)
         if _SEVERITY[event.action] > _SEVERITY[self.action]:
             self.action = event.action
+
+
+def _json_number(x: float | None) -> float | str | None:
+    """Strict JSON: NaN and infinities as strings."""
+    return x if x is None or math.isfinite(x) else str(x)
 
 
 def _robust_z(value: float, history: deque[float]) -> tuple[float, float]:
@@ -112,6 +116,13 @@ class HealthMonitor:
         self.plateau = _check("plateau", plateau, {"action": "warn", "window": 500, "min_improvement": 0.0})
         self.stall = _check("stall", stall, {"action": "warn", "factor": 10.0, "window": 50, "min_history": 10})
         self.probes = _check("probes", probes, {"action": "warn", "limits": {}})
+        for name, cfg in (("loss_spike", self.loss_spike), ("grad_explosion", self.grad_explosion),
+                          ("stall", self.stall)):
+            if int(cfg["window"]) < max(int(cfg["min_history"]), 2):
+                raise ValueError(f"health.{name}.window={cfg['window']}: must be >= health.{name}.min_history="
+                                 f"{cfg['min_history']} (and >= 2), or the check can never fire")
+        if int(self.plateau["window"]) < 2:
+            raise ValueError(f"health.plateau.window={self.plateau['window']}: must be >= 2")
         if escalate_after < 1:
             raise ValueError(f"health.escalate_after={escalate_after}: must be >= 1")
         if max_rollbacks < 0:
@@ -187,8 +198,7 @@ class HealthMonitor:
             if value is not None and (not math.isfinite(value) or value > limit):
                 d.add(HealthEvent(step, f"probe:{key}", self.probes["action"], value, float(limit),
                                   f"{key} = {value:.4g} > {limit:g}"))
-        if d.action in ("skip", "rollback"):  # the update is already applied: only warn or stop make sense
-            d.action = "warn"
+        _after_update(d)
         self._emit(d)
         return d
 
@@ -226,8 +236,10 @@ class HealthMonitor:
         before, after = sum(values[:half]) / half, sum(values[half:]) / (window - half)
         improvement = (before - after) / max(abs(before), 1e-12)
         if improvement <= cfg["min_improvement"]:
-            d.add(HealthEvent(step, "plateau", cfg["action"], improvement, cfg["min_improvement"],
-                              f"loss improved {improvement:.2%} over the last {window} steps"))
+            found = Decision(events=[HealthEvent(step, "plateau", cfg["action"], improvement, cfg["min_improvement"],
+                                          f"loss improved {improvement:.2%} over the last {window} steps")])
+            _after_update(found)  # a trend, not this step's fault: warn or stop, never skip this update
+            d.add(found.events[0])
         self._plateau.clear()  # judge the next window afresh: one warning per window at most
 
     def _remember(self, loss: float, grad_norm: float) -> None:
@@ -277,6 +289,15 @@ class HealthMonitor:
         self.consecutive_bad = int(d["consecutive_bad"])
         self.skipped, self.rollbacks = int(d["skipped"]), int(d["rollbacks"])
         self.events, self.lr_factor = int(d["events"]), float(d["lr_factor"])
+
+
+def _after_update(d: Decision) -> None:
+    """Checks judged after the update is applied can only warn or stop: skip and rollback become warn."""
+    for e in d.events:
+        if e.action in ("skip", "rollback"):
+            e.action = "warn"
+            e.message += " (skip/rollback do not apply to this check: warned)"
+    d.action = max((e.action for e in d.events), key=_SEVERITY.__getitem__, default="ok")
 
 
 def _action(name: str, value: str | None) -> str | None:
