@@ -168,10 +168,30 @@ class SEMBlock(nn.Module):
             return h.flatten(-2)
 
     def forward(self, psi: torch.Tensor) -> torch.Tensor:  # psi [B, T, 2D] float32
+        return self._body(psi)[0]
+
+    def _body(self, psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new residual [B, T, 2D], recurrence state h [B, T, 2D] float32 interleaved)."""
         x = self.norm(psi)
-        h = self.mix(self.in_proj(x)) + self.skip_D * x
-        value, gate = self.mlp_in(h).chunk(2, dim=-1)
-        return psi + self.drop(self.mlp_out(F.silu(gate) * value)).float()
+        h = self.mix(self.in_proj(x))
+        value, gate = self.mlp_in(h + self.skip_D * x).chunk(2, dim=-1)
+        return psi + self.drop(self.mlp_out(F.silu(gate) * value)).float(), h
+
+    def step(self, psi: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: psi [B, 2D] float32, h [B, D] complex64 (this block's recurrence state),
+        lam [D] complex64 = lambda, gamma [D] = input scale. Returns (psi', h'): h' = lambda h + gamma u."""
+        x = self.norm(psi)
+        u = self.in_proj(x)
+        with _no_autocast(u):
+            h = lam * h + torch.view_as_complex(u.float().unflatten(-1, (-1, 2)) * gamma[:, None])
+        value, gate = self.mlp_in(torch.view_as_real(h).flatten(-2) + self.skip_D * x).chunk(2, dim=-1)
+        return psi + self.mlp_out(F.silu(gate) * value).float(), h
+
+    def decay(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda [D] complex64, gamma [D] float32) for step(): computed once per decode, not per token."""
+        with _no_autocast(self.log_A_mag):
+            return torch.exp(self.log_lambda()), torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))
 
 
 class CayleyPropagator(nn.Module):
@@ -334,6 +354,74 @@ class SEMModel(nn.Module):
             return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div)
         ce = cross_entropy(logits, targets)
         return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div)
+
+    # ------------------------------------------------------------------ recurrent decoding
+
+    @torch.no_grad()
+    def decode_state(self, batch_size: int = 1) -> DecodeState:
+        """A fresh (empty-context) decoding state on the model's device."""
+        ref = self.embed.weight
+        with _no_autocast(ref):
+            w = real_linear_of(self.propagator.unitary())
+            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+            propagator = eye + self.propagator_alpha * (w - eye)
+            readout = (real_linear_of(torch.complex(self.readout_re.float(), self.readout_im.float()))
+                       if self.readout_kind == "born" else None)
+        h = [torch.zeros(batch_size, self.d_model, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
+        return DecodeState(h, [b.decay() for b in self.blocks], propagator, readout)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        """Next-token logits [B, V] float32 after ``token`` [B], and the advanced state. O(1) time and
+        memory per token, any context length (no max_seq_len: the recurrence has no window)."""
+        psi = self.embed(token).float()  # [B, 2D]
+        hs = []
+        for block, h, (lam, gamma) in zip(self.blocks, state.h, state.decay):
+            psi, h = block.step(psi, h, lam, gamma)
+            hs.append(h)
+        psi = F.linear(self.norm_f(psi).float(), state.propagator)
+        state = DecodeState(hs, state.decay, state.propagator, state.readout, state.position + 1)
+        return self._readout_with(psi, state.readout), state
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None
+                ) -> tuple[torch.Tensor, DecodeState]:
+        """Consume a prompt [B, T] in one parallel pass (the scan), returning the last position's
+        logits [B, V] and the state after it: the same as T calls of step(), much faster."""
+        if state is not None and state.position > 0:  # continue a context: token by token
+            logits = None
+            for t in range(input_ids.shape[1]):
+                logits, state = self.step(input_ids[:, t], state)
+            assert logits is not None
+            return logits, state
+        state = self.decode_state(input_ids.shape[0])
+        psi = self.embed(input_ids).float()
+        hs = []
+        for block in self.blocks:
+            psi, h = block._body(psi)
+            hs.append(torch.view_as_complex(h[:, -1].float().unflatten(-1, (-1, 2)).contiguous()))
+        last = F.linear(self.norm_f(psi[:, -1]).float(), state.propagator)
+        state = DecodeState(hs, state.decay, state.propagator, state.readout, input_ids.shape[1])
+        return self._readout_with(last, state.readout), state
+
+    def _readout_with(self, psi: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
+        if readout is None:
+            return self.readout(psi).float()
+        z = F.linear(psi, readout).float().unflatten(-1, (-1, 2))
+        return torch.log(z.pow(2).sum(-1) + self.born_eps)
+
+
+@dataclass
+class DecodeState:
+    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block (constant in the
+    context length), plus per-decode constants (lambda, gamma per block; the propagator and readout
+    maps), so a step costs the same at token 10 and at token 10^6."""
+
+    h: list[torch.Tensor]
+    decay: list[tuple[torch.Tensor, torch.Tensor]]
+    propagator: torch.Tensor  # [2D, 2D] real map (1 - alpha) I + alpha U
+    readout: torch.Tensor | None  # [2V, 2D] real form of the Born readout (None: linear readout)
+    position: int = 0  # tokens consumed
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

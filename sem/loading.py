@@ -1,0 +1,79 @@
+"""``sem.load(path) -> (model, cfg)`` (this module: ``sem.loading``): rebuild a trained model from one checkpoint file, or from a
+directory written by ``sem-export`` (``model.safetensors`` + ``config.yaml``), on any device.
+
+A checkpoint holds the resolved run config (``checkpoint["sem"]["config"]``), so nothing else is
+needed: not the run directory (it may have moved), not the original shell command. Loading is
+``weights_only=True`` and verified (sha256 against the sidecar, finite weights); an exported directory
+holds no pickle at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from sem.training.checkpoint import CheckpointError, verify
+
+MODEL_PREFIX = "model."  # the model's keys inside the training module's state_dict
+
+
+def _locate(target: str) -> Any:
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(model_cfg: dict[str, Any]) -> nn.Module:
+    """The model a ``model`` config node describes (``_target_`` + constructor arguments)."""
+    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_")}
+    return _locate(model_cfg["_target_"])(**kwargs)
+
+
+def model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own entries of a training checkpoint's state_dict."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+
+
+def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state_dict, resolved run config) from a checkpoint file or an exported directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weights, config = path / "model.safetensors", path / "config.yaml"
+        if not weights.is_file() or not config.is_file():
+            raise CheckpointError(f"{path}: not an exported model (needs model.safetensors and config.yaml)")
+        from safetensors.torch import load_file
+
+        return load_file(str(weights)), OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    payload = verify(path)
+    config = (payload.get("sem") or {}).get("config")
+    if not config:
+        raise CheckpointError(f"{path}: holds no run config (written before checkpoints were "
+                              "self-describing); it can still be resumed with the config it was trained with")
+    return model_state(payload["state_dict"]), config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
+    """The trained model (eval mode, on ``device``) and the run config it was trained with."""
+    state, config = read(path)
+    model = build_model(config["model"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {config['model']['_target_']} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), OmegaConf.create(config)
+
+
+def export(path: str | Path, out: str | Path) -> Path:
+    """Write ``out/model.safetensors`` + ``out/config.yaml`` (no pickle) from a checkpoint."""
+    from safetensors.torch import save_file
+
+    state, config = read(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    return out
