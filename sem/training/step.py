@@ -1,0 +1,188 @@
+"""StepPolicy: what happens in one optimizer step, whichever engine drives it.
+
+Both engines (the Lightning adapter and the standalone loop) call, per optimizer step::
+
+    policy.start(step, rank)                      # seed the step's random draws, set the model's step
+    loss = policy.micro_loss(x, y, step)          # per micro-batch: forward, distillation, faults
+    ... backward (scaled, accumulated) ...
+    decision = policy.judge(step, params, loss, clip)   # true grad norm, health verdict, skip or clip
+    ... optimizer.step() (a skipped update has no gradients: the optimizer leaves it alone) ...
+    row = policy.finish(step, means, decision, logging)  # teacher, curriculum gate, probes, rollback/stop
+
+so the training semantics (the loss, the distillation mix, fault injection, per-step seeding, health
+actions, the gate's input, probes) are written once. Plain PyTorch: no Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sem.training.checkpoint import rng_state, set_rng_state
+from sem.training.curriculum import CurriculumManager
+from sem.training.distillation import DistillationLoss, EMATeacher
+from sem.training.health import Decision, Faults, HealthMonitor, HealthStop
+
+CHECKPOINT_FORMAT = 1
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of optimizer step ``step``'s random draws (dropout): a function of the step alone,
+    so a resumed run, a prefetching loader or an extra validation cannot shift the stream."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+class StepPolicy:
+    """The per-step training semantics shared by both engines (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, curriculum: CurriculumManager | None = None,
+                 teacher: EMATeacher | None = None, distill_loss: DistillationLoss | None = None,
+                 faults: Faults | None = None, health: HealthMonitor | None = None, seed: int = 0,
+                 budget: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.curriculum = curriculum
+        self.teacher = teacher
+        self.distill_loss = distill_loss
+        self.faults = faults or Faults()
+        self.health = health or HealthMonitor.off()
+        self.seed = seed
+        self.budget = dict(budget or {})  # lengths resolved from fractions of max_steps (sem.training.budget)
+        self.config = config  # the resolved run config, stored in every checkpoint
+        self.micro: list[torch.Tensor] = []  # [loss, ce, unitary_div] per micro-batch of this step
+        self.tokens = 0
+        self.grad_norm = float("nan")
+        self._started: float | None = None
+
+    # ------------------------------------------------------------------------------ a step
+
+    def start(self, step: int, rank: int = 0) -> None:
+        """Before the first micro-batch of optimizer step ``step``."""
+        self.micro, self.tokens = [], 0
+        self._started = time.perf_counter()
+        torch.manual_seed(step_seed(self.seed, step, rank))
+        self.model.set_step(step)
+
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The training loss of one micro-batch (x, y [B, T]) and its extra metrics (distillation)."""
+        out = self.model(x, y)
+        loss = out.loss
+        metrics: dict[str, Any] = {}
+        # The teacher distils once ready: its first update (at activation) copies the student.
+        if self.teacher is not None and self.distill_loss is not None and self.teacher.ready:
+            self.teacher.module.set_step(step)  # step-driven blends (propagator alpha) match the student's
+            parts = self.distill_loss(out.logits, self.teacher(x), out.ce_loss)
+            # keep the unitary penalty; replace plain CE by the distillation mix
+            loss = parts["loss"] + (out.loss - out.ce_loss)
+            metrics.update({"distill/kl": parts["kl"].detach(), "distill/loss": parts["loss"].detach(),
+                            "distill/teacher_decay": self.teacher.decay(step)})
+        # Fault rehearsal (faults.nan_at_step / spike_at_step). A non-finite loss is judged with the
+        # gradients (judge): the health policy skips the update, rolls back or stops before anything
+        # reaches the weights.
+        loss = self.faults.loss(step, loss)
+        self.micro.append(torch.stack([loss.detach(), out.ce_loss.detach(), out.unitary_divergence.detach()]))
+        self.tokens += x.numel()
+        metrics.update({"train/ce_loss": out.ce_loss.detach(), "train/unitary_div": out.unitary_divergence.detach()})
+        return loss, metrics
+
+    def step_means(self) -> torch.Tensor:
+        """[loss, ce, unitary_div] averaged over this step's micro-batches (this rank)."""
+        return torch.stack(self.micro).mean(0)
+
+    def judge(self, step: int, params: list[torch.Tensor], loss: float, clip: float | None,
+              scaler_active: bool = False) -> Decision:
+        """After backward (gradients unscaled), before the update: the true grad norm, the health
+        verdict, and then either clipping (update applied) or dropping the gradients (not applied)."""
+        params = [p for p in params if p.grad is not None]
+        self.faults.grads(step, params)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = self.grad_norm = float(total)
+        if scaler_active and math.isfinite(loss) and not math.isfinite(norm):
+            return Decision()  # fp16 loss-scale overflow: routine, the GradScaler skips the step itself
+        seconds = time.perf_counter() - self._started if self._started is not None else None
+        decision = self.health.check_step(step, loss, norm, seconds)
+        if not decision.apply_update:
+            for p in params:
+                p.grad = None  # optimizers leave parameters without a gradient untouched
+        elif clip and math.isfinite(norm) and norm > clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+        return decision
+
+    def finish(self, step: int, means: torch.Tensor, decision: Decision, logging: bool,
+               rollback: Callable[[int], None]) -> dict[str, Any]:
+        """After the optimizer step: act on the verdict (stop raises HealthStop; rollback calls
+        ``rollback(step)``), update the teacher, feed the gate the cross-entropy, and on logging steps
+        take the model's probes. Returns the step's row additions (events, probes, health metrics)."""
+        row: dict[str, Any] = {"health": decision.action}
+        if decision.action == "stop":
+            raise HealthStop("; ".join(f"step {e.step}: {e.check}: {e.message}" for e in decision.events))
+        stage = self.stage(step)[1]
+        if decision.action == "rollback":
+            rollback(step)
+        elif decision.apply_update and self.teacher is not None and self.teacher.active(step, stage):
+            self.teacher.update(self.model, step)
+        if self.curriculum is not None:
+            # The gate watches the cross-entropy: the training loss also holds the distillation mix
+            # (it roughly halves when a teacher switches on) and the unitary penalty.
+            row["events"] = self.curriculum.observe(step, float(means[1]))
+        if logging:
+            probes = getattr(self.model, "probes", None)
+            if probes is not None:
+                with torch.no_grad():
+                    values = probes()  # cheap diagnostics of the SEM state (sem/*), logging steps only
+                row.update(values)
+                if values and self.health.check_probes(step, values).action == "stop":
+                    raise HealthStop(f"step {step}: model probes out of bounds (health.probes)")
+            row.update(self.health.metrics())
+        return row
+
+    def stage(self, step: int) -> tuple[int, str]:
+        if self.curriculum is None:
+            return 0, "main"
+        index, st = self.curriculum.stage_at(step)
+        return index, st.name
+
+    # --------------------------------------------------------------------------- rollback
+
+    def restore_for_rollback(self, payload: dict[str, Any], load_model: Callable[[dict[str, Any]], None],
+                             optimizers: list[torch.optim.Optimizer], step: int) -> None:
+        """Put the model, optimizer and teacher back to a checkpoint's; the step, the data position
+        and the schedule carry on (the windows since that checkpoint are skipped)."""
+        load_model(payload["state_dict"])
+        for optimizer, state in zip(optimizers, payload["optimizer_states"]):
+            optimizer.load_state_dict(state)
+        teacher_state = (payload.get("sem") or {}).get("teacher")
+        if self.teacher is not None and teacher_state is not None:
+            self.teacher.load_state_dict(teacher_state)
+            self.teacher.to(next(self.model.parameters()).device)
+        self.health.rolled_back(step, int(payload.get("global_step", -1)))
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self, steps_done: int) -> dict[str, Any]:
+        """``checkpoint["sem"]``: everything of a run's state that is not model/optimizer/scheduler."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": steps_done,
+            "stage": self.stage(max(steps_done - 1, 0))[1],
+            "config": self.config,
+            "rng": rng_state(),
+            "health": self.health.state_dict(),
+            "budget": self.budget,
+            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.curriculum is not None and state.get("curriculum") is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
+        if self.teacher is not None and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        if state.get("health") is not None:
+            self.health.load_state_dict(state["health"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])
