@@ -14,7 +14,7 @@ from torch import nn
 
 from sem.data.datamodule import byte_targets
 from sem.model import count_parameters, param_groups
-from sem.training.callbacks import is_logging_step
+from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from sem.training import callbacks as cb
+from sem.training import metrics as cb
 from sem.training.callbacks import MetricsWriter, SEMConsoleLogger, TrainClock
 from sem.training.curriculum import StageEvent
 
@@ -78,7 +78,7 @@ def test_clock_without_time_has_no_rate(clock: FakeTime) -> None:
 
 
 def fake_trainer(tmp_path: Path, max_steps: int = 8, every: int = 3) -> SimpleNamespace:
-    return SimpleNamespace(default_root_dir=str(tmp_path), log_every_n_steps=every, max_steps=max_steps,
+    return SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True, log_every_n_steps=every, max_steps=max_steps,
                            global_step=0, sanity_checking=False)
 
 
@@ -133,7 +133,7 @@ def test_metrics_writer_rows(tmp_path: Path, clock: FakeTime) -> None:
     assert [r["step"] for r in val] == [5]  # optimizer steps completed at that validation
     assert rows.index(val[0]) == 2  # written between the rows for steps 3 and 6
     for r in train:
-        assert set(MetricsWriter.TRAIN_KEYS) | {"step", "tokens_per_s"} <= set(r)
+        assert set(cb.TRAIN_KEYS) | {"step", "tokens_per_s"} <= set(r)
     # the 10 s validation inside steps 4..6 is not training time: 128 tokens per 1 s step throughout
     assert [r["tokens_per_s"] for r in train] == pytest.approx([TOKENS] * 4)
     assert train[2]["train/loss"] is None  # NaN becomes null
