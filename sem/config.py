@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -219,7 +220,7 @@ class DistillationConf:
 
 @dataclass
 class PrecisionConf:
-    _target_: str = "sem.training.precision_plugin.make_precision_plugin"
+    _target_: str = "sem.engines.lightning.precision.make_precision_plugin"
     _partial_: bool = True
     precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed | bf16-true
 
@@ -311,6 +312,9 @@ class Config:
     resume: str | None = None
     dry_run: bool = False
     faults: FaultsConf = field(default_factory=FaultsConf)
+    # torch intra-op threads for this job; null: the cores split between the jobs a parallel sweep
+    # runs at once (sem.sweep.job_threads), torch's default for a single run
+    threads: int | None = None
 
 
 _SCHEMAS: dict[str | None, dict[str, Any]] = {
@@ -343,3 +347,10 @@ def register_configs() -> None:
             cs.store(group=group, name=name, node=node)
     if not OmegaConf.has_resolver("sem.run_dir"):
         OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("sem.job_subdir"):  # sweeps that continue in their own dir (Optuna)
+        from sem.sweep import job_subdir, sweep_seed
+
+        OmegaConf.register_new_resolver("sem.job_subdir", job_subdir)
+        OmegaConf.register_new_resolver("sem.sweep_seed", sweep_seed)
+    if not OmegaConf.has_resolver("sem.abspath"):  # e.g. an sqlite URL that works from any cwd
+        OmegaConf.register_new_resolver("sem.abspath", lambda path: str(Path(str(path)).resolve()))

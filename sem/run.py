@@ -29,6 +29,7 @@ from sem.validation import validate
 from sem.config import register_configs
 from sem.data.corpus import CorpusError
 from sem.summary import RunSummary
+from sem.sweep import SweepExit
 from sem.training.preemption import EXIT_PREEMPTED, StopSignals
 
 log = logging.getLogger("sem.run")
@@ -48,7 +49,7 @@ def cli(app: Any) -> None:
     try:
         app()
     except SystemExit as exc:
-        if exc.code == 1 and not _main_started:
+        if exc.code == 1 and not _main_started and not isinstance(exc, SweepExit):
             raise SystemExit(EXIT_BAD_CONFIG) from None
         raise
 
@@ -81,20 +82,43 @@ def _run_dir_problems(run_dir: Path) -> list[str]:
     return []
 
 
+class BadConfig(SystemExit):
+    """Exit code 2 with the config's problems (already printed, one per line); a sweep job records
+    them in its summary.json instead of ending the sweep (``sem.sweep.sweep_job``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(EXIT_BAD_CONFIG)
+        self.problems = problems
+
+
 def _exit_if_invalid(problems: list[str]) -> None:
     if problems:
         for line in problems:
             print(f"config error: {line}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
+        raise BadConfig(problems)
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job from a composed config; return the final ``val/bpb`` for sweepers."""
+    """Run one training job from a composed config; return the final ``val/bpb`` for sweepers.
+    A sweep job runs inside ``sem.sweep.sweep_job``: a job that fails is recorded (summary.json,
+    ledger) and returns None, and the sweep goes on to its next job."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from sem.sweep import sweep_job
+
+        return sweep_job(train, cfg)
+    return train(cfg)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Validate, build, fit, summarise; return the final ``val/bpb`` (None for a dry run)."""
     global _main_started
     _main_started = True
     problems, corpus = _validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     _exit_if_invalid(problems or _run_dir_problems(run_dir))
+    from sem.sweep import apply_job_threads
+
+    apply_job_threads(cfg.threads)  # every job: loky reuses its worker processes between jobs
 
     started = time.time()
     signals = StopSignals()
@@ -111,9 +135,11 @@ def main(cfg: DictConfig) -> float | None:
         built = build(cfg, run_dir, corpus, resume_from=resume_from, budget=budget,
                       checkpoints=checkpoints, signals=signals)
         if payload is not None:
-            _exit_if_invalid(_shape_problems(built.module, payload, resume_from))
+            _exit_if_invalid(_shape_problems(built.engine.model, payload, resume_from))
         if cfg.dry_run:
-            built.describe()
+            from sem.calendar import dry_run
+
+            dry_run(cfg, built, run_dir, one_line=HydraConfig.get().mode == RunMode.MULTIRUN)
             return None
         summary.begin(cfg, parent_checkpoint=built.resume_from)
         return fit_and_summarise(cfg, built, summary, started)
@@ -156,24 +182,25 @@ def _validate(cfg: DictConfig) -> tuple[list[str], Any]:
 
 @dataclass
 class Built:
-    """Everything a fit needs, built from the config."""
+    """Everything a fit needs, built from the config. ``engine`` is a LightningEngine or an SEMTrainer:
+    both have fit, validate, global_step, max_steps, tokens_per_s and model."""
 
     datamodule: Any
-    module: Any
-    trainer: Any
+    engine: Any
     checkpoint: Any
     resume_from: str | None
     precision_note: str
     signals: StopSignals | None = None
 
     def describe(self) -> None:
+        from sem.model import count_parameters
+
         log.info("dry run: built everything, not training")
-        log.info("model: %s (%s parameters)", type(self.module.model).__name__,
-                 f"{self.module.num_parameters:,}")
+        log.info("model: %s (%s parameters)", type(self.engine.model).__name__,
+                 f"{count_parameters(self.engine.model):,}")
         log.info("data: %s", self.datamodule.describe())
         log.info("precision: %s", self.precision_note)
-        log.info("trainer: max_steps=%d on %s", self.trainer.max_steps,
-                 type(self.trainer.accelerator).__name__)
+        log.info("engine: %s, max_steps=%d", self.engine.describe(), self.engine.max_steps)
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
@@ -201,32 +228,17 @@ def resolve_lengths(cfg: DictConfig, recorded: dict[str, Any] | None = None
     return OmegaConf.create(resolved), record
 
 
-def _recorded_budget(resume_from: str | None) -> dict[str, Any] | None:
-    """The lengths the checkpoint's run resolved, or None (a fresh run, or an older checkpoint)."""
-    if resume_from is None:
-        return None
-    import torch
-
-    ckpt = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
-    return (ckpt.get("sem") or {}).get("budget")
-
-
 def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None = None,
           budget: dict[str, Any] | None = None, checkpoints: Any = None,
           signals: StopSignals | None = None) -> Built:
-    """Build data, model, optimizer, scheduler, curriculum, distillation, callbacks, loggers,
-    precision plugin, accelerator and Trainer, in that order. ``cfg`` has its lengths resolved
-    (``resolve_lengths``)."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ProgressBar
+    """Build data, model, optimizer, scheduler, curriculum, distillation, health monitor, checkpoint
+    manager, then the engine (Lightning: callbacks, loggers, precision plugin, accelerator, Trainer;
+    standalone: SEMTrainer), in that order. ``cfg`` has its lengths resolved (``resolve_lengths``)."""
+    from sem.summary import is_global_zero
+    from sem.training.health import Faults
+    from sem.training.step import StepPolicy
 
-    from sem.training.lightning_module import SEMLightningModule
-    from sem.training.precision_plugin import device_type_of
-
-    # Lightning 2.6 trips over its own torch-2.13 pytree deprecation on every fit: noise, not news.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
+    _seed_everything(cfg.seed)
     datamodule = _instantiate(_without(cfg.data, "corpus"), corpus=corpus)
     datamodule.setup()
     log.info("data: %s", datamodule.describe())
@@ -237,10 +249,6 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
     scheduler = _instantiate(cfg.scheduler)
     teacher = _instantiate(cfg.distillation.teacher) if cfg.distillation.teacher else None
     distill_loss = _instantiate(cfg.distillation.loss) if cfg.distillation.loss else None
-
-    from sem.summary import is_global_zero
-    from sem.training.health import Faults
-
     health = _instantiate(cfg.health)
     if is_global_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -252,23 +260,66 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
     if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
         log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
+    # The teacher is a plain object, not a submodule: it must never appear in the student's
+    # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
+    policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
+                        distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
+                        OmegaConf.to_container(cfg, resolve=True))
+    if cfg.engine == "standalone":
+        engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+    else:
+        engine, note = _lightning(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+    return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume_from,
+                 precision_note=note, signals=signals)
 
-    module = SEMLightningModule(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        curriculum=curriculum,
-        teacher=teacher,
-        distill_loss=distill_loss,
-        faults=Faults(**cfg.faults),
-        bpb=datamodule.val_bpb,
-        budget=budget,
-        health=health,
-        checkpoints=checkpoints,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        seed=cfg.seed,
-    )
 
+def _seed_everything(seed: int) -> None:
+    """What ``pl.seed_everything`` does, without Lightning: the same initial weights in both engines."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
+                checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+    import torch
+
+    from sem.engines.standalone import SEMTrainer
+    from sem.training.precision import PrecisionPolicy, device_type_for
+
+    device_type = device_type_for(cfg.accelerator.name)
+    precision = PrecisionPolicy.of(cfg.precision.precision, device_type)
+    console = cfg.callbacks.get("console")
+    trainer = SEMTrainer(
+        policy=policy, datamodule=datamodule, optimizer=optimizer, scheduler=scheduler, checkpoints=checkpoints,
+        precision=precision, device=torch.device(device_type), run_dir=run_dir,
+        max_steps=cfg.trainer.max_steps, val_check_interval=cfg.trainer.val_check_interval,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        console_every_n_steps=console.every_n_steps if console else 10**9, signals=signals)
+    dtype = {None: "fp32"}.get(precision.autocast_dtype, str(precision.autocast_dtype))
+    return trainer, f"{precision.precision} on {device_type} (autocast {dtype}); complex regions in complex64"
+
+
+def _lightning(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
+               checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from sem.engines.lightning.callbacks import CheckpointCallback, ManagedCheckpointIO
+    from sem.engines.lightning.engine import LightningEngine
+    from sem.engines.lightning.module import SEMLightningModule
+    from sem.engines.lightning.precision import device_type_of
+
+    # Lightning 2.6 trips over its own torch-2.13 pytree deprecation on every fit: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    module = SEMLightningModule(policy=policy, optimizer=optimizer, scheduler=scheduler,
+                                bpb=datamodule.val_bpb, checkpoints=checkpoints)
     interactive = sys.stderr.isatty()
     callbacks = []
     for name, node in cfg.callbacks.items():
@@ -277,21 +328,18 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         if name == "progress_bar" and not interactive:
             continue  # a live bar only makes sense in a terminal; logs get SEMConsoleLogger lines
         callbacks.append(_instantiate(node))
-    from sem.training.callbacks import CheckpointCallback, ManagedCheckpointIO
-
     callbacks.append(CheckpointCallback(checkpoints, signals))
+    from sem.sweep import logger_kwargs
 
-    loggers = [_instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node]
-
+    loggers = [_instantiate(node, save_dir=str(run_dir), **logger_kwargs(node, run_dir))
+               for node in cfg.logger.values() if node]
     accelerator = _instantiate(_without(cfg.accelerator, "name"))
-    device_type = device_type_of(accelerator)
-    precision_plugin = _instantiate(cfg.precision)(device_type=device_type)
-
+    precision_plugin = _instantiate(cfg.precision)(device_type=device_type_of(accelerator))
     accumulate = cfg.trainer.accumulate_grad_batches
     trainer = _instantiate(
         cfg.trainer,
         accelerator=accelerator,
-        plugins=[precision_plugin, ManagedCheckpointIO(checkpoints)],
+        plugins=[precision_plugin, ManagedCheckpointIO(checkpoints, accumulate)],
         enable_checkpointing=False,  # sem's CheckpointCallback saves; Lightning's ModelCheckpoint is not used
         callbacks=callbacks,
         logger=loggers or False,
@@ -301,15 +349,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume_from: str | None =
         val_check_interval=cfg.trainer.val_check_interval * accumulate,  # Lightning counts micro-batches
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
-    return Built(
-        datamodule=datamodule,
-        module=module,
-        trainer=trainer,
-        checkpoint=checkpoints,
-        resume_from=resume_from,
-        precision_note=precision_plugin.describe(),
-        signals=signals,
-    )
+    return LightningEngine(trainer, module, datamodule, accumulate), precision_plugin.describe()
 
 
 def _resume(cfg: DictConfig, checkpoints: Any) -> tuple[str | None, dict[str, Any] | None]:
@@ -352,10 +392,12 @@ def _already_finished(cfg: DictConfig, run_dir: Path, payload: dict[str, Any] | 
     return float(bpb) if bpb is not None else float("inf")
 
 
-def _shape_problems(module: Any, payload: dict[str, Any], path: str | None) -> list[str]:
+def _shape_problems(model: Any, payload: dict[str, Any], path: str | None) -> list[str]:
     """One line naming the mismatching keys when a checkpoint does not fit the configured model."""
-    have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in payload["state_dict"].items() if hasattr(v, "shape")}
+    from sem.loading import model_state
+
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model_state(payload["state_dict"]).items() if hasattr(v, "shape")}
     missing, unexpected = sorted(set(have) - set(got)), sorted(set(got) - set(have))
     wrong = [f"{k} {list(got[k])} in the checkpoint vs {list(have[k])} configured"
              for k in sorted(set(have) & set(got)) if have[k] != got[k]]
@@ -379,34 +421,18 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
-def _throughput(trainer: Any) -> float | None:
-    """Training tokens per second over the whole run (validation time excluded)."""
-    for cb in trainer.callbacks:
-        if hasattr(cb, "overall_tokens_per_s"):
-            return cb.overall_tokens_per_s
-    return None
-
-
 def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, started: float) -> float:
-    trainer, module, dm = built.trainer, built.module, built.datamodule
-    curriculum = module.curriculum
-    train_loader = dm.train_loader(
-        start_step=lambda: trainer.global_step,
-        shape_at=curriculum.shape_at if curriculum is not None else None,
-        accumulate=cfg.trainer.accumulate_grad_batches,
-    )
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=dm.val_loader(),
-                ckpt_path=built.resume_from)
-    checkpoints = built.checkpoint
+    engine, dm, checkpoints = built.engine, built.datamodule, built.checkpoint
+    engine.fit(built.resume_from)
     stopped_by = built.signals.received if built.signals is not None else None
-    if stopped_by is not None and trainer.global_step < trainer.max_steps:
+    if stopped_by is not None and engine.global_step < engine.max_steps:
         last = checkpoints.last()
-        summary.finish("preempted", wall_s=time.time() - started, steps=trainer.global_step,
-                       **dm.compressor_bpb, tokens_per_s=_throughput(trainer),
+        summary.finish("preempted", wall_s=time.time() - started, steps=engine.global_step,
+                       **dm.compressor_bpb, tokens_per_s=engine.tokens_per_s,
                        best_checkpoint=_str(checkpoints.best()), last_checkpoint=_str(last),
-                       error=f"stopped by {stopped_by} at step {trainer.global_step}")
+                       error=f"stopped by {stopped_by} at step {engine.global_step}")
         log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run dir) continues",
-                    stopped_by, trainer.global_step, last)
+                    stopped_by, engine.global_step, last)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return float("nan")  # the job is recorded as preempted in its summary.json; the sweep moves on
         log.warning("exit code %d (preempted)", EXIT_PREEMPTED)
@@ -416,17 +442,15 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
     n_windows = len(dm.val_windows(final_windows)[0])
     log.info("final validation on %s %d held-out windows",
              "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)
-    module.final_validation = True
-    trainer.validate(module, dataloaders=dm.val_loader(max_windows=final_windows), verbose=False)
-    val = module.last_val
+    val = engine.validate(dm.val_loader(max_windows=final_windows), final=True)
     summary.finish(
         "completed",
         wall_s=time.time() - started,
-        steps=trainer.global_step,
+        steps=engine.global_step,
         val_loss=val["val/loss"],
         val_bpb=val["val/bpb"],
         **dm.compressor_bpb,
-        tokens_per_s=_throughput(trainer),
+        tokens_per_s=engine.tokens_per_s,
         best_checkpoint=_str(checkpoints.best()),
         last_checkpoint=_str(checkpoints.last()),
     )
@@ -435,5 +459,5 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
                         (("gzip -9", "gzip_bpb"), ("bz2 -9", "bz2_bpb"), ("xz -9e", "xz_bpb")))
     beaten = sum(bpb < v for v in dm.compressor_bpb.values())
     log.info("final: val/bpb %.4f vs %s on the same held-out bytes (below %d of 3); val/loss %.4f "
-             "nats/token, %d steps", bpb, anchors, beaten, val["val/loss"], trainer.global_step)
-    return float(val["val/bpb"]) if math.isfinite(val["val/bpb"]) else float("inf")
+             "nats/token, %d steps", bpb, anchors, beaten, val["val/loss"], engine.global_step)
+    return float(bpb) if math.isfinite(bpb) else float("inf")

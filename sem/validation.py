@@ -97,7 +97,7 @@ def _trainer_problems(t: DictConfig) -> list[str]:
 def _hardware_problems(cfg: DictConfig) -> list[str]:
     import torch
 
-    from sem.training.precision_plugin import precision_problems
+    from sem.training.precision import precision_problems
 
     name = cfg.accelerator.name
     if name not in ("auto", "cpu", "cuda", "xpu"):
@@ -116,8 +116,8 @@ def _hardware_problems(cfg: DictConfig) -> list[str]:
 
 def _run_problems(cfg: DictConfig) -> list[str]:
     p: list[str] = []
-    if cfg.engine != "lightning":
-        p.append(f"engine={cfg.engine!r}: only 'lightning' is available in this version")
+    if cfg.engine not in ("lightning", "standalone"):
+        p.append(f"engine={cfg.engine!r}: must be lightning or standalone")
     name = cfg.run.name
     if name is not None and (name.startswith("/") or ".." in name.split("/") or not name.strip()):
         p.append(f"run.name={name!r}: must be a relative name without '..'")
@@ -131,6 +131,8 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     for key, value in cfg.faults.items():
         if value is not None and value < 0:
             p.append(f"faults.{key}={value!r}: must be >= 0 (an optimizer step) or null")
+    if cfg.get("threads") is not None and cfg.threads < 1:
+        p.append(f"threads={cfg.threads!r}: must be >= 1 (torch threads per job) or null")
     return p
 
 

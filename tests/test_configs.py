@@ -128,7 +128,7 @@ def check_distillation(option: str, cfg: DictConfig, tmp_path: Path) -> None:
 
 
 def check_precision(option: str, cfg: DictConfig, tmp_path: Path) -> None:
-    from sem.training.precision_plugin import resolve_precision
+    from sem.training.precision import resolve_precision
 
     problems = _problems(cfg)
     if resolve_precision(cfg.precision.precision, "cpu") == "16-mixed":

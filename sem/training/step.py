@@ -186,3 +186,23 @@ class StepPolicy:
             self.health.load_state_dict(state["health"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def val_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[nats, tokens, byte targets, windows] of one validation batch, float64 (summed over batches
+    and ranks, then turned into metrics by ``val_metrics``)."""
+    from sem.data.datamodule import byte_targets
+
+    out = model(x, y)
+    n = y.numel()
+    counts = torch.tensor([n, byte_targets(y), y.shape[0]], dtype=torch.float64, device=x.device)
+    return torch.cat([(out.ce_loss.detach().double() * n).reshape(1), counts])
+
+
+def val_metrics(sums: torch.Tensor, bpb: Callable[[float, int], float], final: bool) -> dict[str, Any]:
+    nats, tokens, n_bytes, windows = (float(v) for v in sums)
+    return {"val/loss": nats / max(tokens, 1.0), "val/bpb": bpb(nats, int(n_bytes)), "final": final,
+            "val/windows": int(windows)}

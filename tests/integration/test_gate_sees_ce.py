@@ -17,7 +17,8 @@ from sem.data.datamodule import SEMDataModule
 from sem.model import SEMModel
 from sem.training.curriculum import CurriculumManager, Gate, Stage
 from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.training.lightning_module import SEMLightningModule
+from sem.engines.lightning.module import SEMLightningModule
+from sem.training.step import StepPolicy
 
 GATE = Gate(min_steps=0, window=2, threshold=0.01)
 
@@ -42,9 +43,9 @@ def test_gate_is_fed_cross_entropy_while_a_teacher_distils(tmp_path: Path, corpu
     stages = [Stage("held", 32, 4, steps=2, gate=GATE), Stage("next", 32, 4)]
     curriculum = RecordingCurriculum(stages, max_steps=8)
     optimizer = lambda params: torch.optim.AdamW(params, lr=3e-3)  # noqa: E731
-    module = SEMLightningModule(model, optimizer, curriculum=curriculum,
-                                teacher=lambda student: EMATeacher(student, start_step=2),
-                                distill_loss=DistillationLoss(alpha=0.5, temperature=2.0))
+    policy = StepPolicy(model, curriculum, EMATeacher(model, start_step=2),
+                        DistillationLoss(alpha=0.5, temperature=2.0))
+    module = SEMLightningModule(policy, optimizer)
     ce_rows: dict[int, tuple[float, float]] = {}
 
     class Rows(pl.Callback):

@@ -16,12 +16,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def _ckpt(run_dir: Path, step: int, stage: str | None = None) -> Path:
 # ------------------------------------------------- 1) SIGKILL at random steps (slow, still in CI)
 
 
-KILL_STEPS = 150  # ~10 ms a step on 2 CPU cores: ~1.5 s of training to land a kill in
+KILL_STEPS = 45  # ~40 ms a step on 2 CPU cores with a save every 3 (fsync): ~2 s to land a kill in
 KILL_TRIALS = 6
 
 
@@ -210,7 +211,7 @@ def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path: Path, corpus_
     same command with resume=auto, and compare every step's train/loss, the curriculum's stage
     events and the final weights with the reference."""
     args = [*tiny_data_overrides(corpus_dir, cache_dir), *RESUME_CFG, f"trainer.max_steps={KILL_STEPS}",
-            "trainer.val_check_interval=50", "checkpoint.every_n_steps=3"]
+            "trainer.val_check_interval=15", "checkpoint.every_n_steps=3"]
     outputs = tmp_path / "outputs"
     ref = run_launch([*args, "run.name=ref"], cwd=tmp_path, timeout=300, env=_env(cache_dir))
     assert ref.returncode == 0, _output(ref)[-3000:]
@@ -259,7 +260,8 @@ def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path: Path, corpus_
     print(f"SIGKILL: {len(trials)} trials, {sum(t.identical for t in trials)} identical, "
           f"{non_trials} kills landed after the end (retried earlier)")
     assert len(trials) >= 5
-    assert any(t.resumed_from is not None and t.killed_after > 40 for t in trials)  # late kills resumed
+    # a late kill resumed from a checkpoint, not from scratch
+    assert any(t.resumed_from is not None and t.killed_after > KILL_STEPS // 2 for t in trials)
     assert all(t.identical for t in trials)
 
 
@@ -306,6 +308,7 @@ def test_gate_checkpoint_before_the_boundary_still_starts_the_stage(
     assert [(e[1], e[2]) for e in events] == [("stage_end", "short"), ("stage_start", "long")]
     boundary = events[0][0]
     saved_at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    print(f"gate: boundary at step {boundary}, resumed from the checkpoint of step {saved_at}")
     assert saved_at < boundary
     assert _events(resumed) == events  # the boundary, its reason and both rows, in the resumed run
     assert _ckpt(resumed, boundary, "long").exists(), sorted(p.name for p in (resumed / "checkpoints").iterdir())
@@ -355,7 +358,6 @@ class Stopped:
     last_train_step: int
     env_json: str
     attempts: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module", params=list(STOP_AT))
@@ -429,6 +431,21 @@ def test_each_attempt_is_recorded_and_env_json_is_the_first(stopped: Stopped,
     assert (stopped.run_dir / "env.json").read_text() == stopped.env_json
 
 
+@pytest.mark.xfail(reason="BUG: a stop signal runs an unscheduled validation at the stop step before exiting "
+                          "(Lightning validates when trainer.should_stop is set): a slower preemption, an extra "
+                          "val row in metrics.jsonl and val metrics on the stop checkpoint's sidecar", strict=True)
+def test_stop_signal_does_not_validate_off_schedule(stopped: Stopped,
+                                                    stopped_resumed: subprocess.CompletedProcess,
+                                                    reference: Path) -> None:
+    """Finish the step, save, exit: validation belongs to trainer.val_check_interval (every 25)."""
+    assert stopped_resumed.returncode == 0
+    stop = stopped.summary["steps"]
+    assert stop % 25 != 0  # (a stop on a validation step would validate anyway)
+    assert f"validation at step {stop} " not in stopped.output
+    val_steps = [r["step"] for r in _rows(stopped.run_dir) if "val/bpb" in r]
+    assert val_steps == [r["step"] for r in _rows(reference) if "val/bpb" in r]
+
+
 def test_second_sigint_exits_at_once(work: Path, signal_args: list[str], cache_dir: Path) -> None:
     run_dir = work / "outputs" / "twice"
     running = Running([*signal_args, "run.name=twice"], work, cache_dir, work / "twice.log")
@@ -441,7 +458,7 @@ def test_second_sigint_exits_at_once(work: Path, signal_args: list[str], cache_d
     seconds = time.monotonic() - sent
     print(f"second SIGINT: exit {rc} {seconds:.2f} s after it")
     assert rc not in (0, 75), running.output()[-3000:]  # not a normal end, not the graceful stop
-    assert seconds < 2
+    assert seconds < 3  # measured: well under 0.1 s (the graceful path takes about 1 s)
     assert "exiting now" in running.output()
     found = CheckpointManager(run_dir / "checkpoints").newest_valid()
     assert found is not None  # the last complete checkpoint (periodic at 25) survives and verifies
@@ -514,7 +531,9 @@ def test_default_policy_survives_a_late_spike(tmp_path: Path, corpus_dir: Path, 
     proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), *FAULT_CFG, "faults.spike_at_step=21",
                        "run.name=spike"], cwd=tmp_path, timeout=300, env=_env(cache_dir))
     assert proc.returncode == 0, _output(proc)[-3000:]
-    assert [(e["step"], e["check"], e["action"]) for e in _health(run_dir)] == [(21, "loss_spike", "skip")]
+    events = [(e["step"], e["check"], e["action"]) for e in _health(run_dir)]
+    # the x100 loss also makes a x100 gradient: grad_explosion may warn about it too, nothing more
+    assert [e for e in events if e[2] != "warn"] == [(21, "loss_spike", "skip")], events
     assert _summary(run_dir)["status"] == "completed"
     assert _all_finite(verify(run_dir / "checkpoints" / "last.ckpt")["state_dict"])
 
@@ -597,7 +616,11 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path: Path, referenc
     assert "Traceback" not in _output(proc)
     errors = _config_errors(proc.stderr)
     assert len(errors) == 1 and str(ckpt) in errors[0], errors
-    assert "model.blocks.0.in_proj.weight [64, 64] in the checkpoint vs [96, 96] configured" in errors[0]
+    # each mismatching key with both shapes: sem_tiny's d_model=64 in the file, 48 asked for
+    mismatches = re.findall(r"(model\.[\w.]+) \[([\d, ]+)\] in the checkpoint vs \[([\d, ]+)\] configured",
+                            errors[0])
+    assert len(mismatches) >= 3, errors[0]
+    assert all(old != new for _, old, new in mismatches)
 
 
 def test_lightning_checkpoint_key_names_the_new_one(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
@@ -610,19 +633,42 @@ def test_lightning_checkpoint_key_names_the_new_one(tmp_path: Path, corpus_dir: 
     assert not (tmp_path / "outputs").exists()
 
 
+def _unprivileged() -> list[str] | None:
+    """A command prefix that runs without root's permission override: none needed for a normal user;
+    for root, a user namespace mapping uid 1000 onto our own uid (file permissions then apply as to
+    the files' owner). None when that is not possible here."""
+    if os.geteuid() != 0:
+        return []
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "--user", "--map-user=1000", "--map-group=1000"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.geteuid())"],
+                           capture_output=True, text=True)
+    return prefix if probe.returncode == 0 and probe.stdout.strip() == "1000" else None
+
+
 def test_read_only_run_dir_is_a_usage_error(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    prefix = _unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without user namespaces: a 0o555 dir stays writable")
     run_dir = tmp_path / "outputs" / "locked"
     (run_dir / "checkpoints").mkdir(parents=True)
     run_dir.chmod(0o555)
     try:
-        if os.access(run_dir, os.W_OK):
-            pytest.skip("permissions are not enforced for this user (root): a 0o555 dir stays writable")
-        proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "run.name=locked"], cwd=tmp_path,
-                          timeout=120, env=_env(cache_dir))
+        check = "import os, sys; print(os.access(sys.argv[1], os.W_OK))"
+        access = subprocess.run([*prefix, sys.executable, "-c", check, str(run_dir)], capture_output=True, text=True)
+        assert access.stdout.strip() == "False", access  # the launch below really meets a read-only dir
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+        env.update(_env(cache_dir))
+        proc = subprocess.run([*prefix, sys.executable, str(ROOT / "launch.py"),
+                               *tiny_data_overrides(corpus_dir, cache_dir), "run.name=locked"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, _output(proc)[-3000:]
         assert "Traceback" not in _output(proc)
         errors = _config_errors(proc.stderr)
-        assert len(errors) == 1 and str(run_dir) in errors[0] and "not writable" in errors[0], errors
+        assert len(errors) == 1 and "outputs/locked" in errors[0] and "not writable" in errors[0], errors
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # nothing written
     finally:
         run_dir.chmod(0o755)
 

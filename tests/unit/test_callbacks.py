@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sem.training import metrics as cb
-from sem.training.callbacks import MetricsWriter, SEMConsoleLogger, TrainClock
+from sem.engines.lightning.callbacks import MetricsWriter, SEMConsoleLogger, TrainClock
 from sem.training.curriculum import StageEvent
 
 TOKENS = 128  # per optimizer step

@@ -10,46 +10,31 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
-from sem.data.datamodule import byte_targets
 from sem.model import count_parameters, param_groups
 from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
-from sem.training.curriculum import CurriculumManager
-from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.training.health import Decision, Faults, HealthMonitor, HealthStop
-from sem.training.step import StepPolicy, step_seed  # noqa: F401  (step_seed: re-exported)
+from sem.training.health import Decision, HealthStop
+from sem.training.step import StepPolicy, val_metrics, val_sums
 
 
 class SEMLightningModule(pl.LightningModule):
     def __init__(
         self,
-        model: nn.Module,
+        policy: StepPolicy,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        curriculum: CurriculumManager | None = None,
-        teacher: Callable[..., EMATeacher] | None = None,
-        distill_loss: DistillationLoss | None = None,
-        faults: Faults | None = None,
         bpb: Callable[[float, int], float] | None = None,
-        budget: dict[str, Any] | None = None,
-        health: HealthMonitor | None = None,
         checkpoints: CheckpointManager | None = None,
-        config: dict[str, Any] | None = None,
-        seed: int = 0,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.policy = policy
+        self.model = policy.model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        # The teacher is a plain object, not a submodule: it must never appear in the student's
-        # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
-        self.policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
-                                 distill_loss, faults, health, seed, budget, config)
         self.checkpoints = checkpoints  # where a health rollback finds the last good state
         self.bpb = bpb or (lambda nats, n_bytes: nats / math.log(2) / max(n_bytes, 1))
-        self.num_parameters = count_parameters(model)
+        self.num_parameters = count_parameters(self.model)
         self.final_validation = False
         self.last_train: dict[str, Any] = {}  # read by the metrics/console callbacks
         self.last_val: dict[str, float] = {}
@@ -155,24 +140,12 @@ class SEMLightningModule(pl.LightningModule):
         self.model.set_step(self.global_step)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self.model(x, y)
-        n = y.numel()
-        self._val_sums += torch.stack([
-            out.ce_loss.detach().double() * n,
-            torch.tensor(n, dtype=torch.float64, device=self.device),
-            torch.tensor(byte_targets(y), dtype=torch.float64, device=self.device),
-            torch.tensor(y.shape[0], dtype=torch.float64, device=self.device),
-        ])
+        self._val_sums += val_sums(self.model, *batch)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        nats, tokens, n_bytes, windows = (float(v) for v in sums)
-        val_loss = nats / max(tokens, 1.0)
-        val_bpb = self.bpb(nats, int(n_bytes))
-        self.last_val = {"val/loss": val_loss, "val/bpb": val_bpb, "final": self.final_validation,
-                         "val/windows": int(windows)}
-        self.log_dict({"val/loss": val_loss, "val/bpb": val_bpb}, sync_dist=False)
+        self.last_val = val_metrics(sums, self.bpb, self.final_validation)
+        self.log_dict({"val/loss": self.last_val["val/loss"], "val/bpb": self.last_val["val/bpb"]}, sync_dist=False)
 
     # ---------------------------------------------------------------------------- checkpoints
 

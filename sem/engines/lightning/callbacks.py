@@ -179,10 +179,54 @@ class ManagedCheckpointIO(TorchCheckpointIO):
     """Lightning loads a checkpoint to resume through this: the manager's verified, weights-only
     payload (already read once to resolve the resume; not read twice)."""
 
-    def __init__(self, manager: CheckpointManager) -> None:
+    def __init__(self, manager: CheckpointManager, accumulate: int = 1) -> None:
         super().__init__()
         self.manager = manager
+        self.accumulate = accumulate
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
-        return self.manager.load(path)
+        payload = self.manager.load(path)
+        if "loops" not in payload:  # written by the standalone engine: give Lightning its loop counters
+            payload = from_standalone(payload, self.accumulate)
+        return payload
+
+
+def from_standalone(payload: dict[str, Any], accumulate: int) -> dict[str, Any]:
+    """A standalone checkpoint in the shape Lightning 2.x writes at the end of an optimizer step: the
+    loop progress counters of ``steps`` steps of ``accumulate`` micro-batches, the Lightning version,
+    and the grad scaler under the precision plugin's key."""
+    import pytorch_lightning
+
+    n, a = int(payload["global_step"]), accumulate
+
+    def progress(done: int, started: bool = True) -> dict[str, Any]:
+        one = {"ready": done, "completed": done, **({"started": done} if started else {})}
+        return {"total": dict(one), "current": dict(one)}
+
+    batches = {"ready": n * a, "completed": n * a - 1, "started": n * a, "processed": n * a}
+    epoch = {"ready": 1, "completed": 0, "started": 1, "processed": 0}
+    nothing = {"ready": 0, "completed": 0, "started": 0, "processed": 0}
+    fit_loop = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": n - 1},
+        "epoch_loop.batch_progress": {"total": dict(batches), "current": dict(batches), "is_last_batch": False},
+        "epoch_loop.scheduler_progress": progress(n, started=False),
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {
+            "optimizer": {"step": progress(n, started=False), "zero_grad": progress(n)}},
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": progress(0, started=False),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": {"total": dict(nothing), "current": dict(nothing),
+                                               "is_last_batch": False},
+        "epoch_progress": {"total": dict(epoch), "current": dict(epoch)},
+    }
+    other = {"state_dict": {}, "batch_progress": {"total": dict(nothing), "current": dict(nothing),
+                                                  "is_last_batch": False}}
+    out = {**payload, "loops": {"fit_loop": fit_loop, "validate_loop": other, "test_loop": other,
+                                "predict_loop": other},
+           "callbacks": {}, "pytorch-lightning_version": pytorch_lightning.__version__}
+    if payload.get("grad_scaler"):
+        out["SEMPrecisionPlugin"] = payload["grad_scaler"]
+    return out

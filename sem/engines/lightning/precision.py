@@ -13,37 +13,18 @@ import torch
 from pytorch_lightning.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-
+from sem.training.precision import PRECISIONS, precision_problems, resolve_precision  # noqa: F401
 
 def device_type_of(accelerator: Accelerator) -> str:
     if isinstance(accelerator, CUDAAccelerator):
         return "cuda"
     if isinstance(accelerator, CPUAccelerator):
         return "cpu"
-    from sem.training.xpu_accelerator import XPUAccelerator
+    from sem.engines.lightning.xpu import XPUAccelerator
 
     if isinstance(accelerator, XPUAccelerator):
         return "xpu"
     raise ValueError(f"accelerator: unsupported accelerator type {type(accelerator).__name__}")
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """``auto`` is fp32 on CPU and bf16-mixed on CUDA/XPU."""
-    if precision == "auto":
-        return "32-true" if device_type == "cpu" else "bf16-mixed"
-    return precision
-
-
-def precision_problems(precision: str, device_type: str) -> list[str]:
-    """Pre-flight check: what this device cannot honour (one line each)."""
-    if precision not in PRECISIONS:
-        return [f"precision.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"]
-    resolved = resolve_precision(precision, device_type)
-    if resolved == "16-mixed" and device_type == "cpu":
-        return ["precision.precision: '16-mixed' is not supported on cpu (Lightning would silently "
-                "switch to bf16); use precision=bf16_mixed or fp32"]
-    return []
 
 
 class SEMPrecisionPlugin(MixedPrecision):

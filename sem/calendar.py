@@ -1,0 +1,478 @@
+"""The dry-run plan (``dry_run=true``): what a run will do at every step, before it does it.
+
+``build_calendar`` is pure: from the schedule's multiplier, the curriculum's stage lookup, the
+checkpoint policy and the teacher's switch-on test (callables of the step, the very objects a run
+uses) it lays out the run as segments of constant phase and stage, with the validation, checkpoint
+and milestone steps. ``probe_seconds`` times 3 training steps of the built model at each stage's
+shape; ``dry_run`` prints the config tree, parameter count, FLOPs per token, the calendar and the
+estimated wall time, writes ``plan.json`` and ``plots/schedule.png``, and returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sem.calendar")
+
+PROBE_STEPS = 3  # per shape; the first is a warm-up (allocations, lazy init) and is not counted
+
+
+@dataclass
+class Segment:
+    """Steps ``start .. end - 1`` share a schedule phase and a curriculum stage."""
+
+    start: int
+    end: int
+    phase: str  # warmup | stable | decay | floor (after a decay that ends before max_steps)
+    stage: str
+    seq_len: int
+    batch_size: int
+    lr_start: float  # at step start
+    lr_end: float  # at step end - 1
+    gated: bool = False  # the stage may be held past its nominal end (plateau gate)
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Calendar:
+    max_steps: int
+    segments: list[Segment]
+    val_steps: list[int]  # optimizer steps done when a periodic validation runs
+    checkpoint_steps: list[int]
+    milestones: list[tuple[int, str]]  # (step, stage) milestone checkpoints
+    teacher_start: int | None
+    propagator_ramp_steps: int | None
+    tokens_per_step_factor: int  # micro-batches per step x ranks
+    samples: list[tuple[int, float, int, int]] = field(default_factory=list)  # (step, lr, seq_len, batch)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.steps * s.seq_len * s.batch_size for s in self.segments) * self.tokens_per_step_factor
+
+    @property
+    def stage_starts(self) -> list[tuple[int, str]]:
+        out: list[tuple[int, str]] = []
+        for s in self.segments:
+            if not out or out[-1][1] != s.stage:
+                out.append((s.start, s.stage))
+        return out
+
+
+def phase_at(step: int, warmup_steps: int, decay_start: int, decay_steps: int) -> str:
+    if step < warmup_steps:
+        return "warmup"
+    if step < decay_start:
+        return "stable"
+    return "decay" if step < decay_start + decay_steps else "floor"
+
+
+def build_calendar(*, max_steps: int, base_lr: float, multiplier: Callable[[int], float],
+                   warmup_steps: int, decay_start: int, decay_steps: int,
+                   stage_at: Callable[[int], tuple[str, int, int, bool]], stage_starts: list[int],
+                   val_every: int, checkpoint_due: Callable[[int], bool], save_on_exit: bool,
+                   milestone_stages: set[str], teacher_active: Callable[[int], bool] | None = None,
+                   propagator_ramp_steps: int | None = None, tokens_per_step_factor: int = 1,
+                   n_samples: int = 2000) -> Calendar:
+    """Lay the run out. ``stage_at(step) -> (name, seq_len, batch_size, gated)``; ``stage_starts``
+    the nominal first step of each stage; ``multiplier(step)`` the LR factor on ``base_lr`` (WSD
+    times the stage's scale)."""
+    cuts = {0, max_steps, *(b for b in (warmup_steps, decay_start, decay_start + decay_steps) if 0 < b < max_steps),
+            *(b for b in stage_starts if 0 < b < max_steps)}
+    bounds = sorted(cuts)
+    segments = []
+    for a, b in zip(bounds, bounds[1:]):
+        name, seq_len, batch, gated = stage_at(a)
+        seg = Segment(a, b, phase_at(a, warmup_steps, decay_start, decay_steps), name, seq_len, batch,
+                      base_lr * multiplier(a), base_lr * multiplier(b - 1), gated)
+        last = segments[-1] if segments else None
+        if last and (last.phase, last.stage) == (seg.phase, seg.stage) and last.end == a:
+            last.end, last.lr_end = b, seg.lr_end  # a zero-length stage between them: one segment
+        else:
+            segments.append(seg)
+    starts = {s.start: s.stage for s in segments}
+    milestones = [(step, name) for step, name in sorted(starts.items()) if step > 0 and name in milestone_stages]
+    checkpoints = [s for s in range(1, max_steps + 1) if checkpoint_due(s)]
+    if save_on_exit and max_steps not in checkpoints:
+        checkpoints.append(max_steps)
+    teacher_start = None
+    if teacher_active is not None:
+        teacher_start = next((s for s in range(max_steps) if teacher_active(s)), None)
+    # a bounded number of points for the plot, with both sides of every boundary
+    picks = {round(i * (max_steps - 1) / max(n_samples - 1, 1)) for i in range(min(n_samples, max_steps))}
+    picks |= {b for b in bounds if b < max_steps} | {b - 1 for b in bounds if b > 0}
+    samples = []
+    for s in sorted(picks):
+        _, seq_len, batch, _ = stage_at(s)
+        samples.append((s, base_lr * multiplier(s), seq_len, batch))
+    return Calendar(max_steps, segments, list(range(val_every, max_steps + 1, val_every)), checkpoints,
+                    milestones, teacher_start, propagator_ramp_steps, tokens_per_step_factor, samples)
+
+
+# --------------------------------------------------------------------------- from a built run
+
+
+@dataclass
+class RunParts:
+    """What the plan needs from a built run, whichever engine built it."""
+
+    model: Any
+    curriculum: Any
+    teacher: Any
+    optimizer: Callable[..., Any]  # factory: optimizer(params=...) -> a fresh optimizer
+    scheduler: Any  # has multiplier(step); WSDScheduler also warmup_steps, decay_start, decay_steps
+    device: Any
+    autocast: Callable[[], Any]
+    world: int
+
+
+def parts_of(built: Any) -> RunParts:
+    """Find the parts in ``sem.run.Built``: the Lightning engine keeps the optimizer and scheduler
+    factories in its module, the standalone engine the built optimizer and scheduler."""
+    import torch
+
+    engine = built.engine
+    module = getattr(engine, "module", None)
+    policy = getattr(engine, "policy", None) or getattr(module, "policy", None)
+    curriculum = getattr(policy, "curriculum", None)
+    scale = curriculum.lr_scale if curriculum is not None else None
+    trainer = getattr(engine, "trainer", None)
+    if module is not None and hasattr(module, "optimizer_factory"):  # Lightning
+        optimizer = module.optimizer_factory
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        factory = module.scheduler_factory
+        scheduler = factory(optimizer=dummy, lr_scale=scale) if factory is not None else None
+        device = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+        autocast = getattr(trainer.precision_plugin, "forward_context", nullcontext)
+        try:
+            world = int(trainer.world_size)
+        except Exception:  # a strategy that knows its ranks only once launched
+            world = 1
+    else:  # standalone: rebuild the optimizer it built, on the probe's copy of the model
+        built_opt = engine.optimizer
+
+        def optimizer(params: Any) -> Any:
+            return type(built_opt)(params, **built_opt.defaults)
+
+        scheduler = getattr(engine, "scheduler", None)
+        device = getattr(engine, "device", torch.device("cpu"))
+        autocast = getattr(getattr(engine, "precision", None), "autocast", nullcontext)
+        world = 1
+    return RunParts(model=engine.model, curriculum=curriculum, teacher=getattr(policy, "teacher", None),
+                    optimizer=optimizer, scheduler=scheduler, device=device, autocast=autocast, world=world)
+
+
+def calendar_of(cfg: Any, parts: RunParts, checkpoints: Any) -> Calendar:
+    """The calendar of a built run, from the objects the run itself uses."""
+    curriculum, sched = parts.curriculum, parts.scheduler
+    max_steps = int(cfg.trainer.max_steps)
+    multiplier = sched.multiplier if sched is not None else (lambda step: 1.0)
+
+    def stage_at(step: int) -> tuple[str, int, int, bool]:
+        if curriculum is None:
+            return "main", int(cfg.data.seq_len), int(cfg.data.batch_size), False
+        _, st = curriculum.stage_at(step)
+        return st.name, st.seq_len, st.batch_size, st.gate is not None
+
+    teacher = parts.teacher
+    return build_calendar(
+        max_steps=max_steps, base_lr=float(cfg.optimizer.lr), multiplier=multiplier,
+        warmup_steps=int(getattr(sched, "warmup_steps", 0) or 0),
+        decay_start=int(getattr(sched, "decay_start", max_steps)),
+        decay_steps=int(getattr(sched, "decay_steps", 0) or 0), stage_at=stage_at,
+        stage_starts=curriculum.boundaries() if curriculum is not None else [0],
+        val_every=int(cfg.trainer.val_check_interval), checkpoint_due=checkpoints.due,
+        save_on_exit=bool(checkpoints.save_on_exit),
+        milestone_stages={s.name for s in curriculum.stages if s.checkpoint} if curriculum is not None else set(),
+        teacher_active=(lambda s: teacher.active(s, stage_at(s)[0])) if teacher is not None else None,
+        propagator_ramp_steps=getattr(parts.model, "propagator_warmup_steps", None),
+        tokens_per_step_factor=int(cfg.trainer.accumulate_grad_batches) * parts.world)
+
+
+# ------------------------------------------------------------------------------------- probe
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    kind = getattr(device, "type", "cpu")
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def probe_seconds(model: Any, optimizer_factory: Callable[..., Any], shapes: list[tuple[int, int]],
+                  val_shape: tuple[int, int], device: Any, context: Callable[[], Any] = nullcontext,
+                  steps: int = PROBE_STEPS) -> tuple[dict[tuple[int, int], float], float]:
+    """Seconds per training micro-step at each (seq_len, batch) shape (mean of steps 2..``steps`` of
+    forward, backward and optimizer step on a copy of the model), and seconds per validation window
+    (a forward of one ``val_shape`` batch, divided by its batch size)."""
+    import torch
+
+    from sem.model import param_groups
+
+    m = copy.deepcopy(model).to(device).train()
+    wd = float(getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0))
+    opt = optimizer_factory(params=param_groups(m, wd))
+    vocab = int(getattr(m, "vocab_size", 256))
+    per_step: dict[tuple[int, int], float] = {}
+    for seq_len, batch in shapes:
+        x = torch.randint(0, min(vocab, 256), (batch, seq_len + 1), device=device)
+        times = []
+        for _ in range(max(steps, 2)):
+            t0 = time.perf_counter()
+            with context():
+                out = m(x[:, :-1], x[:, 1:])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        per_step[(seq_len, batch)] = statistics.fmean(times[1:])
+    m.eval()
+    seq_len, batch = val_shape
+    x = torch.randint(0, min(vocab, 256), (batch, seq_len + 1), device=device)
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with context():
+                m(x[:, :-1], x[:, 1:])
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return per_step, times[-1] / batch
+
+
+def flops_per_token(model: Any, seq_len: int) -> float | None:
+    """Training FLOPs per token (forward + backward) of one [1, seq_len] batch as torch's
+    FlopCounterMode counts them: matmuls and convolutions; FFTs and elementwise work are not counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).train()
+    x = torch.randint(0, 256, (1, seq_len + 1))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            m(x[:, :-1], x[:, 1:]).loss.backward()
+    except Exception as exc:  # an op the counter cannot trace: the plan goes on without the figure
+        log.warning("FLOPs per token not counted: %s: %s", type(exc).__name__, exc)
+        return None
+    return counter.get_total_flops() / seq_len
+
+
+# ------------------------------------------------------------------------------ the dry run
+
+
+def estimate_seconds(cal: Calendar, per_step: dict[tuple[int, int], float], per_window: float,
+                     periodic_windows: int, final_windows: int) -> tuple[float, float]:
+    """(training, validation) seconds: each segment's steps at its shape's probed time (times the
+    micro-batches per step), every periodic validation, and the final one."""
+    micro = cal.tokens_per_step_factor  # micro-batches per step x ranks; ranks run in parallel
+    train = sum(s.steps * per_step[(s.seq_len, s.batch_size)] for s in cal.segments) * micro
+    val = (len(cal.val_steps) * periodic_windows + final_windows) * per_window
+    return train, val
+
+
+def _steps_text(steps: list[int], every: int | None = None) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    lead = f"every {every} steps: " if every else ""
+    return f"{lead}{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)"
+
+
+def calendar_lines(cal: Calendar, *, val_every: int, ckpt_every: int, periodic_windows: int,
+                   final_windows: int) -> list[str]:
+    """The calendar as text: one row per segment, then validations, checkpoints, teacher, ramps."""
+    first = cal.segments[0]
+    lines = [f"calendar: {cal.max_steps} optimizer steps, {cal.tokens / 1e6:.3g}M training tokens "
+             f"({first.seq_len * first.batch_size * cal.tokens_per_step_factor} per step at the start)",
+             f"  {'steps':<15} {'phase':<7} {'stage':<12} {'seq_len x batch':<16} lr"]
+    for s in cal.segments:
+        lr = f"{s.lr_start:.3g}" if f"{s.lr_start:.3g}" == f"{s.lr_end:.3g}" else f"{s.lr_start:.3g} -> {s.lr_end:.3g}"
+        stage = s.stage + (" (gated)" if s.gated else "")
+        lines.append(f"  {f'{s.start} .. {s.end - 1}':<15} {s.phase:<7} {stage:<12} "
+                     f"{f'{s.seq_len} x {s.batch_size}':<16} {lr}")
+    lines.append(f"validation ({periodic_windows} windows) after steps {_steps_text(cal.val_steps, val_every)}; "
+                 f"final validation on {final_windows} windows after step {cal.max_steps}")
+    lines.append(f"checkpoints after steps {_steps_text(cal.checkpoint_steps, ckpt_every or None)}"
+                 + ("; milestones: " + ", ".join(f"{n} at {s}" for s, n in cal.milestones) if cal.milestones else ""))
+    if cal.teacher_start is not None:
+        lines.append(f"EMA teacher switches on at step {cal.teacher_start}")
+    if cal.propagator_ramp_steps:
+        lines.append(f"propagator alpha ramps 0 -> 1 over steps 0 .. {cal.propagator_ramp_steps}")
+    if any(s.gated for s in cal.segments):
+        lines.append("gated stages may be held past their nominal end: later boundaries are the earliest possible")
+    return lines
+
+
+def phase_spans(cal: Calendar) -> list[tuple[str, int, int]]:
+    """(phase, first step, end) of each run of segments in one schedule phase."""
+    spans: list[tuple[str, int, int]] = []
+    for s in cal.segments:
+        if spans and spans[-1][0] == s.phase:
+            spans[-1] = (s.phase, spans[-1][1], s.end)
+        else:
+            spans.append((s.phase, s.start, s.end))
+    return spans
+
+
+def plot_schedule(cal: Calendar, path: Path, title: str) -> Path:
+    """``plots/schedule.png``: LR per step (top) and seq_len and batch size per step (bottom), stages
+    shaded and named, WSD phase boundaries, validation and checkpoint steps, teacher switch-on."""
+    from sem.plots import plt
+
+    steps = [s[0] for s in cal.samples]
+    fig, (ax_lr, ax_shape) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 2]})
+    colors = plt.get_cmap("Pastel1").colors
+    starts = cal.stage_starts
+    for ax in (ax_lr, ax_shape):
+        for i, (lo, name) in enumerate(starts):
+            hi = starts[i + 1][0] if i + 1 < len(starts) else cal.max_steps
+            if len(starts) > 1:
+                ax.axvspan(lo, hi, color=colors[i % len(colors)], alpha=0.5, lw=0)
+        for step in cal.val_steps:
+            ax.axvline(step, color="tab:green", lw=1.0, ls=":", alpha=0.9)
+        if cal.teacher_start is not None:
+            ax.axvline(cal.teacher_start, color="tab:red", lw=1.2, ls="--")
+    for lo, name in starts:
+        ax_lr.text(lo, 1.0, f" {name}", transform=ax_lr.get_xaxis_transform(), va="top", fontsize=8)
+    # values are per optimizer step: step plots, held to the end of the last step
+    xs, lrs = [*steps, cal.max_steps], [s[1] for s in cal.samples]
+    ax_lr.step(xs, [*lrs, lrs[-1]], where="post", color="tab:blue", lw=1.5, label="learning rate")
+    for phase, lo, hi in phase_spans(cal):
+        if phase != "stable":
+            ax_lr.annotate("", xy=(lo, 0.05), xytext=(hi, 0.05), xycoords=ax_lr.get_xaxis_transform(),
+                           arrowprops={"arrowstyle": "<->", "color": "tab:blue", "lw": 0.8})
+            ax_lr.text((lo + hi) / 2, 0.07, phase, transform=ax_lr.get_xaxis_transform(), ha="center",
+                       fontsize=8, color="tab:blue")
+    ax_lr.plot(cal.checkpoint_steps, [0] * len(cal.checkpoint_steps), "v", color="black", ms=6,
+               clip_on=False, label="checkpoint")
+    if cal.milestones:
+        ax_lr.plot([s for s, _ in cal.milestones], [0] * len(cal.milestones), "*", color="tab:orange", ms=11,
+                   clip_on=False, label="milestone checkpoint")
+    ax_lr.plot([], [], color="tab:green", lw=1.0, ls=":", label="validation")
+    if cal.teacher_start is not None:
+        ax_lr.plot([], [], color="tab:red", ls="--", label=f"teacher on (step {cal.teacher_start})")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_ylim(bottom=0)
+    ax_lr.legend(fontsize=7, loc="upper right")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.set_title(title, fontsize=9)
+    ax_shape.step(xs, [*(s[2] for s in cal.samples), cal.samples[-1][2]], where="post", color="tab:purple",
+                  label="seq_len")
+    ax_shape.set_ylabel("seq_len", color="tab:purple")
+    ax_b = ax_shape.twinx()
+    ax_b.step(xs, [*(s[3] for s in cal.samples), cal.samples[-1][3]], where="post", color="tab:brown", ls="--",
+              label="batch size")
+    ax_b.set_ylabel("batch size", color="tab:brown")
+    ax_shape.set_ylim(bottom=0)
+    ax_b.set_ylim(bottom=0)
+    ax_shape.set_xlabel("optimizer step")
+    ax_shape.set_xlim(0, cal.max_steps)
+    ax_shape.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_config_tree(cfg: Any) -> None:
+    """The resolved config as a rich tree, one branch per top-level key."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(f"[bold]{key}[/bold]")
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else str(value)
+        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    Console(soft_wrap=True).print(tree)
+
+
+def _fmt_s(seconds: float) -> str:
+    from sem.report import fmt_duration
+
+    return fmt_duration(seconds)
+
+
+def dry_run(cfg: Any, built: Any, run_dir: Path, *, one_line: bool = False) -> dict[str, Any]:
+    """Print the plan of a built run, write ``plan.json`` and ``plots/schedule.png``; train nothing.
+    ``one_line``: a sweep job's dry run prints a single line (the sweep prints the totals)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sem.model import count_parameters
+
+    dm = built.datamodule
+    parts = parts_of(built)
+    n_params = count_parameters(parts.model)
+    cal = calendar_of(cfg, parts, built.checkpoint)
+    shapes = sorted({(s.seq_len, s.batch_size) for s in cal.segments})
+    t0 = time.perf_counter()
+    per_step, per_window = probe_seconds(parts.model, parts.optimizer, shapes,
+                                         (dm.val_seq_len, dm.val_batch_size), parts.device, parts.autocast)
+    probe_s = time.perf_counter() - t0
+    periodic_windows = len(dm.val_windows(dm.val_max_windows)[0])
+    final_windows = len(dm.val_windows(dm.final_val_max_windows)[0])
+    train_s, val_s = estimate_seconds(cal, per_step, per_window, periodic_windows, final_windows)
+    flops = flops_per_token(parts.model, cal.segments[0].seq_len)
+    first = cal.segments[0]
+    tok_s = first.seq_len * first.batch_size / per_step[(first.seq_len, first.batch_size)]
+    overrides = [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+    plan = {
+        "overrides": overrides, "model": type(parts.model).__name__, "params": n_params,
+        "flops_per_token": flops, "flops_seq_len": first.seq_len, "max_steps": cal.max_steps,
+        "tokens": cal.tokens, "segments": [asdict(s) for s in cal.segments], "val_steps": cal.val_steps,
+        "checkpoint_steps": cal.checkpoint_steps, "milestones": cal.milestones,
+        "teacher_start": cal.teacher_start, "propagator_ramp_steps": cal.propagator_ramp_steps,
+        "probe": {"device": str(parts.device), "steps_per_shape": PROBE_STEPS,
+                  "seconds_per_step": {f"{t}x{b}": v for (t, b), v in per_step.items()},
+                  "seconds_per_val_window": per_window, "probe_s": probe_s},
+        "estimated_train_s": train_s, "estimated_val_s": val_s, "estimated_s": train_s + val_s,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    title = (f"{type(parts.model).__name__} {n_params / 1e6:.2f}M params, {cal.max_steps} steps, "
+             f"{cal.tokens / 1e6:.3g}M tokens, est. {_fmt_s(train_s + val_s)}")
+    plot = plot_schedule(cal, run_dir / "plots" / "schedule.png", title)
+    gflop = f"{flops / 1e9:.4g} GFLOP/token" if flops else "FLOPs n/a"
+    if one_line:
+        stages = " ".join(f"{n}@{s}" for s, n in cal.stage_starts)
+        log.info("dry run | %s | %.2fM params | %s | %d steps, %.3gM tokens | stages %s | est. %s",
+                 " ".join(overrides) or "(no overrides)", n_params / 1e6, gflop,
+                 cal.max_steps, cal.tokens / 1e6, stages, _fmt_s(train_s + val_s))
+        return plan
+    print_config_tree(cfg)
+    built.describe()
+    log.info("parameters: %s; training FLOPs per token (fwd+bwd, seq_len %d, matmuls as torch's "
+             "FlopCounterMode counts them): %s; 6 x params: %.4g GFLOP/token", f"{n_params:,}",
+             first.seq_len, gflop, 6 * n_params / 1e9)
+    for line in calendar_lines(cal, val_every=int(cfg.trainer.val_check_interval),
+                               ckpt_every=int(cfg.checkpoint.every_n_steps),
+                               periodic_windows=periodic_windows, final_windows=final_windows):
+        log.info("%s", line)
+    probed = ", ".join(f"{t}x{b} {v:.3g} s/step" for (t, b), v in per_step.items())
+    log.info("timing probe (%d steps per shape on %s, first one not counted): %s; validation %.3g s/window; "
+             "%.3gk tokens/s at the start%s", PROBE_STEPS, parts.device, probed, per_window, tok_s / 1e3,
+             f" ({flops * tok_s / 1e9:.3g} GFLOP/s counted)" if flops else "")
+    log.info("estimated wall time: %s (training %s + validation %s; start-up, token cache build and "
+             "checkpoint writes not included)", _fmt_s(train_s + val_s), _fmt_s(train_s), _fmt_s(val_s))
+    log.info("schedule plot: %s; plan: %s", plot, run_dir / "plan.json")
+    return plan

@@ -1,0 +1,58 @@
+"""LightningEngine: the Lightning Trainer and SEMLightningModule behind the interface ``sem/run.py``
+drives (the standalone ``SEMTrainer`` has the same one): ``fit``, ``validate``, ``global_step``,
+``max_steps``, ``tokens_per_s``, ``model``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import nn
+
+from sem.engines.lightning.module import SEMLightningModule
+
+
+class LightningEngine:
+    def __init__(self, trainer: pl.Trainer, module: SEMLightningModule, datamodule: Any, accumulate: int) -> None:
+        self.trainer = trainer
+        self.module = module
+        self.dm = datamodule
+        self.accumulate = accumulate
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.model
+
+    @property
+    def global_step(self) -> int:
+        return self.trainer.global_step
+
+    @property
+    def max_steps(self) -> int:
+        return self.trainer.max_steps
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Training tokens per second over the whole run (validation time excluded)."""
+        for cb in self.trainer.callbacks:
+            if hasattr(cb, "overall_tokens_per_s"):
+                return cb.overall_tokens_per_s
+        return None
+
+    def fit(self, resume_from: str | None = None) -> None:
+        curriculum = self.module.curriculum
+        train_loader = self.dm.train_loader(
+            start_step=lambda: self.trainer.global_step,
+            shape_at=curriculum.shape_at if curriculum is not None else None,
+            accumulate=self.accumulate,
+        )
+        self.trainer.fit(self.module, train_dataloaders=train_loader, val_dataloaders=self.dm.val_loader(),
+                         ckpt_path=resume_from)
+
+    def validate(self, loader: Any, final: bool = False) -> dict[str, Any]:
+        self.module.final_validation = final
+        self.trainer.validate(self.module, dataloaders=loader, verbose=False)
+        return self.module.last_val
+
+    def describe(self) -> str:
+        return f"Lightning Trainer on {type(self.trainer.accelerator).__name__}"

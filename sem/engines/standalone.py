@@ -1,0 +1,243 @@
+"""SEMTrainer: the plain-PyTorch engine (``engine=standalone``).
+
+The same model, data, optimizer, scheduler, curriculum, distillation, health monitor, checkpoint
+manager, precision policy and metrics writer as the Lightning engine: every training decision lives in
+the core (``StepPolicy``, ``CheckpointManager``, ``MetricsLog``...); this loop only orders the calls,
+in the order Lightning makes them, so both engines give the same per-step losses and each resumes the
+other's checkpoints. No Lightning import: it runs where Lightning is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sem.model import param_groups
+from sem.training.checkpoint import CheckpointManager
+from sem.training.health import HealthStop
+from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step
+from sem.training.precision import PrecisionPolicy
+from sem.training.preemption import StopSignals
+from sem.training.step import StepPolicy, val_metrics, val_sums
+
+log = logging.getLogger("sem")
+
+MODEL_PREFIX = "model."  # the Lightning module's name for the model: shared checkpoint keys
+
+
+class SEMTrainer:
+    """Fit ``policy.model`` for ``max_steps`` optimizer steps; see the module docstring."""
+
+    def __init__(self, *, policy: StepPolicy, datamodule: Any, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
+                 checkpoints: CheckpointManager, precision: PrecisionPolicy, device: torch.device,
+                 run_dir: Path, max_steps: int, val_check_interval: int, log_every_n_steps: int,
+                 accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None,
+                 console_every_n_steps: int = 50, signals: StopSignals | None = None) -> None:
+        self.policy = policy
+        self.model: nn.Module = policy.model
+        self.dm = datamodule
+        self.checkpoints = checkpoints
+        self.precision = precision
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.max_steps = max_steps
+        self.val_check_interval = val_check_interval
+        self.log_every_n_steps = log_every_n_steps
+        self.accumulate = accumulate_grad_batches
+        self.clip = float(gradient_clip_val) if gradient_clip_val else None
+        self.signals = signals
+        self.global_step = 0
+        self.last_val: dict[str, Any] = {}
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", log_every_n_steps, max_steps)
+        self.console = ConsoleLine(console_every_n_steps)
+
+        self.model.to(device=device, dtype=precision.weights_dtype)
+        wd = float(getattr(optimizer, "keywords", {}).get("weight_decay", 0.0))
+        self.optimizer = optimizer(params=param_groups(self.model, wd))
+        curriculum, health = policy.curriculum, policy.health
+
+        def lr_scale(step: int) -> float:  # the stage's LR scale times the health policy's (rollbacks)
+            return (curriculum.lr_scale(step) if curriculum is not None else 1.0) * health.lr_factor
+
+        self.scheduler = scheduler(optimizer=self.optimizer, lr_scale=lr_scale) if scheduler is not None else None
+        self.scaler = precision.scaler()
+
+    # ---------------------------------------------------------------------------------- fit
+
+    def fit(self, resume_from: str | None = None) -> None:
+        """Train to ``max_steps``, from the checkpoint ``resume_from`` (either engine's) when given."""
+        if resume_from is not None:
+            self.load_payload(self.checkpoints.load(resume_from))
+        if self.policy.teacher is not None:
+            self.policy.teacher.to(self.device)
+        self.metrics.trim(self.global_step)
+        if self.signals is not None:
+            self.signals.install()
+        batches = self._prefetched(self.dm.train_loader(
+            start_step=lambda: self.global_step,
+            shape_at=self.policy.curriculum.shape_at if self.policy.curriculum is not None else None,
+            accumulate=self.accumulate))
+        self.model.train()
+        while self.global_step < self.max_steps:
+            self._train_step(batches)
+            done = self.global_step
+            stop = self.signals is not None and self.signals.received is not None
+            if self.checkpoints.due(done) or (stop and self.checkpoints.save_on_exit and done < self.max_steps):
+                self.save()
+            if done % self.val_check_interval == 0:
+                self.validate(self.dm.val_loader())
+            if stop:
+                break
+        self.metrics.clock.pause()
+        self.console.clock.pause()
+        if self.checkpoints.save_on_exit and self.checkpoints.last_saved_step != self.global_step \
+                and self.global_step > 0:
+            self.save()
+
+    @staticmethod
+    def _prefetched(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches one ahead, as Lightning's fetcher builds them: a gated curriculum then sees the same
+        highest-served step, and decides the same boundaries, in both engines. The loader's iterator
+        is made here, before any step seeds the RNG (making one draws a seed from it)."""
+        it = iter(loader)
+        ahead = [next(it)]
+
+        def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            while True:
+                current, ahead[0] = ahead[0], next(it)
+                yield current
+
+        return stream()
+
+    def _train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        step, policy = self.global_step, self.policy
+        if not self.metrics.clock.running:
+            self.metrics.clock.start()
+            self.console.clock.start()
+        policy.start(step)
+        row: dict[str, Any] = {}
+        for _ in range(self.accumulate):
+            x, y = (t.to(self.device, non_blocking=True) for t in next(batches))
+            with self.precision.autocast():
+                loss, metrics = policy.micro_loss(x, y, step)
+            stage_index, stage = policy.stage(step)
+            row = {"step": step, "lr": self.optimizer.param_groups[0]["lr"], "seq_len": int(x.shape[1]),
+                   "batch_size": int(x.shape[0]), "stage": stage, "stage_index": stage_index, **metrics}
+            scaled = loss / self.accumulate
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        means = policy.step_means()
+        decision = policy.judge(step, params, float(means[0]), self.clip, scaler_active=self.scaler is not None)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        row.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
+                    "tokens": policy.tokens, "grad_norm": policy.grad_norm})
+        logging_step = is_logging_step(step, self.log_every_n_steps, self.max_steps)
+        row.update(policy.finish(step, means, decision, logging_step, self._rollback))
+        self.global_step = step + 1
+        self.metrics.train(row)
+        text = self.console.train(row, self.max_steps)
+        if text is not None:
+            log.info(text)
+        for event in row.get("events") or []:
+            log.info("curriculum: %s %r at step %d (%s)", event.kind.replace("_", " "), event.stage,
+                     event.step, event.reason)
+            if (event.kind == "stage_start" and event.step == self.global_step
+                    and policy.curriculum is not None and policy.curriculum.stages[event.index].checkpoint):
+                path = self.save(milestone=event.stage)
+                log.info("curriculum: milestone checkpoint %s", path)
+        self._last_row = row
+
+    def _rollback(self, step: int) -> None:
+        found = self.checkpoints.newest_valid()
+        if found is None:
+            raise HealthStop(f"step {step}: rollback needed but no valid checkpoint exists yet "
+                             "(save earlier with checkpoint.every_n_steps, or use action skip)")
+        self.policy.restore_for_rollback(found[1], self._load_model, [self.optimizer], step)
+
+    # ---------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validate(self, loader: Any, final: bool = False) -> dict[str, Any]:
+        self.metrics.clock.pause()
+        self.console.clock.pause()
+        was_training = self.model.training
+        self.model.eval()
+        self.model.set_step(self.global_step)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with torch.inference_mode(), self.precision.autocast():
+            for x, y in loader:
+                sums += val_sums(self.model, x.to(self.device), y.to(self.device))
+        self.model.train(was_training)
+        self.last_val = val_metrics(sums, self.dm.val_bpb, final)
+        self.metrics.validation(self.global_step, self.last_val)
+        log.info(ConsoleLine.validation(self.global_step, self.last_val))
+        if not final:
+            self.checkpoints.record_metrics(self.global_step, {k: v for k, v in self.last_val.items()
+                                                               if k.startswith("val/")})
+        return self.last_val
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.metrics.clock.tokens_per_s
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def payload(self) -> dict[str, Any]:
+        """The checkpoint dict, in the keys the Lightning engine writes (so either resumes either)."""
+        return {
+            "epoch": 0,
+            "global_step": self.global_step,
+            "engine": "standalone",
+            "state_dict": {MODEL_PREFIX + k: v for k, v in self.model.state_dict().items()},
+            "optimizer_states": [self.optimizer.state_dict()],
+            "lr_schedulers": [self.scheduler.state_dict()] if self.scheduler is not None else [],
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sem": self.policy.state_dict(self.global_step),
+        }
+
+    def save(self, milestone: str | None = None) -> Path | None:
+        row = getattr(self, "_last_row", {})
+        metrics = {k: _float(row.get(k)) for k in ("train/loss", "train/ce_loss") if k in row}
+        return self.checkpoints.save(self.payload(), step=self.global_step, stage=row.get("stage"),
+                                     metrics=metrics, config=self.policy.config, milestone=milestone)
+
+    def _load_model(self, state_dict: dict[str, torch.Tensor]) -> None:
+        own = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+        self.model.load_state_dict(own)
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        """Restore a checkpoint written by either engine. The policy first (as Lightning restores the
+        module before the optimizers): the scheduler's LR at the restored step depends on the
+        curriculum's gate decisions."""
+        self.policy.load_state_dict(payload.get("sem") or {})
+        self._load_model(payload["state_dict"])
+        if payload.get("optimizer_states"):
+            self.optimizer.load_state_dict(payload["optimizer_states"][0])
+        if self.scheduler is not None and payload.get("lr_schedulers"):
+            self.scheduler.load_state_dict(payload["lr_schedulers"][0])
+        scaler_state = payload.get("grad_scaler") or payload.get("SEMPrecisionPlugin")  # either engine's
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+        self.global_step = int(payload["global_step"])
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
