@@ -292,6 +292,10 @@ def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, op
     from sem.engines.standalone import SEMTrainer
     from sem.training.precision import PrecisionPolicy, device_type_for
 
+    unused = [name for name, node in cfg.logger.items() if node]
+    if unused:
+        log.warning("engine=standalone writes metrics.jsonl only: logger %s is not used (engine=lightning "
+                    "runs Lightning's loggers)", ", ".join(unused))
     device_type = device_type_for(cfg.accelerator.name)
     precision = PrecisionPolicy.of(cfg.precision.precision, device_type)
     console = cfg.callbacks.get("console")

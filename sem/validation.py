@@ -118,6 +118,10 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     p: list[str] = []
     if cfg.engine not in ("lightning", "standalone"):
         p.append(f"engine={cfg.engine!r}: must be lightning or standalone")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if cfg.engine == "standalone" and (devices not in (1, "1", "auto") or nodes != 1):
+        p.append(f"engine=standalone: runs on one device; trainer.devices={devices} trainer.num_nodes={nodes} "
+                 "need engine=lightning")
     name = cfg.run.name
     if name is not None and (name.startswith("/") or ".." in name.split("/") or not name.strip()):
         p.append(f"run.name={name!r}: must be a relative name without '..'")

@@ -44,7 +44,8 @@ SINGLE = {
                                ["curriculum.stages[1]", "seq_len=1024", "512"]),
     "resume_missing": (["resume=/no/such/run/last.ckpt"], ["resume=", "/no/such/run/last.ckpt"]),
     "run_name_dotdot": (["run.name=../elsewhere"], ["run.name=", "../elsewhere", ".."]),
-    "engine_standalone": (["engine=standalone"], ["engine=", "standalone"]),
+    "engine_unknown": (["engine=deepspeed"], ["engine=", "deepspeed"]),
+    "standalone_multi_device": (["engine=standalone", "trainer.devices=2"], ["engine=standalone", "trainer.devices=2"]),
 }
 
 
@@ -86,7 +87,7 @@ def test_existing_resume_file_is_accepted(base: list[str], tmp_path: Path) -> No
 
 def test_every_problem_reported_at_once(base: list[str]) -> None:
     overrides = ["optimizer.lr=-1", "scheduler.warmup_steps=20", "trainer.max_steps=10",
-                 "run.name=../x", "engine=standalone", "resume=/no/such.ckpt",
+                 "run.name=../x", "engine=fast", "resume=/no/such.ckpt",
                  "curriculum=two_stage", "model.max_seq_len=512"]
     problems = problems_of(base, *overrides)
     expected = [("optimizer.lr=-1",), ("scheduler", "max_steps=10"), ("run.name=",),
