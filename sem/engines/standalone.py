@@ -91,10 +91,10 @@ class SEMTrainer:
             stop = self.signals is not None and self.signals.received is not None
             if self.checkpoints.due(done) or (stop and self.checkpoints.save_on_exit and done < self.max_steps):
                 self.save()
+            if stop:
+                break  # no validation on the way out: a preempted run exits as soon as it is saved
             if done % self.val_check_interval == 0:
                 self.validate(self.dm.val_loader())
-            if stop:
-                break
         self.metrics.clock.pause()
         self.console.clock.pause()
         if self.checkpoints.save_on_exit and self.checkpoints.last_saved_step != self.global_step \
@@ -214,7 +214,7 @@ class SEMTrainer:
     def save(self, milestone: str | None = None) -> Path | None:
         row = getattr(self, "_last_row", {})
         metrics = {k: _float(row.get(k)) for k in ("train/loss", "train/ce_loss") if k in row}
-        return self.checkpoints.save(self.payload(), step=self.global_step, stage=row.get("stage"),
+        return self.checkpoints.save(self.payload(), step=self.global_step, stage=milestone or row.get("stage"),
                                      metrics=metrics, config=self.policy.config, milestone=milestone)
 
     def _load_model(self, state_dict: dict[str, torch.Tensor]) -> None:

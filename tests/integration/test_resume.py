@@ -431,9 +431,6 @@ def test_each_attempt_is_recorded_and_env_json_is_the_first(stopped: Stopped,
     assert (stopped.run_dir / "env.json").read_text() == stopped.env_json
 
 
-@pytest.mark.xfail(reason="BUG: a stop signal runs an unscheduled validation at the stop step before exiting "
-                          "(Lightning validates when trainer.should_stop is set): a slower preemption, an extra "
-                          "val row in metrics.jsonl and val metrics on the stop checkpoint's sidecar", strict=True)
 def test_stop_signal_does_not_validate_off_schedule(stopped: Stopped,
                                                     stopped_resumed: subprocess.CompletedProcess,
                                                     reference: Path) -> None:
@@ -617,8 +614,7 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path: Path, referenc
     errors = _config_errors(proc.stderr)
     assert len(errors) == 1 and str(ckpt) in errors[0], errors
     # each mismatching key with both shapes: sem_tiny's d_model=64 in the file, 48 asked for
-    mismatches = re.findall(r"(model\.[\w.]+) \[([\d, ]+)\] in the checkpoint vs \[([\d, ]+)\] configured",
-                            errors[0])
+    mismatches = re.findall(r"([\w.]+) \[([\d, ]+)\] in the checkpoint vs \[([\d, ]+)\] configured", errors[0])
     assert len(mismatches) >= 3, errors[0]
     assert all(old != new for _, old, new in mismatches)
 

@@ -139,7 +139,7 @@ class CheckpointCallback(pl.Callback):
         if trainer.is_global_zero:
             row = pl_module.last_train
             metrics = {k: plain(row.get(k)) for k in ("train/loss", "train/ce_loss")}
-            path = self.manager.save(payload, step=trainer.global_step, stage=row.get("stage"),
+            path = self.manager.save(payload, step=trainer.global_step, stage=milestone or row.get("stage"),
                                      metrics=metrics, config=pl_module.config, milestone=milestone)
             if path is not None and milestone is not None:
                 log.info("curriculum: milestone checkpoint %s", path)
@@ -161,6 +161,9 @@ class CheckpointCallback(pl.Callback):
             self.save(trainer, pl_module)
         if stop:
             trainer.should_stop = True
+            # Lightning validates when should_stop is set (for early stopping); a preempted run must
+            # not: it delays the exit and would add an off-schedule validation row and sidecar metric.
+            trainer.limit_val_batches = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not pl_module.last_val or pl_module.last_val.get("final"):
