@@ -14,8 +14,10 @@ One generated token costs, at context L:
 ``sem_small`` and ``transformer_small`` from ``conf/model`` with random weights (timing does not
 depend on the values); the SEM's forward length check is raised to the largest context (nothing
 in the model depends on it). Each figure is the median over ``--repeats`` timings; a configuration
-whose predicted time exceeds ``--budget-s`` is skipped and says so. Writes ``bench/results/decode.json``
-and appends a table to ``BENCHMARKS.md``.
+whose predicted time exceeds ``--budget-s`` is skipped and says so. On a shared machine pass
+``--threads 1``: with other processes on the cores, torch's spinning worker threads can make a
+small model 20-60x slower, which measures the neighbours rather than the model. Writes
+``bench/results/decode.json`` and appends a table to ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,77 +72,86 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_s(fn: Any, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (allocator, kernels, FFT plans)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
-@torch.no_grad()
-def time_recurrent(model: nn.Module, context: int, repeats: int, steps: int, device: torch.device) -> float:
-    """Seconds per token of ``model.step`` after a ``context``-token prefill."""
+def recurrent_call(model: nn.Module, context: int, steps: int, device: torch.device) -> Callable[[], None]:
+    """``steps`` tokens of ``model.step`` after a ``context``-token prefill (the state carries on
+    from call to call: its size does not change)."""
     x = torch.randint(0, 256, (1, context), device=device)
     logits, state = model.prefill(x)
     token = logits.argmax(-1)
 
-    def run() -> None:
+    def call() -> None:
         nonlocal state, token
         for _ in range(steps):
             logits, state = model.step(token, state)
             token = logits.argmax(-1)
 
-    return _median_s(run, repeats, device) / steps
+    return call
+
+
+def forward_call(model: nn.Module, context: int, device: torch.device) -> Callable[[], None]:
+    """One forward over ``context`` tokens (= one generated token by full recompute)."""
+    x = torch.randint(0, 256, (1, context), device=device)
+    return lambda: model(x).logits[:, -1]
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, context: int, repeats: int, device: torch.device) -> float:
-    """Seconds of one forward over ``context`` tokens (= one generated token by full recompute)."""
-    x = torch.randint(0, 256, (1, context), device=device)
-    return _median_s(lambda: model(x).logits[:, -1], repeats, device)
-
-
 def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: torch.device
         ) -> dict[str, dict[int, dict[str, Any]]]:
+    """Seconds per token for every (method, context), or why it was skipped.
+
+    A first pass (ascending contexts) warms each configuration up and predicts its cost, skipping
+    the ones over budget; then ``repeats`` rounds time every configuration once per round, so a
+    change in the machine's load over the run spreads over all cells instead of biasing some.
+    """
     sem = build("sem_small", max_seq_len=max(contexts)).to(device)
     transformer = build("transformer_small").to(device)
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
-    last_one: dict[str, tuple[int, float]] = {}  # method -> (context, seconds per call) of its last timing
+    cells: dict[tuple[str, int], tuple[Callable[[], None], int]] = {}  # -> (call, tokens per call)
+    last: dict[str, tuple[int, float]] = {}  # method -> (context, seconds per call) of its last warm-up
     for context in sorted(contexts):
         for method in METHODS:
             if method == "transformer" and context > transformer.max_seq_len:
                 results[method][context] = {"skipped": f"beyond max_seq_len={transformer.max_seq_len} "
                                                        "(sampling truncates the context to it)"}
                 continue
-            per_call = None
-            if method != "sem_recurrent" and method in last_one:
-                prev_context, prev_s = last_one[method]
-                per_call = prev_s * (context / prev_context) ** 2 if method == "transformer" else \
-                    prev_s * context / prev_context  # attention is quadratic; the SEM forward ~linear
-                predicted = per_call * (repeats + 1)
+            if method != "sem_recurrent" and method in last:
+                prev_context, prev_s = last[method]
+                growth = context / prev_context  # attention is quadratic, the SEM forward ~linear
+                predicted = prev_s * (growth ** 2 if method == "transformer" else growth) * (repeats + 1)
                 if predicted > budget_s:
                     results[method][context] = {"skipped": f"predicted {predicted:.0f} s > {budget_s:.0f} s budget"}
                     continue
             if method == "sem_recurrent":
-                s = time_recurrent(sem, context, repeats, steps, device)
-                last_one[method] = (context, s * steps)
+                call, tokens = recurrent_call(sem, context, steps, device), steps
             else:
-                s = time_forward(sem if method == "sem_recompute" else transformer, context, repeats, device)
-                last_one[method] = (context, s)
-            results[method][context] = {"ms_per_token": s * 1e3}
-            print(f"  context {context:>6}: {TITLES[method]:<30} {s * 1e3:9.3f} ms/token", file=sys.stderr)
+                call, tokens = forward_call(sem if method == "sem_recompute" else transformer, context, device), 1
+            call()  # warm-up: allocator, kernels, FFT plans
+            last[method] = (context, _timed(call, device))
+            cells[method, context] = (call, tokens)
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in cells}
+    for _ in range(repeats):
+        for key, (call, tokens) in cells.items():
+            times[key].append(_timed(call, device) / tokens)
+    for (method, context), ts in sorted(times.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        s = statistics.median(ts)
+        results[method][context] = {"ms_per_token": s * 1e3, "repeats_ms": [t * 1e3 for t in ts]}
+        print(f"  context {context:>6}: {TITLES[method]:<30} {s * 1e3:9.3f} ms/token", file=sys.stderr)
     return results
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (host CPU {cpu_model()})"
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{cpu_model()}, {n} torch thread{'s' * (n != 1)} ({os.cpu_count()} cores)"
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -175,10 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=32, help="recurrent steps per timing")
     parser.add_argument("--budget-s", type=float, default=60.0, help="skip a configuration predicted to take longer")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own); 1 is steadier on a busy machine")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode.json"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"{machine(device)}, torch {torch.__version__}, load average {load}", file=sys.stderr)
     results = run(args.contexts, args.repeats, args.steps, args.budget_s, device)
@@ -189,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "command": "python -m bench.decode " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.decode", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "repeats": args.repeats,
         "steps": args.steps,
         "contexts": sorted(args.contexts),

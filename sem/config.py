@@ -285,6 +285,19 @@ class RunConf:
 
 
 @dataclass
+class SamplesConf:
+    """``samples.txt`` at the end of a run: ``n`` samples per prompt from the final checkpoint."""
+
+    n: int = 3  # 0: no samples.txt
+    prompts: list[str] = field(default_factory=lambda: ["", "def "])  # "" starts a new document
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 0
+
+
+@dataclass
 class FaultsConf:
     nan_at_step: int | None = None  # the loss of this optimizer step becomes NaN
     inf_grad_at_step: int | None = None  # one gradient entry of this step becomes inf
@@ -312,6 +325,7 @@ class Config:
     resume: str | None = None
     dry_run: bool = False
     faults: FaultsConf = field(default_factory=FaultsConf)
+    sample: SamplesConf = field(default_factory=SamplesConf)
     # torch intra-op threads for this job; null: the cores split between the jobs a parallel sweep
     # runs at once (sem.sweep.job_threads), torch's default for a single run
     threads: int | None = None

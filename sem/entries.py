@@ -28,8 +28,6 @@ EXIT_USAGE = 2
 # take a relative config_path as a Python package then).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-log = logging.getLogger("sem")
-
 _started = False  # set once the app's own function runs: a SystemExit(1) after that is not Hydra's
 
 
@@ -107,6 +105,14 @@ def check_file(path: str) -> None:
                     "another kind of file)")
 
 
+def _unreadable_export(exc: Exception) -> bool:
+    """A truncated model.safetensors or a config.yaml that is not YAML (sem.loading lets them through)."""
+    import yaml
+    from safetensors import SafetensorError
+
+    return isinstance(exc, (SafetensorError, yaml.YAMLError))
+
+
 def load_checkpoint(path: str, device: "torch.device") -> tuple["nn.Module", DictConfig]:
     """``sem.load(path)``; a checkpoint that is missing, corrupt or not ours is a usage error (exit 2)."""
     from sem.loading import load
@@ -121,4 +127,9 @@ def load_checkpoint(path: str, device: "torch.device") -> tuple["nn.Module", Dic
         # a config inside the file that no longer builds a model (renamed class, removed argument)
         usage_error(f"ckpt={path}: cannot rebuild the model from the config it holds: "
                     f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if not _unreadable_export(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        usage_error(f"ckpt={path}: an exported directory that cannot be read ({type(exc).__name__}: {first})")
     return model, cfg

@@ -40,11 +40,12 @@ from torch import nn
 
 from sem.config import register_configs
 from sem.data.corpus import Corpus, CorpusError
-from sem.data.datamodule import SEMDataModule, byte_targets
+from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
 from sem.entries import CONF_DIR
 from sem.entries import cli as _cli
 from sem.entries import device_of, load_checkpoint, start, usage_error
+from sem.training.step import val_sums
 
 log = logging.getLogger("sem.evaluate")
 
@@ -88,25 +89,19 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
           device: torch.device | str = "cpu") -> Score:
     """Cross-entropy sums of ``model`` over windows x, y [n, T], ``batch_size`` windows at a time.
 
-    The sums are formed as the training run's validation forms them (a batch's mean loss times its
-    targets, accumulated in float64), so the same windows in the same batches give the same bpb.
+    The sums are the training run's validation sums (``sem.training.step.val_sums``: a batch's mean
+    loss times its targets, accumulated in float64), so the same windows in the same batches on the
+    same device give the same bpb.
     """
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, byte targets
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, byte targets, windows
     progress, task = _progress(len(x))
     with progress:
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            out = model(xb, yb)
-            n = yb.numel()
-            sums += torch.stack([
-                out.ce_loss.double() * n,
-                torch.tensor(n, dtype=torch.float64, device=device),
-                torch.tensor(byte_targets(yb), dtype=torch.float64, device=device),
-            ])
-            progress.update(task, advance=len(xb))
-    nats, tokens, n_bytes = (float(v) for v in sums)
-    return Score(nats, int(tokens), int(n_bytes), len(x))
+            sums += val_sums(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+            progress.update(task, advance=min(batch_size, len(x) - i))
+    nats, tokens, n_bytes, windows = (float(v) for v in sums)
+    return Score(nats, int(tokens), int(n_bytes), int(windows))
 
 
 def _progress(total: int) -> tuple[Any, Any]:

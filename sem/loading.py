@@ -40,6 +40,12 @@ def model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state_dict, resolved run config) from a checkpoint file or an exported directory."""
+    state, config, _ = _read(path)
+    return state, config
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
+    """(state, config, optimizer steps done: None for an export, whose weights already hold it)."""
     path = Path(path).expanduser()
     if path.is_dir():
         weights, config = path / "model.safetensors", path / "config.yaml"
@@ -47,23 +53,31 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise CheckpointError(f"{path}: not an exported model (needs model.safetensors and config.yaml)")
         from safetensors.torch import load_file
 
-        return load_file(str(weights)), OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        try:
+            return load_file(str(weights)), OmegaConf.to_container(OmegaConf.load(config), resolve=True), None
+        except Exception as exc:  # SafetensorError, a YAML error: a damaged export
+            raise CheckpointError(f"{path}: damaged export: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     payload = verify(path)
     config = (payload.get("sem") or {}).get("config")
     if not config:
         raise CheckpointError(f"{path}: holds no run config (written before checkpoints were "
                               "self-describing); it can still be resumed with the config it was trained with")
-    return model_state(payload["state_dict"]), config
+    return model_state(payload["state_dict"]), config, int(payload.get("global_step", 0))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
     """The trained model (eval mode, on ``device``) and the run config it was trained with."""
-    state, config = read(path)
+    state, config, steps_done = _read(path)
     model = build_model(config["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit {config['model']['_target_']} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    set_step = getattr(model, "set_step", None)
+    if set_step is not None and steps_done is not None:
+        # the step-driven blends (SEM propagator alpha) as validation saw them after the last step:
+        # a checkpoint holds the value of the step it last trained, one behind
+        set_step(steps_done)
     return model.to(device).eval(), OmegaConf.create(config)
 
 
@@ -71,9 +85,9 @@ def export(path: str | Path, out: str | Path) -> Path:
     """Write ``out/model.safetensors`` + ``out/config.yaml`` (no pickle) from a checkpoint."""
     from safetensors.torch import save_file
 
-    state, config = read(path)
+    model, cfg = load(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return out

@@ -421,6 +421,27 @@ def _shape_problems(model: Any, payload: dict[str, Any], path: str | None) -> li
 # --------------------------------------------------------------------------- fit and summarise
 
 
+def _write_samples(cfg: DictConfig, checkpoints: Any, run_dir: Path) -> None:
+    """``samples.txt``: what the final checkpoint writes (rebuilt from the file alone, as a user would)."""
+    from sem.summary import is_global_zero
+
+    last = checkpoints.last()
+    if cfg.sample.n == 0 or last is None or not is_global_zero():
+        return
+    try:
+        import sem
+        from sem.sample import write_samples
+
+        model, _ = sem.load(last)
+        s = cfg.sample
+        path = write_samples(model, run_dir / "samples.txt", prompts=list(s.prompts), n=s.n,
+                             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                             top_p=s.top_p, seed=s.seed)
+        log.info("samples from %s: %s", last.name, path)
+    except Exception as exc:  # samples are a courtesy: they never turn a finished run into a failure
+        log.warning("could not write samples.txt: %s: %s", type(exc).__name__, exc)
+
+
 def _str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
@@ -458,6 +479,7 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         best_checkpoint=_str(checkpoints.best()),
         last_checkpoint=_str(checkpoints.last()),
     )
+    _write_samples(cfg, checkpoints, summary.run_dir)
     bpb = val["val/bpb"]
     anchors = ", ".join(f"{name} {dm.compressor_bpb[key]:.4f}" for name, key in
                         (("gzip -9", "gzip_bpb"), ("bz2 -9", "bz2_bpb"), ("xz -9e", "xz_bpb")))

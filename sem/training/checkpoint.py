@@ -26,6 +26,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -393,6 +394,8 @@ def verify(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             raise CheckpointError(f"unreadable sidecar {side_path.name}: {exc}") from None
         if sidecar.get("sha256") and file_sha256(real) != sidecar["sha256"]:
             raise CheckpointError(f"sha256 does not match its sidecar {side_path.name} (truncated or altered)")
+    if not zipfile.is_zipfile(real):
+        raise CheckpointError("not a torch checkpoint (not a zip archive: truncated, corrupt or another format)")
     try:
         payload = torch.load(real, map_location=map_location, weights_only=True)
     except Exception as exc:  # UnpicklingError (code in the file), RuntimeError (not a zip), EOFError...

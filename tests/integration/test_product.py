@@ -40,8 +40,19 @@ class Trained:
 def _env(cache_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
-    env.update(SEM_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    # One intra-op thread: these models are tiny, and on a busy 2-core machine two spinning threads
+    # per process make each far slower. Training and evaluation alike, so their sums match bit for bit.
+    env.update(SEM_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """The same for the in-process parts (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
