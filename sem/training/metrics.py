@@ -1,7 +1,7 @@
 """The run's training record, written the same way by both engines: ``metrics.jsonl`` rows, the
 console line, and the train clock (tokens and seconds with validation left out). Plain Python.
 
-Train rows: ``step`` is the 0-based index of the optimizer step the row describes (the step the LR
+Every row has ``time`` (Unix seconds when written). Train rows: ``step`` is the 0-based index of the optimizer step the row describes (the step the LR
 schedule and the curriculum are functions of), written every ``log_every`` steps and on the last.
 Validation rows: ``step`` is the number of optimizer steps completed. Curriculum events are rows with
 an ``event`` key.
@@ -120,6 +120,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        row = {**row, "time": round(time.time(), 3)}  # wall clock: val/bpb against time (bench.time_to_quality)
         with self.path.open("a") as f:
             f.write(json.dumps({k: plain(v) for k, v in row.items()}) + "\n")
 
