@@ -110,7 +110,8 @@ def build_calendar(*, max_steps: int, base_lr: float, multiplier: Callable[[int]
     if teacher_active is not None:
         teacher_start = next((s for s in range(max_steps) if teacher_active(s)), None)
     # a bounded number of points for the plot, with both sides of every boundary
-    picks = {round(i * (max_steps - 1) / max(n_samples - 1, 1)) for i in range(min(n_samples, max_steps))}
+    n = min(n_samples, max_steps)
+    picks = {round(i * (max_steps - 1) / max(n - 1, 1)) for i in range(n)}
     picks |= {b for b in bounds if b < max_steps} | {b - 1 for b in bounds if b > 0}
     samples = []
     for s in sorted(picks):
@@ -137,9 +138,9 @@ class RunParts:
     world: int
 
 
-def parts_of(built: Any) -> RunParts:
-    """Find the parts in ``sem.run.Built``: the Lightning engine keeps the optimizer and scheduler
-    factories in its module, the standalone engine the built optimizer and scheduler."""
+def parts_of(built: Any, optimizer: Callable[..., Any]) -> RunParts:
+    """Find the parts in ``sem.run.Built`` (the Lightning engine keeps the scheduler factory in its
+    module, the standalone engine the built scheduler); ``optimizer`` is the configured factory."""
     import torch
 
     engine = built.engine
@@ -148,23 +149,16 @@ def parts_of(built: Any) -> RunParts:
     curriculum = getattr(policy, "curriculum", None)
     scale = curriculum.lr_scale if curriculum is not None else None
     trainer = getattr(engine, "trainer", None)
-    if module is not None and hasattr(module, "optimizer_factory"):  # Lightning
-        optimizer = module.optimizer_factory
+    if module is not None and hasattr(module, "scheduler_factory"):  # Lightning
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         factory = module.scheduler_factory
         scheduler = factory(optimizer=dummy, lr_scale=scale) if factory is not None else None
-        device = getattr(trainer.strategy, "root_device", torch.device("cpu"))
         autocast = getattr(trainer.precision_plugin, "forward_context", nullcontext)
         try:
-            world = int(trainer.world_size)
-        except Exception:  # a strategy that knows its ranks only once launched
-            world = 1
-    else:  # standalone: rebuild the optimizer it built, on the probe's copy of the model
-        built_opt = engine.optimizer
-
-        def optimizer(params: Any) -> Any:
-            return type(built_opt)(params, **built_opt.defaults)
-
+            device, world = trainer.strategy.root_device, int(trainer.world_size)
+        except Exception:  # a strategy that knows its devices and ranks only once launched
+            device, world = torch.device("cpu"), 1
+    else:  # standalone: its scheduler is built (multiplier is a pure function of the step)
         scheduler = getattr(engine, "scheduler", None)
         device = getattr(engine, "device", torch.device("cpu"))
         autocast = getattr(getattr(engine, "precision", None), "autocast", nullcontext)
@@ -413,15 +407,17 @@ def _fmt_s(seconds: float) -> str:
     return fmt_duration(seconds)
 
 
-def dry_run(cfg: Any, built: Any, run_dir: Path, *, one_line: bool = False) -> dict[str, Any]:
+def dry_run(cfg: Any, built: Any, run_dir: Path, *, optimizer: Callable[..., Any],
+            one_line: bool = False) -> dict[str, Any]:
     """Print the plan of a built run, write ``plan.json`` and ``plots/schedule.png``; train nothing.
+    ``optimizer``: the configured optimizer factory (``optimizer(params=...)``) for the timing probe.
     ``one_line``: a sweep job's dry run prints a single line (the sweep prints the totals)."""
     from hydra.core.hydra_config import HydraConfig
 
     from sem.model import count_parameters
 
     dm = built.datamodule
-    parts = parts_of(built)
+    parts = parts_of(built, optimizer)
     n_params = count_parameters(parts.model)
     cal = calendar_of(cfg, parts, built.checkpoint)
     shapes = sorted({(s.seq_len, s.batch_size) for s in cal.segments})

@@ -25,7 +25,8 @@ import yaml
 
 from sem.sweep import identity, read_json, read_ledger, split_override
 
-ORDER = {"completed": 0, "preempted": 1, "failed": 2}
+ORDER = {"completed": 0, "preempted": 1, "not_started": 2, "failed": 3}
+UNFINISHED = ("preempted", "not_started")  # resume=auto carries them on: the sweep exits 75
 
 
 # ------------------------------------------------------------------------------------ records
@@ -56,22 +57,23 @@ def best_val_bpb(run_dir: Path) -> float | None:
 
 
 def job_record(run_dir: Path, job: str, overrides: list[str], *, started: float = float("-inf"),
-               error: str | None = None) -> dict[str, Any]:
+               status: str | None = None, error: str | None = None) -> dict[str, Any]:
     """The ledger line of a job that ran in ``run_dir`` from ``started`` (unix time) on.
 
     ``summary.json`` written before ``started`` with status completed means the job found its run
-    finished (``resume=auto``) and skipped it. ``error`` (set by the caller: the job was refused, or
-    raised past the guard) makes it failed whatever the folder holds."""
+    finished (``resume=auto``) and skipped it. ``status``/``error`` given by the caller (the job was
+    refused, not started, or raised past the guard) win over whatever the folder holds."""
     run_dir = Path(run_dir)
     rec: dict[str, Any] = {"job": job, "run_dir": str(run_dir.resolve()), "overrides": list(overrides),
                            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "status": "failed", "skipped": False}
     summary = read_json(run_dir / "summary.json")
     fresh = _mtime(run_dir / "summary.json") >= started - 1.0
-    if error is not None:
-        rec["error"] = error
+    if status is not None or error is not None:
+        rec.update(status=status or "failed", error=error)
         return rec
-    if _mtime(run_dir / "plan.json") >= started - 1.0:
+    plan_at = _mtime(run_dir / "plan.json")
+    if plan_at > _mtime(run_dir / "summary.json") and plan_at >= started - 1.0:  # this job was a dry run
         rec.update(status="dry_run", plan=read_json(run_dir / "plan.json"))
         return rec
     if not summary or (not fresh and summary.get("status") != "completed"):
@@ -155,7 +157,9 @@ def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Completed jobs by final val/bpb (lower first), then preempted, failed, others."""
     def key(r: dict[str, Any]) -> tuple[int, float, str]:
         bpb = _num(r.get("val_bpb"))
-        return (ORDER.get(r.get("status", ""), 3), bpb if bpb is not None else math.inf, str(r["job"]))
+        job = str(r["job"])
+        return (ORDER.get(r.get("status", ""), 4), bpb if bpb is not None else math.inf,
+                f"{int(job):09d}" if job.isdigit() else job)
     return sorted(records, key=key)
 
 
@@ -238,11 +242,11 @@ class Report:
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("status") not in ("completed", "preempted", "dry_run")]
+        return [r for r in self.records if r.get("status") not in ("completed", "dry_run", *UNFINISHED)]
 
     @property
     def preempted(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("status") == "preempted"]
+        return [r for r in self.records if r.get("status") in UNFINISHED]
 
     def console_lines(self) -> list[str]:
         table = [ln for ln in self.lines if ln.startswith("|")]

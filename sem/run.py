@@ -139,7 +139,9 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.dry_run:
             from sem.calendar import dry_run
 
-            dry_run(cfg, built, run_dir, one_line=HydraConfig.get().mode == RunMode.MULTIRUN)
+            # the timing probe trains a copy of the model with a fresh optimizer of the configured kind
+            dry_run(cfg, built, run_dir, optimizer=_instantiate(cfg.optimizer),
+                    one_line=HydraConfig.get().mode == RunMode.MULTIRUN)
             return None
         summary.begin(cfg, parent_checkpoint=built.resume_from)
         return fit_and_summarise(cfg, built, summary, started)
@@ -200,7 +202,8 @@ class Built:
                  f"{count_parameters(self.engine.model):,}")
         log.info("data: %s", self.datamodule.describe())
         log.info("precision: %s", self.precision_note)
-        log.info("engine: %s, max_steps=%d", self.engine.describe(), self.engine.max_steps)
+        engine = self.engine.describe() if hasattr(self.engine, "describe") else type(self.engine).__name__
+        log.info("engine: %s, max_steps=%d", engine, self.engine.max_steps)
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
@@ -459,7 +462,7 @@ def fit_and_summarise(cfg: DictConfig, built: Built, summary: RunSummary, starte
         log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run dir) continues",
                     stopped_by, engine.global_step, last)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return float("nan")  # the job is recorded as preempted in its summary.json; the sweep moves on
+            return float("nan")  # preempted, in summary.json; sem.sweep.sweep_job stops the sweep there
         log.warning("exit code %d (preempted)", EXIT_PREEMPTED)
         sys.exit(EXIT_PREEMPTED)
 

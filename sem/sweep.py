@@ -5,7 +5,7 @@ What a sweep leaves in ``multirun_outputs/<date>/<time>/`` besides one folder pe
 
 - ``sweep.json``: this invocation's command, the swept keys, launcher and sweeper (rewritten by each
   invocation into the same dir);
-- ``ledger.jsonl``: one line per job and attempt (``sem.report.RunRecord``); the latest line of a job wins;
+- ``ledger.jsonl``: one line per job and attempt (``sem.report.job_record``); the latest line of a job wins;
 - ``summary.md``, ``summary.csv``, ``curves.png``, ``best.yaml``: written by ``sem.report`` at the end
   (``summary.md``/``.csv`` also after every job, so a killed sweep still has one). ``sem-report <dir>``
   regenerates them.
@@ -37,10 +37,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sem.training.preemption import EXIT_PREEMPTED
+
 log = logging.getLogger("sem.sweep")
 
 EXECUTION_KEYS = ("resume", "threads", "dry_run")  # how a job runs, not what it is
-EXIT_FAILED, EXIT_PREEMPTED = 1, 75
+EXIT_FAILED = 1  # as a single run's training failure; EXIT_PREEMPTED (75) as a single run's
 
 
 class SweepExit(SystemExit):
@@ -89,7 +91,8 @@ def apply_job_threads(requested: int | None) -> int:
 
     launcher: Mapping[str, Any] | None = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=True)  # type: ignore[assignment]
+        node = HydraConfig.get().launcher
+        launcher = {k: OmegaConf.select(node, k, default=None) for k in ("_target_", "n_jobs", "cpus_per_task")}
     cores = cores_available()
     concurrent = concurrent_jobs(launcher, cores)
     threads = job_threads(requested, cores, concurrent, (launcher or {}).get("cpus_per_task"))
@@ -247,46 +250,63 @@ def identity_conflict(sweep_dir: Path, job: str, overrides: Sequence[str], run_d
 # ----------------------------------------------------------------------------------- job guard
 
 
+_stopped_by_signal = False  # a job of this process was preempted: the sweep launches no more here
+
+
 def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
-    """Run one sweep job so that its failure is the job's, not the sweep's.
+    """Run one sweep job so that its failure is the job's, not the sweep's, and write its ledger line.
 
     A bad config, a health stop or an exception in fit is written to the job's ``summary.json``
     (status ``failed`` and the error) and the job returns None: Hydra's basic sweeper would stop the
     sweep at the first raised job, and Optuna 2.10 cannot take NaN (``study.tell`` raises), while a
-    None is a failed trial it records and moves past. A preempted job (NaN from ``run``) also returns
-    None. Only a second stop signal (SystemExit) ends the sweep itself.
+    None is a failed trial it records and moves past. A job preempted by a stop signal (NaN from
+    ``run``) returns None too, and the jobs after it in this process do not start (status
+    ``not_started``): Ctrl-C or a scheduler's SIGTERM stops the sweep, saved; the same command with
+    ``resume=auto`` carries on. A second signal (SystemExit) ends the process at once.
     """
+    from sem.report import job_record
     from sem.run import EXIT_BAD_CONFIG, TrainingFailed
     from sem.summary import RunSummary
 
+    global _stopped_by_signal
     hc = HydraConfig.get()
     run_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)
-    conflict = identity_conflict(sweep_dir, job_id(run_dir, sweep_dir), list(hc.overrides.task), run_dir)
-    if conflict is not None:
-        log.error("%s", conflict)
-        return None
+    job, overrides = job_id(run_dir, sweep_dir), [str(o) for o in hc.overrides.task]
     started = time.time()
-    outcome = "failed"
+    error = identity_conflict(sweep_dir, job, overrides, run_dir)
+    status = "failed" if error else None
+    if error is None and _stopped_by_signal:
+        status, error = "not_started", "not started: a stop signal ended an earlier job of this sweep"
     try:
-        value = run(cfg)
-        outcome = "completed" if value is not None and math.isfinite(value) else "other"
-        return value if value is not None and not math.isnan(value) else None
-    except SystemExit as exc:
-        if exc.code != EXIT_BAD_CONFIG:
-            raise
-        problems = getattr(exc, "problems", None) or ["rejected (see the job log)"]
-        RunSummary(run_dir).finish("failed", wall_s=time.time() - started,
-                                   error="config error: " + "; ".join(problems))
-        return None
-    except TrainingFailed:
-        return None  # summary.json already says why
-    except Exception as exc:  # anything else: still this job's failure only
-        log.error("job failed: %s: %s", type(exc).__name__, exc)
-        if _mtime(run_dir / "summary.json") < started:
-            RunSummary(run_dir).finish("failed", wall_s=time.time() - started, error=f"{type(exc).__name__}: {exc}")
-        return None
+        if status is not None:
+            log.error("job %s: %s", job, error)
+            return None
+        try:
+            value = run(cfg)
+        except SystemExit as exc:
+            if exc.code != EXIT_BAD_CONFIG:
+                raise
+            problems = getattr(exc, "problems", None) or ["rejected (see the job log)"]
+            RunSummary(run_dir).finish("failed", wall_s=time.time() - started,
+                                       error="config error: " + "; ".join(problems))
+            return None
+        except TrainingFailed:
+            return None  # summary.json already says why
+        except Exception as exc:  # anything else: still this job's failure only
+            log.error("job failed: %s: %s", type(exc).__name__, exc)
+            if _mtime(run_dir / "summary.json") < started:
+                RunSummary(run_dir).finish("failed", wall_s=time.time() - started,
+                                           error=f"{type(exc).__name__}: {exc}")
+            return None
+        if value is not None and math.isnan(value):  # preempted: summary.json says so
+            _stopped_by_signal = True
+            return None
+        return value
     finally:
-        _finish_wandb(outcome)
+        record = job_record(run_dir, job, overrides, started=started, status=status, error=error)
+        _finish_wandb(record["status"])
+        append_ledger(sweep_dir, record)
+        log.info("job %s: %s", job, record_line(record))
 
 
 def _mtime(path: Path) -> float:
@@ -296,11 +316,11 @@ def _mtime(path: Path) -> float:
         return float("-inf")
 
 
-def _finish_wandb(outcome: str) -> None:
+def _finish_wandb(status: str) -> None:
     """One wandb run per job, closed when the job ends (the next job in this process starts its own)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=0 if outcome != "failed" else 1)
+        wandb.finish(exit_code=1 if status == "failed" else 0)
 
 
 # ------------------------------------------------------------------------------------- loggers
@@ -347,9 +367,6 @@ class SweepCallback(Callback):
     """Hydra callback (``hydra.callbacks.sweep``): ``sweep.json`` at the start, a ledger line after
     every job, and at the end the summary, ``curves.png``, ``best.yaml`` and the sweep's exit code."""
 
-    def __init__(self) -> None:
-        self._job_started: float | None = None
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from sem.summary import write_json
 
@@ -357,26 +374,18 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)  # Optuna's sqlite storage lives here
         write_json(sweep_dir / "sweep.json", sweep_info(config, sweep_dir))
 
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._job_started = time.time()
-
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not _multirun(config):
             return
         from sem.report import job_record, write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        run_dir = Path(str(config.hydra.runtime.output_dir))
-        job = job_id(run_dir, sweep_dir)
-        overrides = [str(o) for o in (job_return.overrides or [])]
-        raised = None
-        if job_return.status == JobStatus.FAILED:  # an exception got past sweep_job
+        if job_return.status == JobStatus.FAILED:  # raised past sweep_job (another task function?)
+            run_dir = Path(str(config.hydra.runtime.output_dir))
             exc = getattr(job_return, "_return_value", None)
-            raised = f"{type(exc).__name__}: {exc}"
-        record = job_record(run_dir, job, overrides, started=self._job_started or 0.0,
-                            error=identity_conflict(sweep_dir, job, overrides, run_dir) or raised)
-        append_ledger(sweep_dir, record)
-        log.info("job %s: %s", job, record_line(record))
+            append_ledger(sweep_dir, job_record(run_dir, job_id(run_dir, sweep_dir),
+                                                [str(o) for o in job_return.overrides or []],
+                                                status="failed", error=f"{type(exc).__name__}: {exc}"))
         try:  # a summary so far after every job: a sweep killed halfway still has one
             write_report(sweep_dir, final=False)
         except Exception as exc:  # the summary must never fail a job
@@ -402,8 +411,8 @@ class SweepCallback(Callback):
             log.error("sweep: %d of %d jobs failed: %s", len(report.failed), len(report.records), names)
             raise SweepExit(EXIT_FAILED)
         if report.preempted:
-            log.warning("sweep: %d jobs preempted; the same command with hydra.sweep.dir=%s resume=auto "
-                        "continues them", len(report.preempted), sweep_dir)
+            log.warning("sweep: %d jobs preempted or not started; the same command with hydra.sweep.dir=%s "
+                        "resume=auto continues them", len(report.preempted), sweep_dir)
             raise SweepExit(EXIT_PREEMPTED)
 
 
