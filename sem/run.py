@@ -202,7 +202,7 @@ class Built:
                  f"{count_parameters(self.engine.model):,}")
         log.info("data: %s", self.datamodule.describe())
         log.info("precision: %s", self.precision_note)
-        engine = self.engine.describe() if hasattr(self.engine, "describe") else type(self.engine).__name__
+        engine = self.engine.describe()
         log.info("engine: %s, max_steps=%d", engine, self.engine.max_steps)
 
 

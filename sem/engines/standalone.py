@@ -192,6 +192,9 @@ class SEMTrainer:
                                                                if k.startswith("val/")})
         return self.last_val
 
+    def describe(self) -> str:
+        return f"standalone loop on {self.device} ({self.precision.precision})"
+
     @property
     def tokens_per_s(self) -> float | None:
         return self.metrics.clock.tokens_per_s

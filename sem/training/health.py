@@ -108,7 +108,7 @@ class HealthMonitor:
         self.nonfinite_loss = _action("nonfinite_loss", nonfinite_loss)
         self.nonfinite_grad = _action("nonfinite_grad", nonfinite_grad)
         self.grad_explosion = _check("grad_explosion", grad_explosion,
-                                     {"action": "warn", "z": 10.0, "min_ratio": 5.0, "window": 100,
+                                     {"action": "warn", "z": 10.0, "min_ratio": 20.0, "window": 100,
                                       "min_history": 20})
         self.loss_spike = _check("loss_spike", loss_spike,
                                  {"action": "skip", "z": 8.0, "min_ratio": 1.5, "window": 100,
