@@ -368,19 +368,25 @@ def _resume(cfg: DictConfig, checkpoints: Any) -> tuple[str | None, dict[str, An
     if cfg.resume is None:
         return None, None
     if cfg.resume == "auto":
-        found = checkpoints.newest_valid()
+        found = checkpoints.newest_valid(keep=True)
         if found is None:
             log.info("resume=auto: no valid checkpoint in %s, starting fresh", checkpoints.dir)
             return None, None
         path, payload = found
+        checkpoints.last_saved_step = int(payload.get("global_step", -1))  # never re-save the resumed step
         log.info("resume=auto: resuming from %s (step %s)", path, payload.get("global_step"))
         return str(path), payload
     path = Path(cfg.resume).expanduser().resolve()
     try:
-        return str(path), checkpoints.load(path)
+        payload = checkpoints.load(path, keep=True)
     except CheckpointError as exc:
         _exit_if_invalid([f"resume={cfg.resume}: {exc}"])
         raise  # not reached
+    if path.parent == checkpoints.dir.resolve():  # an older checkpoint of this very run: a new branch
+        step = int(payload.get("global_step", -1))
+        checkpoints.set_aside_after(step)
+        checkpoints.last_saved_step = step
+    return str(path), payload
 
 
 def _already_finished(cfg: DictConfig, run_dir: Path, payload: dict[str, Any] | None) -> float | None:

@@ -143,13 +143,14 @@ class SEMTrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
         row.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
                     "tokens": policy.tokens, "grad_norm": policy.grad_norm})
         logging_step = is_logging_step(step, self.log_every_n_steps, self.max_steps)
         row.update(policy.finish(step, means, decision, logging_step, self._rollback))
+        if self.scheduler is not None:
+            self.scheduler.step()  # after finish, as Lightning: a rollback's optimizer state gets this step's LR
         self.global_step = step + 1
+        self._last_row = row
         self.metrics.train(row)
         text = self.console.train(row, self.max_steps)
         if text is not None:
@@ -161,7 +162,6 @@ class SEMTrainer:
                     and policy.curriculum is not None and policy.curriculum.stages[event.index].checkpoint):
                 path = self.save(milestone=event.stage)
                 log.info("curriculum: milestone checkpoint %s", path)
-        self._last_row = row
 
     def _rollback(self, step: int) -> None:
         found = self.checkpoints.newest_valid()

@@ -278,12 +278,47 @@ class CheckpointManager:
                       step, self.dir, exc)
             return None
         self.last_saved_step = step
-        self.apply_retention()
+        self._retain()
         return path
+
+    def _retain(self) -> None:
+        try:
+            self.apply_retention()
+        except (OSError, ValueError) as exc:  # the checkpoints stay; only the clean-up waits for the next save
+            log.error("checkpoint: retention in %s failed: %s", self.dir, exc)
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Move checkpoints newer than ``step`` into ``abandoned_<time>/`` (a run resumed from an older
+        checkpoint of its own dir starts a new branch: the old future must not win ``last`` or
+        retention, nor be deleted)."""
+        newer = [s for s in self.scan() if s.step > step]
+        if not newer:
+            return None
+        from datetime import datetime
+
+        dest = self.dir / f"abandoned_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for s in newer:
+            for f in (s.path, sidecar_of(s.path)):
+                if f.exists():
+                    os.replace(f, dest / f.name)
+        last = self.last()
+        if last is not None:
+            _point(self.dir / "last.ckpt", last)
+        self._retain()
+        log.warning("checkpoint: resuming from step %d of this run: %d newer checkpoint(s) moved to %s",
+                    step, len(newer), dest)
+        return dest
 
     def record_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Add metrics measured after a save (e.g. a validation at the same step) to its sidecars,
-        so retention can rank it; then re-apply retention."""
+        so retention can rank it; then re-apply retention. A failure is logged, never raised."""
+        try:
+            self._record_metrics(step, metrics)
+        except (OSError, ValueError) as exc:
+            log.error("checkpoint: could not add metrics of step %d to its sidecar: %s", step, exc)
+
+    def _record_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         for saved in self.scan():
             if saved.step != step:
                 continue
@@ -294,7 +329,7 @@ class CheckpointManager:
             data["metrics"].update({k: v for k, v in metrics.items()
                                     if isinstance(v, (int, float)) and math.isfinite(v)})
             _write_atomic(side, (json.dumps(data, indent=2) + "\n").encode())
-        self.apply_retention()
+        self._retain()
 
     # ---------------------------------------------------------------------------- retention
 
@@ -359,21 +394,24 @@ class CheckpointManager:
 
     # --------------------------------------------------------------------------------- load
 
-    def load(self, path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-        """The verified payload of ``path``; raises CheckpointError saying what is wrong with it."""
+    def load(self, path: str | Path, map_location: Any = "cpu", keep: bool = False) -> dict[str, Any]:
+        """The verified payload of ``path``; raises CheckpointError saying what is wrong with it.
+        ``keep=True`` hands the payload on to the next ``load`` of the same path, once (the resume:
+        the run resolves it, then the engine restores it, without reading it twice)."""
         path = Path(path)
         cached, self._loaded = self._loaded, None
         if cached is not None and cached[0] == path.resolve():
             return cached[1]  # once: the engine's restore takes ownership of the tensors
         payload = verify(path, map_location)
-        self._loaded = (path.resolve(), payload)
+        if keep:
+            self._loaded = (path.resolve(), payload)
         return payload
 
-    def newest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+    def newest_valid(self, keep: bool = False) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies, skipping bad ones with one warning line each."""
         for s in sorted(self.scan(), key=lambda s: (s.step, s.milestone is None), reverse=True):
             try:
-                return s.path, self.load(s.path)
+                return s.path, self.load(s.path, keep=keep)
             except CheckpointError as exc:
                 log.warning("checkpoint: skipping %s: %s", s.path.name, exc)
         return None

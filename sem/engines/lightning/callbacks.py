@@ -130,7 +130,14 @@ class CheckpointCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signals is not None:
-            self.signals.install()  # Lightning installed its own SIGTERM handler at fit start: ours decides
+            # Lightning installed its own SIGTERM handler at fit start (wrapping ours): a SIGTERM caught by
+            # it before now becomes ours, and ours decides from here on (a clean save and exit 75, where
+            # Lightning's would raise SIGTERMException at the next batch: exit 1, nothing saved).
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and connector.received_sigterm:
+                self.signals.received = self.signals.received or "SIGTERM"
+                connector.received_sigterm = False
+            self.signals.install()
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, milestone: str | None = None) -> None:
         # Lightning's own checkpoint dict (loops, optimizer, scheduler, precision, callbacks, and the
@@ -161,9 +168,11 @@ class CheckpointCallback(pl.Callback):
             self.save(trainer, pl_module)
         if stop:
             trainer.should_stop = True
-            # Lightning validates when should_stop is set (for early stopping); a preempted run must
-            # not: it delays the exit and would add an off-schedule validation row and sidecar metric.
-            trainer.limit_val_batches = 0
+            if done < trainer.max_steps:
+                # Lightning validates when should_stop is set (for early stopping); a preempted run must
+                # not: it delays the exit and would add an off-schedule validation row and sidecar metric.
+                # (At max_steps the run is complete and its final validation must run.)
+                trainer.limit_val_batches = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not pl_module.last_val or pl_module.last_val.get("final"):
