@@ -465,3 +465,31 @@ def test_rng_state_round_trips_through_a_weights_only_file() -> None:
     buf.seek(0)
     set_rng_state(torch.load(buf, weights_only=True)["rng"])
     assert _draw() == expected
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path: Path) -> None:
+    """A run resumed from its own step-2 checkpoint is a new branch: its old steps 3 and 4 must not win
+    `last`, retention or a later resume=auto, and must not be deleted either."""
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3, 4):
+        manager.save({"state_dict": {"w": torch.full((2,), float(step))}, "sem": {}, "global_step": step}, step=step)
+    aside = CheckpointManager(tmp_path, keep_last=3).set_aside_after(2)
+    assert aside is not None and sorted(p.name for p in aside.glob("*.ckpt")) == ["step_0000003.ckpt",
+                                                                               "step_0000004.ckpt"]
+    fresh = CheckpointManager(tmp_path, keep_last=3)
+    assert [s.step for s in fresh.scan()] == [2]  # (step 1 had aged out under keep_last=3)
+    assert (tmp_path / "last.ckpt").resolve().name == "step_0000002.ckpt"
+    found = fresh.newest_valid()
+    assert found is not None and found[1]["global_step"] == 2
+    assert CheckpointManager(tmp_path).set_aside_after(2) is None  # nothing newer: nothing moved
+
+
+def test_a_payload_is_handed_on_only_when_kept(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    path = manager.save({"state_dict": {"w": torch.ones(2)}, "sem": {}, "global_step": 1}, step=1)
+    assert path is not None
+    first = manager.load(path)
+    assert manager.load(path) is not first  # not kept: read and verified afresh
+    kept = manager.load(path, keep=True)
+    assert manager.load(path) is kept  # the engine's restore gets the resolved payload, once
+    assert manager.load(path) is not kept
