@@ -153,6 +153,7 @@ def test_metrics_writer_events_and_sanity_check(tmp_path: Path, clock: FakeTime)
     writer.on_train_batch_start(trainer, module, None, 0)
     writer.on_train_batch_end(trainer, module, None, None, 0)
     rows = read_rows(tmp_path / "metrics.jsonl")
+    assert all(isinstance(r.pop("time"), float) for r in rows)  # every row carries its wall-clock time
     assert rows == [{"step": 2, "event": "stage_start", "stage": "long", "stage_index": 1,
                      "reason": "scheduled"}]
 
