@@ -17,9 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sem.training.checkpoint import CheckpointError, verify
-
-MODEL_PREFIX = "model."  # the model's keys inside the training module's state_dict
+from sem.training.checkpoint import CheckpointError, model_state, verify
 
 
 def _locate(target: str) -> Any:
@@ -31,11 +29,6 @@ def build_model(model_cfg: dict[str, Any]) -> nn.Module:
     """The model a ``model`` config node describes (``_target_`` + constructor arguments)."""
     kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_")}
     return _locate(model_cfg["_target_"])(**kwargs)
-
-
-def model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's own entries of a training checkpoint's state_dict."""
-    return {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

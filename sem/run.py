@@ -407,7 +407,7 @@ def _already_finished(cfg: DictConfig, run_dir: Path, payload: dict[str, Any] | 
 
 def _shape_problems(model: Any, payload: dict[str, Any], path: str | None) -> list[str]:
     """One line naming the mismatching keys when a checkpoint does not fit the configured model."""
-    from sem.loading import model_state
+    from sem.training.checkpoint import model_state
 
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in model_state(payload["state_dict"]).items() if hasattr(v, "shape")}

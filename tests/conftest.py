@@ -94,3 +94,15 @@ def tiny_data_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:
     them some folder names put none of the 40 files in a 5% val split."""
     return [*TINY, "data=text_files", f"data.corpus.paths=[{corpus_dir}/*.py]",
             f"data.cache_dir={cache_dir}"]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> object:
+    """Torch on one thread for a module's in-process work (restored afterwards): small models run
+    faster on one thread, and far faster on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,7 +10,6 @@ other's checkpoints. No Lightning import: it runs where Lightning is not install
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,13 @@ import torch
 from torch import nn
 
 from sem.model import param_groups
-from sem.training.checkpoint import CheckpointManager
-from sem.training.health import HealthStop
-from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step
+from sem.training.checkpoint import MODEL_PREFIX, CheckpointManager, model_state
+from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
 from sem.training.precision import PrecisionPolicy
 from sem.training.preemption import StopSignals
 from sem.training.step import StepPolicy, val_metrics, val_sums
 
 log = logging.getLogger("sem")
-
-MODEL_PREFIX = "model."  # the Lightning module's name for the model: shared checkpoint keys
-
 
 class SEMTrainer:
     """Fit ``policy.model`` for ``max_steps`` optimizer steps; see the module docstring."""
@@ -164,11 +159,7 @@ class SEMTrainer:
                 log.info("curriculum: milestone checkpoint %s", path)
 
     def _rollback(self, step: int) -> None:
-        found = self.checkpoints.newest_valid()
-        if found is None:
-            raise HealthStop(f"step {step}: rollback needed but no valid checkpoint exists yet "
-                             "(save earlier with checkpoint.every_n_steps, or use action skip)")
-        self.policy.restore_for_rollback(found[1], self._load_model, [self.optimizer], step)
+        self.policy.rollback(step, self.checkpoints, self._load_model, [self.optimizer])
 
     # ---------------------------------------------------------------------------- validation
 
@@ -216,13 +207,12 @@ class SEMTrainer:
 
     def save(self, milestone: str | None = None) -> Path | None:
         row = getattr(self, "_last_row", {})
-        metrics = {k: _float(row.get(k)) for k in ("train/loss", "train/ce_loss") if k in row}
+        metrics = {k: plain(row.get(k)) for k in ("train/loss", "train/ce_loss") if k in row}
         return self.checkpoints.save(self.payload(), step=self.global_step, stage=milestone or row.get("stage"),
                                      metrics=metrics, config=self.policy.config, milestone=milestone)
 
     def _load_model(self, state_dict: dict[str, torch.Tensor]) -> None:
-        own = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
-        self.model.load_state_dict(own)
+        self.model.load_state_dict(model_state(state_dict))
 
     def load_payload(self, payload: dict[str, Any]) -> None:
         """Restore a checkpoint written by either engine. The policy first (as Lightning restores the
@@ -239,8 +229,3 @@ class SEMTrainer:
             self.scaler.load_state_dict(scaler_state)
         self.global_step = int(payload["global_step"])
 
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

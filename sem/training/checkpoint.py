@@ -183,6 +183,14 @@ class Saved:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+MODEL_PREFIX = "model."  # the model's keys inside a checkpoint's state_dict (the Lightning module's name)
+
+
+def model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own entries of a training checkpoint's state_dict."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+
+
 def sidecar_of(path: Path) -> Path:
     return path.with_suffix(".json")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sem.training.checkpoint import rng_state, set_rng_state
+from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
 from sem.training.health import Decision, Faults, HealthMonitor, HealthStop
@@ -148,10 +148,16 @@ class StepPolicy:
 
     # --------------------------------------------------------------------------- rollback
 
-    def restore_for_rollback(self, payload: dict[str, Any], load_model: Callable[[dict[str, Any]], None],
-                             optimizers: list[torch.optim.Optimizer], step: int) -> None:
-        """Put the model, optimizer and teacher back to a checkpoint's; the step, the data position
-        and the schedule carry on (the windows since that checkpoint are skipped)."""
+    def rollback(self, step: int, checkpoints: CheckpointManager | None,
+                 load_model: Callable[[dict[str, Any]], None], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Put the model, optimizer and teacher back to the newest valid checkpoint's; the step, the data
+        position and the schedule carry on (the windows since that checkpoint are skipped).
+        ``load_model`` takes a checkpoint's state_dict (the engine's own key layout)."""
+        found = checkpoints.newest_valid() if checkpoints is not None else None
+        if found is None:
+            raise HealthStop(f"step {step}: rollback needed but no valid checkpoint exists yet "
+                             "(save earlier with checkpoint.every_n_steps, or use action skip)")
+        payload = found[1]
         load_model(payload["state_dict"])
         for optimizer, state in zip(optimizers, payload["optimizer_states"]):
             optimizer.load_state_dict(state)

@@ -46,13 +46,7 @@ def _env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """The same for the in-process parts (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

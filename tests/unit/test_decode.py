@@ -10,13 +10,7 @@ from sem.model import DecodeState, SEMModel
 T = 512
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """A [*, 32]-wide model is faster on one thread, and far faster on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(recurrence: str, readout: str, seed: int = 0) -> SEMModel:

@@ -14,7 +14,7 @@ import torch
 from sem.model import count_parameters, param_groups
 from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
-from sem.training.health import Decision, HealthStop
+from sem.training.health import Decision
 from sem.training.step import StepPolicy, val_metrics, val_sums
 
 
@@ -127,11 +127,7 @@ class SEMLightningModule(pl.LightningModule):
             self.log_dict(probes, on_step=True, on_epoch=False)
 
     def _rollback(self, step: int) -> None:
-        found = self.checkpoints.newest_valid() if self.checkpoints is not None else None
-        if found is None:
-            raise HealthStop(f"step {step}: rollback needed but no valid checkpoint exists yet "
-                             "(save earlier with checkpoint.every_n_steps, or use action skip)")
-        self.policy.restore_for_rollback(found[1], self.load_state_dict, self.trainer.optimizers, step)
+        self.policy.rollback(step, self.checkpoints, self.load_state_dict, self.trainer.optimizers)
 
     # ----------------------------------------------------------------------------- validation
 
