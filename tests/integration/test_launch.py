@@ -243,3 +243,25 @@ def test_sweep_jobs_complete_with_their_own_lr(sweep: Launch) -> None:
         assert cfg["optimizer"]["lr"] == pytest.approx(lr)
         assert cfg["model"]["_target_"] == "sem.baselines.TransformerLM"
     assert not (sweep.run_dir.parent / "multirun_outputs").exists()
+
+
+# ------------------------------------------------ d) keys that shape the end of a run reach it
+
+
+@pytest.mark.parametrize("n", [1, 0])
+def test_final_validation_and_samples_follow_their_keys(n: int, tmp_path: Path, corpus_dir: Path,
+                                                        cache_dir: Path) -> None:
+    """data.final_val_max_windows bounds the final validation; sample.* shape samples.txt (n=0: none)."""
+    run_dir = tmp_path / "run"
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=4", "data.final_val_max_windows=3",
+                       f"sample.n={n}", "sample.prompts=[abc]", "sample.max_new_tokens=5",
+                       f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300, env=_env(cache_dir))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    final = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("final")]
+    assert [r["val/windows"] for r in final] == [3]
+    samples = run_dir / "samples.txt"
+    if n == 0:
+        assert not samples.exists()
+    else:
+        headers = [line for line in samples.read_text().splitlines() if line.startswith("=== ")]
+        assert headers == ["=== prompt 'abc', sample 1/1 (seed 0, temperature 0.8, top_k 50, top_p None) ==="]
