@@ -1,15 +1,8 @@
-"""Train SEM: `python launch.py [group=option ...] [key=value ...]` (add -m to sweep). See README.md."""
+"""Train SEM: `python launch.py [group=option ...] [key=value ...]` (add -m to sweep). See README.md.
+The same app as `python -m sem` (sem/__main__.py; configs in conf/)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from sem.run import cli, main
-
-
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def app(cfg: DictConfig) -> float | None:
-    return main(cfg)
-
+from sem.__main__ import app
+from sem.run import cli
 
 if __name__ == "__main__":
     cli(app)

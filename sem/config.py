@@ -232,6 +232,19 @@ class AcceleratorConf:
 
 
 @dataclass
+class StrategyConf:
+    """Built by ``sem.engines.lightning.strategy.make_strategy`` with the device and precision in use."""
+
+    _target_: str = "sem.engines.lightning.strategy.make_strategy"
+    _partial_: bool = True
+    name: str = "auto"  # auto | ddp | fsdp
+    backend: str | None = None  # null: gloo (cpu), nccl (cuda), xccl (xpu)
+    find_unused_parameters: bool = False
+    timeout_s: int = 1800
+    sharding_strategy: str = "FULL_SHARD"  # fsdp only
+
+
+@dataclass
 class TrainerConf:
     _target_: str = "pytorch_lightning.Trainer"
     max_steps: int = 1000
@@ -314,6 +327,7 @@ class Config:
     distillation: DistillationConf = field(default_factory=DistillationConf)
     precision: PrecisionConf = MISSING
     accelerator: AcceleratorConf = MISSING
+    strategy: StrategyConf = field(default_factory=StrategyConf)
     trainer: TrainerConf = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
@@ -342,6 +356,7 @@ _SCHEMAS: dict[str | None, dict[str, Any]] = {
     "distillation": {"distillation_schema": DistillationConf},
     "precision": {"precision_schema": PrecisionConf},
     "accelerator": {"accelerator_schema": AcceleratorConf},
+    "strategy": {"strategy_schema": StrategyConf},
     "trainer": {"trainer_schema": TrainerConf},
     "checkpoint": {"checkpoint_schema": CheckpointConf},
     "health": {"health_schema": HealthConf},

@@ -120,7 +120,10 @@ def train(cfg: DictConfig) -> float | None:
 
     apply_job_threads(cfg.threads)  # every job: loky reuses its worker processes between jobs
 
-    started = time.time()
+    from sem.distributed import ddp_env, end_distributed
+
+    started, saved_env = time.time(), ddp_env()
+    _quiet_other_ranks()
     signals = StopSignals()
     signals.install()  # from here on, SIGTERM/SIGINT/SIGUSR1 end the run at a step boundary, saved
     summary = RunSummary(run_dir)
@@ -164,6 +167,19 @@ def train(cfg: DictConfig) -> float | None:
         sys.exit(EXIT_TRAINING_FAILED)
     finally:
         signals.restore()
+        end_distributed(saved_env)  # the next job of a sweep in this process starts without a process group
+
+
+def _quiet_other_ranks() -> None:
+    """An extra DDP rank logs warnings and errors to the console, everything to its own log file
+    (``rank_<n>.log`` in the run dir): the console reads as one run, not one per rank."""
+    from sem.summary import is_global_zero
+
+    if is_global_zero():
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _validate(cfg: DictConfig) -> tuple[list[str], Any]:
@@ -341,12 +357,25 @@ def _lightning(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, opt
     loggers = [_instantiate(node, save_dir=str(run_dir), **logger_kwargs(node, run_dir))
                for node in cfg.logger.values() if node]
     accelerator = _instantiate(_without(cfg.accelerator, "name"))
-    precision_plugin = _instantiate(cfg.precision)(device_type=device_type_of(accelerator))
+    device_type = device_type_of(accelerator)
+    precision_plugin = _instantiate(cfg.precision)(device_type=device_type)
+    strategy = _instantiate(cfg.strategy)(device_type=device_type, devices=cfg.trainer.devices,
+                                          num_nodes=cfg.trainer.num_nodes, precision=precision_plugin.precision)
+    plugins: list[Any] = [ManagedCheckpointIO(checkpoints, cfg.trainer.accumulate_grad_batches)]
+    if cfg.strategy.name == "fsdp":  # FSDP brings its own precision plugin, built from the precision flag
+        precision = {"precision": precision_plugin.precision}
+    else:
+        precision, plugins = {}, [precision_plugin, *plugins]
     accumulate = cfg.trainer.accumulate_grad_batches
     trainer = _instantiate(
         cfg.trainer,
         accelerator=accelerator,
-        plugins=[precision_plugin, ManagedCheckpointIO(checkpoints, accumulate)],
+        strategy=strategy,
+        plugins=plugins,
+        **precision,
+        # The train stream and the validation windows shard themselves by rank (validation without
+        # the padding of Lightning's DistributedSampler, which would count windows twice).
+        use_distributed_sampler=False,
         enable_checkpointing=False,  # sem's CheckpointCallback saves; Lightning's ModelCheckpoint is not used
         callbacks=callbacks,
         logger=loggers or False,
@@ -383,8 +412,11 @@ def _resume(cfg: DictConfig, checkpoints: Any) -> tuple[str | None, dict[str, An
         _exit_if_invalid([f"resume={cfg.resume}: {exc}"])
         raise  # not reached
     if path.parent == checkpoints.dir.resolve():  # an older checkpoint of this very run: a new branch
+        from sem.summary import is_global_zero
+
         step = int(payload.get("global_step", -1))
-        checkpoints.set_aside_after(step)
+        if is_global_zero():  # the other ranks of a DDP run only read
+            checkpoints.set_aside_after(step)
         checkpoints.last_saved_step = step
     return str(path), payload
 

@@ -303,10 +303,13 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
             return None
         return value
     finally:
-        record = job_record(run_dir, job, overrides, started=started, status=status, error=error)
-        _finish_wandb(record["status"])
-        append_ledger(sweep_dir, record)
-        log.info("job %s: %s", job, record_line(record))
+        from sem.summary import is_global_zero
+
+        if is_global_zero():  # a multi-rank job (srun tasks) is one job: one ledger line
+            record = job_record(run_dir, job, overrides, started=started, status=status, error=error)
+            _finish_wandb(record["status"])
+            append_ledger(sweep_dir, record)
+            log.info("job %s: %s", job, record_line(record))
 
 
 def _mtime(path: Path) -> float:
@@ -375,7 +378,9 @@ class SweepCallback(Callback):
         write_json(sweep_dir / "sweep.json", sweep_info(config, sweep_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if not _multirun(config):
+        from sem.summary import is_global_zero
+
+        if not _multirun(config) or not is_global_zero():
             return
         from sem.report import job_record, write_report
 

@@ -231,13 +231,28 @@ def check_experiment(option: str, cfg: DictConfig, tmp_path: Path) -> None:
     _check_preset(cfg)
 
 
+def check_strategy(option: str, cfg: DictConfig, tmp_path: Path) -> None:
+    from pytorch_lightning.strategies import DDPStrategy
+
+    problems = _problems(cfg)
+    if option == "fsdp":  # GPUs only: one line saying so on this CPU machine
+        assert len(problems) == 1 and "strategy=fsdp" in problems[0] and "CPU" in problems[0], problems
+        return
+    assert problems == []
+    one = instantiate(cfg.strategy)(device_type="cpu", devices=1, num_nodes=1)
+    two = instantiate(cfg.strategy)(device_type="cpu", devices=2, num_nodes=1)
+    # one device: Lightning's single-device choice for auto, DDP (one rank) when asked for; two: DDP, gloo
+    assert (one == "auto") if option == "auto" else isinstance(one, DDPStrategy)
+    assert isinstance(two, DDPStrategy) and two._process_group_backend == "gloo"
+
+
 CHECKS: dict[str, Callable[[str, DictConfig, Path], None]] = {
     "model": check_model, "data": check_data, "optimizer": check_optimizer,
     "scheduler": check_scheduler, "curriculum": check_curriculum,
     "distillation": check_distillation, "precision": check_precision,
     "accelerator": check_accelerator, "trainer": check_trainer, "callbacks": check_callbacks,
     "logger": check_logger, "checkpoint": check_checkpoint, "health": check_health, "debug": check_debug,
-    "experiment": check_experiment,
+    "experiment": check_experiment, "strategy": check_strategy,
 }
 
 

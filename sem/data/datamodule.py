@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from sem.data.corpus import Corpus, CorpusError, TokenCache, load_or_build_cache
 from sem.data.tokenizer import ByteTokenizer
@@ -29,7 +29,7 @@ def byte_targets(y: torch.Tensor | np.ndarray) -> int:
     document ends is part of coding it (gzip pays for the end of its stream too), so it is charged to the
     document's bytes rather than dropped.
     """
-    return int((y < 256).sum())
+    return int(((y >= 0) & (y < 256)).sum())  # -100: an ignored target (padding), not a byte
 
 
 def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -180,8 +180,7 @@ class SEMDataModule:
     def val_loader(self, max_windows: int | None | Literal["default"] = "default") -> DataLoader:
         """(x, y) int64 [b, val_seq_len] batches over val_windows; "default" = val_max_windows, None = all."""
         m = self.val_max_windows if max_windows == "default" else max_windows
-        x, y = self.val_windows(m)
-        return DataLoader(TensorDataset(x, y), batch_size=self.val_batch_size, shuffle=False, num_workers=0)
+        return DataLoader(_ValShard(*self.val_windows(m), self.val_batch_size), batch_size=None, num_workers=0)
 
     def val_bpb(self, sum_nats: float, n_byte_targets: int) -> float:
         """Bits per byte: total loss in nats over all targets, per byte target (see byte_targets)."""
@@ -209,3 +208,26 @@ class _StepStream(IterableDataset):
             for j in range(self.accumulate):
                 yield self.dm.train_batch(step, t, b, rank, world, micro=j)
             step += 1
+
+
+class _ValShard(IterableDataset):
+    """This rank's share of the validation windows, each window counted once across ranks.
+
+    Rank r takes windows r, r + world, ...; ranks that come up one short get a padding window whose
+    targets are all -100 (ignored: no loss, no tokens, no bytes), so every rank runs the same number of
+    batches (collectives stay in step) and nothing is counted twice (Lightning's DistributedSampler
+    would repeat windows instead). The rank is read when iterated: the loader is built before the
+    process group exists."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = _dist_rank_world()
+        x, y = self.x[rank::world], self.y[rank::world]
+        share = -(-len(self.x) // world)
+        if len(x) < share:
+            x = torch.cat([x, self.x[:1]])
+            y = torch.cat([y, torch.full_like(self.y[:1], -100)])
+        for i in range(0, share, self.batch_size):
+            yield x[i:i + self.batch_size], y[i:i + self.batch_size]

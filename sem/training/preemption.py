@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("sem")
@@ -26,6 +27,9 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        # Called with each signal received: a DDP launcher passes it on to the ranks it started, so
+        # they stop at the same step as this one (the stop decision itself is collective).
+        self.forward: list[Callable[[int], None]] = []
 
     def install(self) -> None:
         """(Re)install the handlers; safe to call again after a library replaced them."""
@@ -44,6 +48,8 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        for forward in self.forward:
+            forward(signum)
         if self.received is not None:
             log.error("%s again: exiting now (last complete checkpoint is kept)", name)
             logging.shutdown()

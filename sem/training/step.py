@@ -198,14 +198,14 @@ class StepPolicy:
 
 
 def val_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[nats, tokens, byte targets, windows] of one validation batch, float64 (summed over batches
-    and ranks, then turned into metrics by ``val_metrics``)."""
-    from sem.data.datamodule import byte_targets
-
-    out = model(x, y)
-    n = y.numel()
-    counts = torch.tensor([n, byte_targets(y), y.shape[0]], dtype=torch.float64, device=x.device)
-    return torch.cat([(out.ce_loss.detach().double() * n).reshape(1), counts])
+    """[nats, tokens, byte targets, windows] of one validation batch, float64, on the batch's device
+    (summed over batches and ranks, then turned into metrics by ``val_metrics``; no host sync)."""
+    logits = model(x).logits.detach()
+    kept = y != -100  # padding windows of a rank's validation share (all -100) count for nothing
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                             reduction="sum")
+    return torch.stack([nats.double(), kept.sum().double(), (kept & (y < 256)).sum().double(),
+                        kept.any(1).sum().double()])
 
 
 def val_metrics(sums: torch.Tensor, bpb: Callable[[float, int], float], final: bool) -> dict[str, Any]:

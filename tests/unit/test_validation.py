@@ -46,6 +46,15 @@ SINGLE = {
     "run_name_dotdot": (["run.name=../elsewhere"], ["run.name=", "../elsewhere", ".."]),
     "engine_unknown": (["engine=deepspeed"], ["engine=", "deepspeed"]),
     "standalone_multi_device": (["engine=standalone", "trainer.devices=2"], ["engine=standalone", "trainer.devices=2"]),
+    "standalone_ddp": (["engine=standalone", "strategy=ddp"], ["engine=standalone", "strategy=ddp"]),
+    "devices_zero": (["trainer.devices=0"], ["trainer.devices=0", ">= 1"]),
+    "devices_negative": (["trainer.devices=-3"], ["trainer.devices=-3"]),
+    "devices_words": (["trainer.devices=many"], ["trainer.devices='many'"]),
+    "devices_repeated": (["trainer.devices=[0,0]"], ["trainer.devices=", "twice"]),
+    "num_nodes_zero": (["trainer.num_nodes=0"], ["trainer.num_nodes=0"]),
+    "fsdp_on_cpu": (["strategy=fsdp"], ["strategy=fsdp", "CPU", "strategy=ddp"]),
+    "nccl_on_cpu": (["strategy=ddp", "strategy.backend=nccl"], ["strategy.backend=nccl", "cpu"]),
+    "backend_unknown": (["strategy=ddp", "strategy.backend=carrier_pigeon"], ["strategy.backend='carrier_pigeon'"]),
 }
 
 

@@ -138,6 +138,9 @@ class CheckpointCallback(pl.Callback):
                 self.signals.received = self.signals.received or "SIGTERM"
                 connector.received_sigterm = False
             self.signals.install()
+            launcher = trainer.strategy.launcher
+            if getattr(launcher, "procs", None) and launcher.kill not in self.signals.forward:
+                self.signals.forward.append(launcher.kill)  # the ranks this process started stop too
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, milestone: str | None = None) -> None:
         # Lightning's own checkpoint dict (loops, optimizer, scheduler, precision, callbacks, and the
@@ -150,6 +153,8 @@ class CheckpointCallback(pl.Callback):
                                      metrics=metrics, config=pl_module.config, milestone=milestone)
             if path is not None and milestone is not None:
                 log.info("curriculum: milestone checkpoint %s", path)
+        else:
+            self.manager.last_saved_step = trainer.global_step  # every rank agrees on what was saved
         trainer.strategy.barrier("sem.checkpoint")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -164,6 +169,16 @@ class CheckpointCallback(pl.Callback):
                     and curriculum.stages[event.index].checkpoint):
                 self.save(trainer, pl_module, milestone=event.stage)
         stop = self.signals is not None and self.signals.received is not None
+        if trainer.world_size > 1:
+            # Every rank must stop at the same step (a rank that stops alone leaves the others hung in
+            # the next all-reduce): a collective decision, taken on logging and checkpoint steps, so a
+            # step without either has no extra collective.
+            if not (self.manager.due(done) or is_logging_step(done - 1, trainer.log_every_n_steps,
+                                                              trainer.max_steps)):
+                return
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+            if stop and self.signals is not None and self.signals.received is None:
+                self.signals.received = "SIGTERM (another rank)"
         if self.manager.due(done) or (stop and self.manager.save_on_exit and done < trainer.max_steps):
             self.save(trainer, pl_module)
         if stop:
