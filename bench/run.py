@@ -17,6 +17,7 @@ BENCHES = {  # name: (module, long-running)
     "decode": ("bench.decode", False),
     "sweeps": ("bench.sweeps", False),
     "time_to_quality": ("bench.time_to_quality", True),  # trains the default config (minutes)
+    "memory": ("bench.memory", True),  # sem_base steps at seq_len 1024 (~15 min on 2 cores)
 }
 
 

@@ -341,8 +341,10 @@ def _lightning(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, opt
 
     # Lightning 2.6 trips over its own torch-2.13 pytree deprecation on every fit: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # val/loss and val/bpb are logged already summed over ranks (SEMLightningModule): no sync_dist needed
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     module = SEMLightningModule(policy=policy, optimizer=optimizer, scheduler=scheduler,
-                                bpb=datamodule.val_bpb, checkpoints=checkpoints)
+                                bpb=datamodule.val_bpb, checkpoints=checkpoints, signals=signals)
     interactive = sys.stderr.isatty()
     callbacks = []
     for name, node in cfg.callbacks.items():

@@ -164,6 +164,10 @@ def _strategy_problems(cfg: DictConfig) -> list[str]:
         have = torch.cuda.device_count() if device == "cuda" else xpu.device_count()
         if 0 < have < t.devices:  # none at all: already said by the accelerator check
             p.append(f"trainer.devices={t.devices}: this machine has {have} {device} device(s)")
+    stall = (cfg.health.get("stall") or {}).get("action")
+    if world_size(t.devices, t.num_nodes, device) > 1 and cfg.health.enabled and stall not in (None, "warn"):
+        p.append(f"health.stall.action={stall}: each rank times its own steps, so ranks could disagree and "
+                 "leave each other waiting; with more than one process use warn (or null)")
     if cfg.engine == "standalone" and (s.name != "auto" or world_size(t.devices, t.num_nodes, device) > 1):
         p.append(f"engine=standalone: runs one process on one device; strategy={s.name} "
                  f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} need engine=lightning")

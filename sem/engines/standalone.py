@@ -131,7 +131,8 @@ class SEMTrainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         means = policy.step_means()
-        decision = policy.judge(step, params, float(means[0]), self.clip, scaler_active=self.scaler is not None)
+        decision = policy.judge(step, params, means[0], self.clip, scaler_active=self.scaler is not None,
+                                optimizer=self.optimizer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -141,7 +142,10 @@ class SEMTrainer:
         row.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
                     "tokens": policy.tokens, "grad_norm": policy.grad_norm})
         logging_step = is_logging_step(step, self.log_every_n_steps, self.max_steps)
-        row.update(policy.finish(step, means, decision, logging_step, self._rollback))
+        # Device-judged steps are read back on logging steps and before anything is saved.
+        flush = (logging_step or step + 1 >= self.max_steps or self.checkpoints.due(step + 1)
+                 or (self.signals is not None and self.signals.received is not None))
+        row.update(policy.finish(step, means, decision, flush, self._rollback))
         if self.scheduler is not None:
             self.scheduler.step()  # after finish, as Lightning: a rollback's optimizer state gets this step's LR
         self.global_step = step + 1

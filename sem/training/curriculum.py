@@ -234,7 +234,12 @@ class CurriculumManager:
 
     # ---------------------------------------------------------------------------- gating
 
-    def observe(self, step: int, loss: float) -> list[StageEvent]:
+    def needs_loss(self, step: int) -> bool:
+        """Whether ``observe(step, ...)`` needs the step's loss: a gate is deciding the stage's end."""
+        index, st = self.stage_at(step)
+        return st.gate is not None and index < len(self.stages) - 1 and index not in self._gate_ends
+
+    def observe(self, step: int, loss: float | None) -> list[StageEvent]:
         """Record the train loss of optimizer step ``step`` (after it ran). Returns the stage events
         that are reached: boundaries at ``step + 1`` (a gate decision may put a boundary a step or two
         ahead when the loader has already built those batches; it is announced when reached). A step
@@ -242,9 +247,10 @@ class CurriculumManager:
         if step <= self._last_observed:
             return []
         self._last_observed = step
-        index, st = self.stage_at(step)
-        if st.gate is not None and index < len(self.stages) - 1 and index not in self._gate_ends:
-            self._gate_step(index, st, step, loss)
+        if self.needs_loss(step):
+            if loss is None:
+                raise ValueError(f"curriculum: step {step} is gated: observe() needs its loss")
+            self._gate_step(*self.stage_at(step), step, loss)
         return self._announce(step + 1)
 
     def _gate_step(self, index: int, st: Stage, step: int, loss: float) -> None:

@@ -25,10 +25,11 @@ def _averaged(t: Tensor) -> bool:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, held: Tensor | None = None) -> None:
     """``t <- decay * t + (1 - decay) * s`` for every float/complex parameter and buffer, matched by
     name; integer/bool buffers (counters, masks) are copied. Pass the unwrapped student (no DDP
-    ``module.`` prefix)."""
+    ``module.`` prefix). ``held`` (a bool tensor on the device): when true the teacher is left as it
+    is: the student's update of this step was held back on the device (no host sync to find out)."""
     t_state = dict(teacher.named_parameters())
     t_state.update(teacher.named_buffers())
     s_state = dict(student.named_parameters())
@@ -40,8 +41,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         s = s_state[name].detach()
         if t.shape != s.shape:
             raise ValueError(f"ema_update: {name} has shape {tuple(t.shape)} in the teacher, {tuple(s.shape)} in the student")
-        if _averaged(t) and decay > 0.0:
-            t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
+        s = s.to(device=t.device, dtype=t.dtype)
+        if held is not None:
+            t.copy_(torch.where(held, t, t.mul(decay).add_(s, alpha=1.0 - decay) if _averaged(t) and decay > 0.0
+                                else s))
+        elif _averaged(t) and decay > 0.0:
+            t.mul_(decay).add_(s, alpha=1.0 - decay)
         else:  # decay 0 copies outright (0 * a non-finite stale value would still be NaN)
             t.copy_(s)
 
@@ -171,9 +176,10 @@ class EMATeacher:
         return decay_at(step - self.activated_step, self.decay_start, self.decay_end, self.ramp_steps)
 
     @torch.no_grad()
-    def update(self, student: nn.Module, step: int) -> bool:
+    def update(self, student: nn.Module, step: int, held: Tensor | None = None) -> bool:
         """EMA step after optimizer step ``step``. A second call for the same (or an earlier) step is
-        ignored and returns False: one update per optimizer step, whatever the accumulation."""
+        ignored and returns False: one update per optimizer step, whatever the accumulation. ``held``:
+        see ``ema_update``."""
         if self.last_updated_step is not None and step <= self.last_updated_step:
             if not self._warned_repeat:
                 log.warning(
@@ -183,11 +189,11 @@ class EMATeacher:
                 self._warned_repeat = True
             return False
         if self.activated_step is None:
-            ema_update(self.module, student, 0.0)  # decay 0 = copy: start from the current student
+            ema_update(self.module, student, 0.0, held)  # decay 0 = copy: start from the current student
             self.activated_step = step
             log.info("EMATeacher activated at step %d (initialised from the student)", step)
         else:
-            ema_update(self.module, student, self.decay(step))
+            ema_update(self.module, student, self.decay(step), held)
         self.last_updated_step = step
         return True
 

@@ -150,9 +150,43 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------------------ checks
 
-    def check_step(self, step: int, loss: float, grad_norm: float, seconds: float | None = None) -> Decision:
+    # ------------------------------------------------------------------ judged on the device
+
+    def device_checkable(self) -> bool:
+        """Whether every check that can hold back an update can be judged on the device, from limits
+        fixed between logging steps (``limits``): the non-finite checks and the two outliers. A stall
+        that skips or rolls back needs the host's clock before the update: judged on the host."""
+        return not self.enabled or self.stall.get("action") not in ("skip", "rollback")
+
+    def limits(self) -> tuple[float, float, bool, bool]:
+        """(loss limit, grad-norm limit, skip a non-finite loss, skip a non-finite norm): what the device
+        holds an update back for until the next logging step. A limit is where ``_outlier`` fires for
+        the current window (inf while the window is short, or when the check only warns)."""
+        if not self.enabled:
+            return math.inf, math.inf, False, False
+        holds = ("skip", "rollback", "stop")
+        return (self._limit(self.loss_spike, self._losses) if self.loss_spike.get("action") in holds else math.inf,
+                self._limit(self.grad_explosion, self._norms) if self.grad_explosion.get("action") in holds
+                else math.inf,
+                self.nonfinite_loss in holds, self.nonfinite_grad in holds)
+
+    @staticmethod
+    def _limit(cfg: dict[str, Any], history: deque[float]) -> float:
+        if not cfg.get("action") or len(history) < int(cfg["min_history"]):
+            return math.inf
+        med = statistics.median(history)
+        mad = statistics.median(abs(h - med) for h in history)
+        above = med + cfg["z"] * (1.4826 * mad + 1e-8 * max(abs(med), 1.0))
+        return max(above, cfg["min_ratio"] * med) if med > 0 else above
+
+    # ------------------------------------------------------------------------------ checks
+
+    def check_step(self, step: int, loss: float, grad_norm: float, seconds: float | None = None,
+                   limits: tuple[float, float] | None = None) -> Decision:
         """Judge optimizer step ``step`` before its update is applied (loss: the step's training
-        loss; grad_norm: the true norm, unscaled and unclipped; seconds: its wall time)."""
+        loss; grad_norm: the true norm, unscaled and unclipped; seconds: its wall time). With
+        ``limits`` (loss, grad norm) the outlier checks compare against them (the limits the device
+        used for this step, see ``limits()``) instead of this step's window."""
         d = Decision()
         if not self.enabled:
             return d
@@ -163,8 +197,10 @@ class HealthMonitor:
             d.add(HealthEvent(step, "nonfinite_grad", self.nonfinite_grad, grad_norm, None,
                               f"gradient norm is {grad_norm}"))
         else:
-            self._outlier(d, step, "loss_spike", self.loss_spike, loss, self._losses, "loss")
-            self._outlier(d, step, "grad_explosion", self.grad_explosion, grad_norm, self._norms, "grad norm")
+            fixed = limits or (None, None)
+            self._outlier(d, step, "loss_spike", self.loss_spike, loss, self._losses, "loss", fixed[0])
+            self._outlier(d, step, "grad_explosion", self.grad_explosion, grad_norm, self._norms, "grad norm",
+                          fixed[1])
         if seconds is not None and self.stall.get("action"):
             self._stall(d, step, seconds)
         if d.apply_update:
@@ -203,12 +239,14 @@ class HealthMonitor:
         return d
 
     def _outlier(self, d: Decision, step: int, name: str, cfg: dict[str, Any], value: float,
-                 history: deque[float], what: str) -> None:
+                 history: deque[float], what: str, limit: float | None = None) -> None:
         if not cfg.get("action") or len(history) < int(cfg["min_history"]):
             return
         z, med = _robust_z(value, history)
         ratio = value / med if med > 0 else math.inf
-        if z > cfg["z"] and ratio > cfg["min_ratio"]:
+        fires = value > limit if limit is not None and cfg["action"] != "warn" else (
+            z > cfg["z"] and ratio > cfg["min_ratio"])
+        if fires:
             d.add(HealthEvent(step, name, cfg["action"], value, cfg["z"],
                               f"{what} {value:.4g} is {ratio:.1f}x the recent median {med:.4g} "
                               f"(robust z {z:.1f} > {cfg['z']:g})"))

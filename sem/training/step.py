@@ -11,10 +11,21 @@ Both engines (the Lightning adapter and the standalone loop) call, per optimizer
 
 so the training semantics (the loss, the distillation mix, fault injection, per-step seeding, health
 actions, the gate's input, probes) are written once. Plain PyTorch: no Lightning, no Hydra.
+
+**No host syncs between logging steps.** With an optimizer that can skip an update on the device
+(torch's fused AdamW/SGD: ``found_inf``) and no fp16 loss scaler, ``judge`` reads nothing back: the
+health verdict that can hold an update back (non-finite loss or norm, a loss spike or norm explosion
+beyond the limits of the window as of the last logging step) is a tensor on the device, clipping is
+done on the device (a factor of 1 below the limit), and each step's [loss, norm, held back, ce] stays
+on the device until ``finish`` of a *flush* step (logging, checkpoint, last step) reads them all at once
+and replays them, in order, through the health monitor (events, escalation, rollback, stop) and the
+curriculum gate (the same values as a per-step read; a gate's decision lands at the flush). Any other
+optimizer, or fp16, is judged on the host each step, as before.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,7 +37,9 @@ from torch import nn
 from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.training.health import Decision, Faults, HealthMonitor, HealthStop
+from sem.training.health import _SEVERITY, Decision, Faults, HealthMonitor, HealthStop
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -55,8 +68,14 @@ class StepPolicy:
         self.config = config  # the resolved run config, stored in every checkpoint
         self.micro: list[torch.Tensor] = []  # [loss, ce, unitary_div] per micro-batch of this step
         self.tokens = 0
-        self.grad_norm = float("nan")
+        self.grad_norm: float | torch.Tensor = float("nan")  # a tensor on device-judged steps
         self._started: float | None = None
+        # device-judged steps not yet read back: (step, [loss, norm, held, ce] on the device, seconds)
+        self._pending: list[tuple[int, torch.Tensor, float | None]] = []
+        self._held: torch.Tensor | None = None  # this step's verdict on the device
+        self._limits: tuple[float, float, bool, bool] | None = None  # fixed at the last flush
+        self._limits_t: torch.Tensor | None = None
+        self._unobserved = False  # a pending step the curriculum has not seen yet
 
     # ------------------------------------------------------------------------------ a step
 
@@ -93,30 +112,73 @@ class StepPolicy:
         """[loss, ce, unitary_div] averaged over this step's micro-batches (this rank)."""
         return torch.stack(self.micro).mean(0)
 
-    def judge(self, step: int, params: list[torch.Tensor], loss: float, clip: float | None,
-              scaler_active: bool = False) -> Decision:
+    @staticmethod
+    def on_device(optimizer: torch.optim.Optimizer | None, scaler_active: bool) -> bool:
+        """Whether an update can be held back without reading anything on the host: the optimizer
+        skips on a ``found_inf`` flag (torch's fused optimizers) and no GradScaler owns that flag."""
+        return (optimizer is not None and not scaler_active
+                and bool(getattr(optimizer, "_step_supports_amp_scaling", False)))
+
+    def judge(self, step: int, params: list[torch.Tensor], loss: torch.Tensor | float, clip: float | None,
+              scaler_active: bool = False, optimizer: torch.optim.Optimizer | None = None,
+              sharded: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decision:
         """After backward (gradients unscaled), before the update: the true grad norm, the health
-        verdict, and then either clipping (update applied) or dropping the gradients (not applied)."""
+        verdict, and then either clipping (update applied) or dropping the gradients (not applied).
+        ``loss``: the step's mean loss (over micro-batches and ranks). With an ``optimizer`` that can
+        skip on the device (``on_device``) nothing is read back: see the module docstring.
+        ``sharded``: sums a per-rank square over ranks, where each rank holds a shard of the gradients
+        (FSDP): the norm is then of the whole gradient, the same on every rank."""
         params = [p for p in params if p.grad is not None]
         self.faults.grads(step, params)
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if sharded is not None:
+            total = sharded(total.square()).sqrt()
+        seconds = time.perf_counter() - self._started if self._started is not None else None
+        if self.on_device(optimizer, scaler_active) and self.health.device_checkable():
+            return self._judge_on_device(step, params, torch.as_tensor(loss, device=total.device),
+                                         total, clip, seconds, optimizer)
+        self._held = None
+        loss = float(loss)
         norm = self.grad_norm = float(total)
         if scaler_active and math.isfinite(loss) and not math.isfinite(norm):
             return Decision()  # fp16 loss-scale overflow: routine, the GradScaler skips the step itself
-        seconds = time.perf_counter() - self._started if self._started is not None else None
         decision = self.health.check_step(step, loss, norm, seconds)
         if not decision.apply_update:
             for p in params:
                 p.grad = None  # optimizers leave parameters without a gradient untouched
         elif clip and math.isfinite(norm) and norm > clip:
             torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+        if optimizer is not None and getattr(optimizer, "found_inf", None) is not None:
+            optimizer.found_inf = None  # a flag left from device-judged steps (before a resume/rollback)
         return decision
+
+    def _judge_on_device(self, step: int, params: list[torch.Tensor], loss: torch.Tensor, total: torch.Tensor,
+                         clip: float | None, seconds: float | None, optimizer: torch.optim.Optimizer) -> Decision:
+        if self._limits is None or self._limits_t is None or self._limits_t.device != total.device:
+            self._limits = self.health.limits()
+            self._limits_t = torch.tensor(self._limits[:2], dtype=torch.float32, device=total.device)
+        loss_max, norm_max = self._limits_t.unbind()
+        _, _, loss_nonfinite, norm_nonfinite = self._limits
+        loss32, norm32 = loss.detach().float(), total.detach().float()
+        held = (loss32 > loss_max) | (norm32 > norm_max)
+        if loss_nonfinite:
+            held = held | ~torch.isfinite(loss32)
+        if norm_nonfinite:
+            held = held | ~torch.isfinite(norm32)
+        optimizer.found_inf = held.float()  # the fused step leaves everything untouched when 1
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, total)  # factor 1 below the limit
+        self.grad_norm, self._held = total, held
+        self._pending.append((step, torch.stack([loss32, norm32, held.float()]), seconds))
+        return Decision(action="pending")
 
     def finish(self, step: int, means: torch.Tensor, decision: Decision, logging: bool,
                rollback: Callable[[int], None]) -> dict[str, Any]:
         """After the optimizer step: act on the verdict (stop raises HealthStop; rollback calls
         ``rollback(step)``), update the teacher, feed the gate the cross-entropy, and on logging steps
         take the model's probes. Returns the step's row additions (events, probes, health metrics)."""
+        if decision.action == "pending":  # judged on the device: read back and replayed on flush steps
+            return self._finish_on_device(step, means, logging, rollback)
         row: dict[str, Any] = {"health": decision.action}
         if decision.action == "stop":
             raise HealthStop("; ".join(f"step {e.step}: {e.check}: {e.message}" for e in decision.events))
@@ -129,6 +191,45 @@ class StepPolicy:
             # The gate watches the cross-entropy: the training loss also holds the distillation mix
             # (it roughly halves when a teacher switches on) and the unitary penalty.
             row["events"] = self.curriculum.observe(step, float(means[1]))
+        return self._logging_row(step, row, logging)
+
+    def _finish_on_device(self, step: int, means: torch.Tensor, flush: bool,
+                          rollback: Callable[[int], None]) -> dict[str, Any]:
+        stage = self.stage(step)[1]
+        if self.teacher is not None and self.teacher.active(step, stage):
+            self.teacher.update(self.model, step, held=self._held)
+        step_, values, seconds = self._pending[-1]
+        self._pending[-1] = (step_, torch.cat([values, means[1:2].detach().float()]), seconds)
+        events = []
+        if self.curriculum is not None:
+            if not self._unobserved and not self.curriculum.needs_loss(step):
+                events = self.curriculum.observe(step, None)  # a boundary fixed in advance: on time
+            else:
+                self._unobserved = True  # a gate is deciding: it gets this step's loss at the flush
+        if not flush:
+            return {"health": "pending", "events": events}
+        rows = torch.stack([v for _, v, _ in self._pending]).tolist()  # the one read-back: [n, 4]
+        pending, self._pending, self._unobserved = self._pending, [], False
+        limits, self._limits = self._limits, None  # fresh limits from the updated window next step
+        worst, act = Decision(), None
+        for (s, _, seconds), (loss, norm, held, ce) in zip(pending, rows):
+            d = self.health.check_step(s, loss, norm, seconds, limits=limits[:2] if limits else None)
+            if d.apply_update == bool(held):  # cannot happen with the same limits; never silently
+                log.warning("health: step %d judged %s on the host but %s on the device", s, d.action,
+                            "held back" if held else "applied")
+            if _SEVERITY[d.action] > _SEVERITY[worst.action]:
+                worst = d
+            if d.action in ("rollback", "stop") and act is None:
+                act = d
+            if self.curriculum is not None:  # (a step observed already is ignored: no event twice)
+                events += self.curriculum.observe(s, ce)
+        if act is not None and act.action == "stop":
+            raise HealthStop("; ".join(f"step {e.step}: {e.check}: {e.message}" for e in act.events))
+        if act is not None:
+            rollback(step)
+        return self._logging_row(step, {"health": worst.action, "events": events}, True)
+
+    def _logging_row(self, step: int, row: dict[str, Any], logging: bool) -> dict[str, Any]:
         if logging:
             probes = getattr(self.model, "probes", None)
             if probes is not None:

@@ -55,6 +55,8 @@ SINGLE = {
     "fsdp_on_cpu": (["strategy=fsdp"], ["strategy=fsdp", "CPU", "strategy=ddp"]),
     "nccl_on_cpu": (["strategy=ddp", "strategy.backend=nccl"], ["strategy.backend=nccl", "cpu"]),
     "backend_unknown": (["strategy=ddp", "strategy.backend=carrier_pigeon"], ["strategy.backend='carrier_pigeon'"]),
+    "stall_stop_under_ddp": (["strategy=ddp", "trainer.devices=2", "health.stall.action=stop"],
+                             ["health.stall.action=stop", "warn"]),
 }
 
 

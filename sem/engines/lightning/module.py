@@ -15,6 +15,7 @@ from sem.model import count_parameters, param_groups
 from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision
+from sem.training.preemption import StopSignals
 from sem.training.step import StepPolicy, val_metrics, val_sums
 
 
@@ -26,6 +27,7 @@ class SEMLightningModule(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         bpb: Callable[[float, int], float] | None = None,
         checkpoints: CheckpointManager | None = None,
+        signals: StopSignals | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy
@@ -33,6 +35,8 @@ class SEMLightningModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.checkpoints = checkpoints  # where a health rollback finds the last good state
+        self.signals = signals  # a stop request: the step's checkpoint follows, so read back first
+        self._means: torch.Tensor | None = None
         self.bpb = bpb or (lambda nats, n_bytes: nats / math.log(2) / max(n_bytes, 1))
         self.num_parameters = count_parameters(self.model)
         self.final_validation = False
@@ -76,11 +80,23 @@ class SEMLightningModule(pl.LightningModule):
         # Called once per optimizer step after unscaling, before the update: where the policy reads
         # the true grad norm and the health monitor decides whether the update is applied.
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        loss = float(self.trainer.strategy.reduce(self.policy.step_means()[0], reduce_op="mean"))
+        # Mean over micro-batches and ranks, on the device: every rank judges (and feeds the
+        # curriculum) the same loss. One all-reduce per step, kept for optimizer_step.
+        self._means = self.trainer.strategy.reduce(self.policy.step_means(), reduce_op="mean")
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._decision = self.policy.judge(self.global_step, params, loss,
+        self._decision = self.policy.judge(self.global_step, params, self._means[0],
                                            float(gradient_clip_val) if gradient_clip_val else None,
-                                           scaler_active=scaler is not None)
+                                           scaler_active=scaler is not None,
+                                           optimizer=getattr(optimizer, "_optimizer", optimizer),
+                                           sharded=self._sum_over_ranks if self._sharded() else None)
+
+    def _sharded(self) -> bool:
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        return isinstance(self.trainer.strategy, FSDPStrategy)  # each rank holds a shard of the gradients
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
 
     # ------------------------------------------------------------------------------- training
 
@@ -113,14 +129,19 @@ class SEMLightningModule(pl.LightningModule):
         # Exactly once per optimizer step, whatever accumulate_grad_batches is.
         step = self.global_step  # not yet incremented: the step just taken
         self._step_open = False
-        # Mean over micro-batches and ranks: every rank must feed the curriculum the same loss.
-        means = self.trainer.strategy.reduce(self.policy.step_means(), reduce_op="mean")
+        means, self._means = self._means, None
+        if means is None:  # no clipping hook ran (not expected): reduce here
+            means = self.trainer.strategy.reduce(self.policy.step_means(), reduce_op="mean")
         self.last_train.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
                                 "tokens": self.policy.tokens * self.trainer.world_size,
                                 "grad_norm": self.policy.grad_norm, "step_done": True})
         decision, self._decision = self._decision, Decision()
         logging = is_logging_step(step, self.trainer.log_every_n_steps, self.trainer.max_steps)
-        row = self.policy.finish(step, means, decision, logging, self._rollback)
+        # Device-judged steps are read back on logging steps and before anything is saved.
+        flush = (logging or step + 1 >= self.trainer.max_steps
+                 or (self.checkpoints is not None and self.checkpoints.due(step + 1))
+                 or (self.signals is not None and self.signals.received is not None))
+        row = self.policy.finish(step, means, decision, flush, self._rollback)
         self.last_train.update(row)
         probes = {k: v for k, v in row.items() if k.startswith("sem/")}
         if probes:
