@@ -319,6 +319,7 @@ class FaultsConf:
     nan_at_step: int | None = None  # the loss of this optimizer step becomes NaN
     inf_grad_at_step: int | None = None  # one gradient entry of this step becomes inf
     spike_at_step: int | None = None  # the loss of this step is multiplied by 100
+    on_rank: int | None = None  # the loss faults on this global rank only (null: every rank)
 
 
 @dataclass

@@ -190,7 +190,8 @@ def _run_problems(cfg: DictConfig) -> list[str]:
             p.append(f"resume={resume!r}: no such checkpoint file (use null, auto or a path to a .ckpt)")
     for key, value in cfg.faults.items():
         if value is not None and value < 0:
-            p.append(f"faults.{key}={value!r}: must be >= 0 (an optimizer step) or null")
+            what = "a global rank" if key == "on_rank" else "an optimizer step"
+            p.append(f"faults.{key}={value!r}: must be >= 0 ({what}) or null")
     if cfg.get("threads") is not None and cfg.threads < 1:
         p.append(f"threads={cfg.threads!r}: must be >= 1 (torch threads per job) or null")
     return p

@@ -360,8 +360,16 @@ class Faults:
     nan_at_step: int | None = None
     inf_grad_at_step: int | None = None
     spike_at_step: int | None = None
+    # The loss faults only on this global rank (null: every rank), to rehearse a fault that one DDP rank
+    # meets: its NaN reaches every rank through the loss average and the gradient all-reduce, so all
+    # ranks take the same action. (inf_grad_at_step acts after the all-reduce: on every rank.)
+    on_rank: int | None = None
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if self.on_rank is not None:
+            dist = torch.distributed
+            if (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0) != self.on_rank:
+                return loss
         if step == self.nan_at_step:
             loss = loss * float("nan")
         if step == self.spike_at_step:

@@ -153,6 +153,32 @@ def single_and_ddp(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, c
     ddp.kill()
 
 
+@pytest.fixture(scope="module")
+def fault_on_one_rank(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> Launch:
+    """B again, with step 3's loss NaN on rank 1 only."""
+    args = [*_base(corpus_dir, cache_dir), "trainer.log_every_n_steps=1", *DDP, "data.batch_size=2",
+            "faults.nan_at_step=3", "faults.on_rank=1"]
+    run = Launch.start(tmp_path_factory.mktemp("fault"), args, cache_dir)
+    yield run.wait()
+    run.kill()
+
+
+def test_a_nan_on_one_rank_is_a_decision_of_all_ranks(fault_on_one_rank: Launch,
+                                                      single_and_ddp: tuple[Launch, Launch]) -> None:
+    """Rank 1's NaN reaches rank 0 through the loss average and the gradient all-reduce: both ranks hold
+    the update back (the default action, skip), nobody hangs, and the run goes on to the end."""
+    run = fault_on_one_rank
+    assert run.proc.returncode == 0, run.tail()
+    assert run.json("summary.json")["status"] == "completed"
+    events = [json.loads(line) for line in (run.run_dir / "health.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["check"], e["action"]) for e in events] == [(3, "nonfinite_loss", "skip")], events
+    losses, clean = run.train_losses(), single_and_ddp[1].train_losses()
+    assert losses[3] is None  # NaN, written as null
+    assert all(abs(losses[s] - clean[s]) < 1e-6 for s in range(3)), (losses, clean)  # the same run up to it
+    assert all(losses[s] is not None and math.isfinite(losses[s]) for s in range(4, STEPS)), losses
+    assert [r for r in run.metrics() if "health/skipped" in r][-1]["health/skipped"] == 1
+
+
 def test_both_runs_complete(single_and_ddp: tuple[Launch, Launch]) -> None:
     for run in single_and_ddp:
         assert run.proc.returncode == 0, run.tail()
