@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,18 @@ def check_input_length(input_ids: torch.Tensor, max_seq_len: int) -> None:
 
 def real_linear_of(w: torch.Tensor) -> torch.Tensor:
     """Real matrix [2P, 2Q] of a complex [P, Q] map on interleaved (Re, Im) features: F.linear(x, it)."""
-    return torch.stack([torch.stack([w.real, -w.imag], -1), torch.stack([w.imag, w.real], -1)], 1).flatten(2).flatten(0, 1)
+    return _real_linear(w.real, w.imag)
 
 
-def recurrence_fft(x: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
-    """h_t = sum_{s<=t} lambda^(t-s) u_s by FFT convolution. x [B, T, D, 2] float32 (interleaved Re/Im).
+def _real_linear(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """real_linear_of(re + i im) from the real parts, without a complex tensor in between (whose .real
+    and .imag cost a zero-filled [P, Q, 2] grad each in the backward)."""
+    return torch.stack([torch.stack([re, -im], -1), torch.stack([im, re], -1)], 1).flatten(2).flatten(0, 1)
+
+
+def recurrence_fft(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """h_t = gamma * sum_{s<=t} lambda^(t-s) u_s by FFT convolution. x [B, T, D, 2] float32 (interleaved
+    Re/Im), gamma [D] real input scale (None: 1), returns [B, T, D, 2].
 
     O(T log T) but leaks round-off across time (~1e-4 relative at fp32).
     """
@@ -67,9 +75,13 @@ def recurrence_fft(x: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
     T = u.shape[1]
     n = 1 << (2 * T - 1).bit_length()  # >= 2T-1: linear, not circular, convolution
     k = torch.arange(T, device=u.device, dtype=torch.float32)
-    kernel = torch.exp(k[:, None] * log_lam[None, :])  # [T, D] lambda^k
-    h = torch.fft.ifft(torch.fft.fft(u, n=n, dim=1) * torch.fft.fft(kernel, n=n, dim=0), n=n, dim=1)
-    return torch.view_as_real(h[:, :T])
+    kernel = torch.exp(log_lam[:, None] * k[None, :])  # [D, T] lambda^k
+    if gamma is not None:  # folded into the [D, T] kernel: no pass over [B, T, D], no [B, T, D] grad reduction
+        kernel = kernel * gamma[:, None]
+    # Time as the last, contiguous dim: an FFT along dim 1 would transpose-copy internally each time.
+    spec = torch.fft.fft(u.transpose(1, 2), n=n, dim=-1) * torch.fft.fft(kernel, n=n, dim=-1)  # [B, D, n]
+    h = torch.fft.ifft(spec, dim=-1)[..., :T].transpose(1, 2).contiguous()  # [B, T, D] complex64
+    return torch.view_as_real(h)
 
 
 def _decay_matrix(n: int, log_lam: torch.Tensor, stride: int, shift: int) -> torch.Tensor:
@@ -80,38 +92,129 @@ def _decay_matrix(n: int, log_lam: torch.Tensor, stride: int, shift: int) -> tor
     return torch.where((diff >= 0)[None], powers, torch.zeros((), dtype=powers.dtype, device=powers.device))
 
 
-def _real_block(m: torch.Tensor) -> torch.Tensor:
-    """Real form [G, 2P, 2Q] of a complex batch [G, P, Q]: [[Re, -Im], [Im, Re]] acting on [re; im]."""
-    return torch.cat([torch.cat([m.real, -m.imag], 2), torch.cat([m.imag, m.real], 2)], 1)
+def _right_real(m: torch.Tensor) -> torch.Tensor:
+    """Real form [G, 2P, 2Q] of z -> z m for a complex batch m [G, P, Q] acting on row vectors z of
+    interleaved (Re, Im) pairs: (x + iy)(a + ib) = (xa - yb) + i(xb + ya)."""
+    G, P, Q = m.shape
+    a, b = m.real, m.imag
+    return torch.stack([torch.stack([a, b], -1), torch.stack([-b, a], -1)], 2).view(G, 2 * P, 2 * Q)
 
 
-def recurrence_scan(x: torch.Tensor, log_lam: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+def recurrence_scan(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor | None = None,
+                    chunk: int = SCAN_CHUNK) -> torch.Tensor:
     """Same recurrence as recurrence_fft, as a two-level chunked scan of real batched matmuls.
 
-    x [B, T, D, 2] float32 (interleaved Re/Im), returns the same layout. No loop over time: within a
-    chunk of C steps h = L u with L[c, s] = lambda^(c-s); chunk-final states are carried across the
-    T/C chunks by a second matrix of powers of lambda^C. Exact up to ordinary matmul round-off (nothing
-    leaks from the future). Complex products are written as real bmm because complex bmm on CPU
-    falls back to a per-matrix loop.
+    x [B, T, D, 2] float32 (interleaved Re/Im), gamma [D] or None; returns the same layout. No loop
+    over time: within a chunk of C steps h = L u with L[c, s] = lambda^(c-s); chunk-final states are
+    carried across the T/C chunks by a second matrix of powers of lambda^C. Exact up to ordinary
+    matmul round-off (nothing leaks from the future). Complex products are written as real bmm on
+    interleaved (Re, Im) rows because complex bmm on CPU falls back to a per-matrix loop.
     """
     B, T, D, _ = x.shape
     C = min(chunk, T)
     N = -(-T // C)
     if N * C != T:
         x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))  # zero inputs after the end change nothing before it
-    u = x.view(B, N, C, D, 2).permute(3, 4, 2, 0, 1).reshape(D, 2 * C, B * N)  # [D, (re|im, c), (b, n)]
-    h = torch.bmm(_real_block(_decay_matrix(C, log_lam, 1, 0)), u).view(D, 2, C, B, N)  # zero carry-in
+    # One transpose of complex elements (8-byte pairs stay together: ~3x cheaper than a 5-D permute of
+    # floats): per channel d a [B*N, C] matrix of row vectors, (c, re|im) interleaved.
+    u = torch.view_as_complex(x.contiguous()).view(B * N * C, D).t().contiguous()  # [D, (b, n, c)]
+    u = torch.view_as_real(u).view(D, B * N, 2 * C)
+    intra = _decay_matrix(C, log_lam, 1, 0).transpose(1, 2)  # [D, s, c] = lambda^(c-s), s <= c
+    if gamma is not None:  # folded into the [D, C, C] matrix rather than a pass over x
+        intra = intra * gamma[:, None, None]
+    h = torch.bmm(u, _right_real(intra))  # [D, B*N, 2C], zero carry-in
     if N > 1:
+        ends = h.view(D, B, N, C, 2)[:, :, :, -1].reshape(D, B, 2 * N)  # chunk-final states [D, b, (m, re|im)]
         inter = _decay_matrix(N, log_lam, C, 1).transpose(1, 2)  # [D, m, n] = lambda^(C(n-1-m)), m < n
-        ends = h[:, :, -1].reshape(D, 2 * B, N)  # chunk-final states [D, (re|im, b), m]
-        er, ei = (ends @ torch.cat([inter.real, inter.imag], 2)).view(D, 2, B, 2, N).unbind(1)
-        cr, ci = er[:, :, 0] - ei[:, :, 1], er[:, :, 1] + ei[:, :, 0]  # state entering chunk n [D, B, N]
+        carry = torch.bmm(ends, _right_real(inter)).view(D, B * N, 2)  # state entering chunk n
         steps = torch.arange(1, C + 1, device=x.device, dtype=torch.float32)
-        p = torch.exp(steps[None] * log_lam[:, None])  # [D, C] lambda^(c+1)
-        pr, pi = p.real[:, :, None, None], p.imag[:, :, None, None]
-        cr, ci = cr[:, None], ci[:, None]
-        h = h + torch.stack([cr * pr - ci * pi, cr * pi + ci * pr], 1)
-    return h.permute(3, 4, 2, 0, 1).reshape(B, N * C, D, 2)[:, :T]
+        p = torch.exp(steps[None] * log_lam[:, None])[:, None]  # [D, 1, C] lambda^(c+1)
+        h = torch.baddbmm(h, carry, _right_real(p))
+    h = torch.view_as_complex(h.view(D, B * N * C, 2)).t().contiguous()  # [(b, n, c), D] complex64
+    return torch.view_as_real(h).view(B, N * C, D, 2)[:, :T]
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, with a hand-written backward.
+
+    The forward is F.rms_norm's arithmetic (bitwise equal); autograd through that composite costs
+    about a dozen passes over [B, T, F], this backward six (two of them read-only matrix-vector
+    products): with n = x r, dx = r (g w - n mean(g w n)) and dweight = sum over tokens of g n.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, eps: float
+                ) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # [..., 1]
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, weight, r = ctx.saved_tensors
+        features = x.shape[-1]
+        with _no_autocast(x):
+            gx = (grad * x).reshape(-1, features)  # [N, F]
+            # mean(g w n) per token = r (gx @ w) / F; the weight's grad = sum over tokens of r g x = r^T gx
+            coef = (r.pow(3) * (gx @ weight).view_as(r)).div_(-features)  # [..., 1]
+            grad_weight = r.view(-1) @ gx if ctx.needs_input_grad[1] else None  # [F]
+            return (grad * weight).mul_(r).addcmul_(x, coef), grad_weight, None
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """silu(gate) * value for a = [value | gate] [..., 2H] -> [..., H], autograd's arithmetic (bitwise
+    equal) without its last step: through chunk + silu + mul, autograd ends in a cat copying both
+    halves' grads into [..., 2H]; this backward writes them into one buffer in place."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor) -> torch.Tensor:
+        value, gate = a.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(a, s)
+        return s * value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        a, s = ctx.saved_tensors
+        value, gate = a.chunk(2, dim=-1)
+        grad_a = torch.empty_like(a)
+        grad_value, grad_gate = grad_a.chunk(2, dim=-1)
+        torch.mul(grad, s, out=grad_value)
+        torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=grad_gate)
+        return grad_a
+
+
+class _BornLogits(torch.autograd.Function):
+    """log(|z_k|^2 + eps) [..., V] from z [..., >= 2V] whose first 2V features are (Re, Im) pairs.
+
+    Autograd's arithmetic (bitwise equal) with one pass over the [..., V, 2] amplitudes in the backward
+    instead of three: d/dz log(|z|^2 + eps) = 2 z / (|z|^2 + eps). Features past 2V (padding that keeps
+    the readout matmul's width a multiple of 16) get zero grad.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, vocab: int, eps: float) -> torch.Tensor:
+        # |z|^2 + eps as Re^2 + Im^2 of strided halves: bitwise the same as pow(2).sum(-1), whose
+        # reduction over a last dim of size 2 runs ~7x slower on CPU.
+        sq = z[..., :2 * vocab].unflatten(-1, (vocab, 2)).square()
+        s = (sq[..., 0] + sq[..., 1]).add_(eps)
+        ctx.save_for_backward(z, s)
+        ctx.vocab = vocab
+        return torch.log(s)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        z, s = ctx.saved_tensors
+        pairs = (ctx.vocab, 2)
+        grad_z = torch.empty_like(z)
+        grad_z[..., 2 * ctx.vocab:].zero_()
+        torch.mul(z[..., :2 * ctx.vocab].unflatten(-1, pairs), torch.div(grad, s).mul_(2).unsqueeze(-1),
+                  out=grad_z[..., :2 * ctx.vocab].unflatten(-1, pairs))
+        return grad_z, None, None
 
 
 class ComplexRMSNorm(nn.Module):
@@ -125,7 +228,8 @@ class ComplexRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 2D] real, interleaved (Re, Im) pairs
         # rms over the 2D real features is rms|psi| / sqrt(2); the sqrt(1/2) restores energy D.
         weight = self.gain.float().repeat_interleave(2) * math.sqrt(0.5)  # [2D], same gain for Re and Im
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps)
+        with _no_autocast(x):
+            return _RMSNormFunction.apply(x.float(), weight, self.eps)
 
 
 class SEMBlock(nn.Module):
@@ -163,19 +267,25 @@ class SEMBlock(nn.Module):
             log_lam = self.log_lambda()
             # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
             gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D]
-            x = u.float().unflatten(-1, (-1, 2)) * gamma[:, None]  # [B, T, D, 2]
-            h = recurrence_fft(x, log_lam) if self.recurrence == "fft" else recurrence_scan(x, log_lam)
-            return h.flatten(-2)
+            x = u.float().unflatten(-1, (-1, 2))  # [B, T, D, 2]
+            recurrence = recurrence_fft if self.recurrence == "fft" else recurrence_scan
+            return recurrence(x, log_lam, gamma).flatten(-2)
 
     def forward(self, psi: torch.Tensor) -> torch.Tensor:  # psi [B, T, 2D] float32
         return self._body(psi)[0]
 
     def _body(self, psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(new residual [B, T, 2D], recurrence state h [B, T, 2D] float32 interleaved)."""
-        x = self.norm(psi)
-        h = self.mix(self.in_proj(x))
-        value, gate = self.mlp_in(h + self.skip_D * x).chunk(2, dim=-1)
-        return psi + self.drop(self.mlp_out(F.silu(gate) * value)).float(), h
+        # record_function labels name the parts for bench/profile_sem.py (a no-op unless profiling).
+        with record_function("sem/norm"):
+            x = self.norm(psi)
+        with record_function("sem/in_proj"):
+            u = self.in_proj(x)
+        with record_function("sem/recurrence"):
+            h = self.mix(u)
+        with record_function("sem/mlp"):
+            hidden = _GatedSiLU.apply(self.mlp_in(h + self.skip_D * x))
+            return psi + self.drop(self.mlp_out(hidden)).float(), h
 
     def step(self, psi: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,18 +317,22 @@ class CayleyPropagator(nn.Module):
         return torch.complex(0.5 * (p + p.T), 0.5 * (q - q.T))
 
     def unitary(self) -> torch.Tensor:  # [D, D] complex64
-        with _no_autocast(self.h_real):
+        with _no_autocast(self.h_real), record_function("sem/cayley_solve"):
             h = self.hamiltonian()
             eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
             return torch.linalg.solve(eye + 0.5j * h, eye - 0.5j * h)
 
+    def matrix(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The real [2D, 2D] map (1 - alpha) I + alpha U on interleaved features; alpha scalar tensor."""
+        with _no_autocast(self.h_real):
+            w = real_linear_of(self.unitary())  # [2D, 2D]
+            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+            return eye + alpha * (w - eye)
+
     def forward(self, psi: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """psi + alpha (U psi - psi) per token. psi [B, T, 2D] real, alpha scalar tensor."""
         with _no_autocast(psi):
-            u = self.unitary()  # once per forward, not per token
-            w = real_linear_of(u)  # [2D, 2D]
-            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-            return F.linear(psi.float(), eye + alpha * (w - eye))  # (1 - alpha) psi + alpha U psi
+            return F.linear(psi.float(), self.matrix(alpha))
 
 
 class SEMModel(nn.Module):
@@ -266,9 +380,10 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
-        # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] final state.
+        # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
+        # norm_f and the [2D, 2D] propagator map that the readout applied to it.
         self._last_energy: torch.Tensor | None = None
-        self._last_state: torch.Tensor | None = None
+        self._last_state: tuple[torch.Tensor, torch.Tensor] | None = None
 
         # Encoder: one [V, 2D] table = Re and Im embeddings side by side; std 1/sqrt(2) -> energy ~ D.
         self.embed = nn.Embedding(vocab_size, 2 * d_model)
@@ -316,7 +431,8 @@ class SEMModel(nn.Module):
         }
         if self._last_energy is not None and self._last_state is not None:
             energy = self._last_energy.float()  # [B, T]
-            psi = self._last_state.float().unflatten(-1, (-1, 2)).contiguous()  # [B, T, D, 2]
+            normed, propagator = self._last_state
+            psi = F.linear(normed.float(), propagator).unflatten(-1, (-1, 2)).contiguous()  # [B, T, D, 2]
             z = torch.view_as_complex(psi)  # [B, T, D] complex64
             unit = z / z.abs().clamp_min(1e-12)  # e^{i phase}; a zero channel contributes 0
             out["sem/energy_mean"] = energy.mean().item()
@@ -324,35 +440,54 @@ class SEMModel(nn.Module):
             out["sem/phase_coherence"] = unit.mean(-1).abs().mean().item()
         return out
 
-    def _readout(self, psi: torch.Tensor) -> torch.Tensor:  # psi [B, T, 2D] -> logits [B, T, V] float32
+    def _readout_map(self, propagator: torch.Tensor) -> torch.Tensor:
+        """The readout composed with the propagator map [2D, 2D], float32: [2V padded to a multiple of
+        16, 2D] Born amplitudes on interleaved features, or the linear readout's [V, 2D] weight.
+
+        Both are per-token linear maps: composing them ([W, 2D] @ [2D, 2D], once) replaces applying the
+        propagator to every token ([B*T, 2D] @ [2D, 2D], and two such products in the backward).
+        """
+        with _no_autocast(propagator):
+            if self.readout_kind == "linear":
+                return self.readout.weight.float() @ propagator
+            w = _real_linear(self.readout_re.float(), self.readout_im.float()) @ propagator  # [2V, 2D]
+            return F.pad(w, (0, 0, 0, -w.shape[0] % 16))  # width 518 -> 528: the CPU matmul runs ~1.6x faster
+
+    def _logits(self, psi: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+        """psi [..., 2D] (output of norm_f), readout from _readout_map -> logits [..., V] float32."""
         if self.readout_kind == "linear":
-            return self.readout(psi).float()
-        # z = W psi as one real matmul on interleaved features (may run in bf16 under autocast).
-        w = real_linear_of(torch.complex(self.readout_re.float(), self.readout_im.float()))  # [2V, 2D]
-        z = F.linear(psi, w).float().unflatten(-1, (-1, 2))  # [B, T, V, 2]
-        return torch.log(z.pow(2).sum(-1) + self.born_eps)  # Born rule: p_k ~ |z_k|^2
+            return F.linear(psi, readout, self.readout.bias).float()
+        # z = W U psi as one real matmul (may run in bf16 under autocast); Born rule p_k ~ |z_k|^2.
+        return _BornLogits.apply(F.linear(psi, readout).float(), self.vocab_size, self.born_eps)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         check_input_length(input_ids, self.max_seq_len)
-        psi = self.embed(input_ids).float()  # [B, T, 2D]
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                psi = checkpoint(block, psi, use_reentrant=False)
-            else:
-                psi = block(psi)
+        with record_function("sem/embed"):
+            psi = self.embed(input_ids).float()  # [B, T, 2D]
+        for i, block in enumerate(self.blocks):
+            with record_function(f"sem/block{i}"):
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    psi = checkpoint(block, psi, use_reentrant=False)
+                else:
+                    psi = block(psi)
         # The penalty reads the residual state entering norm_f: after the norm (and the unitary
         # propagator) the energy is ~1 by construction and the term would be inert (~1e-11).
         # Not detached: its gradient reaches the blocks and the embedding that write the residual.
-        with _no_autocast(psi):
+        with _no_autocast(psi), record_function("sem/unitary_penalty"):
             energy = psi.float().pow(2).sum(-1) / self.d_model  # [B, T] ||psi_t||^2 / D
             unitary_div = torch.log(energy.clamp(1.0 / ENERGY_CLAMP, ENERGY_CLAMP)).pow(2).mean()
-        psi = self.propagator(self.norm_f(psi), self.propagator_alpha)  # [B, T, 2D] float32
-        # Detached views for probes(): references only, the statistics are computed there on demand.
-        self._last_energy, self._last_state = energy.detach(), psi.detach()
-        logits = self._readout(psi)
+        with record_function("sem/final_norm"):
+            psi = self.norm_f(psi)  # [B, T, 2D] float32
+        with record_function("sem/propagator"):
+            propagator = self.propagator.matrix(self.propagator_alpha)  # [2D, 2D], applied by the readout
+        # Detached references for probes(): the statistics are computed there on demand.
+        self._last_energy, self._last_state = energy.detach(), (psi.detach(), propagator.detach())
+        with record_function("sem/readout"):
+            logits = self._logits(psi, self._readout_map(propagator))
         if targets is None:
             return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div)
-        ce = cross_entropy(logits, targets)
+        with record_function("sem/cross_entropy"):
+            ce = cross_entropy(logits, targets)
         return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div)
 
     # ------------------------------------------------------------------ recurrent decoding
@@ -361,14 +496,9 @@ class SEMModel(nn.Module):
     def decode_state(self, batch_size: int = 1) -> DecodeState:
         """A fresh (empty-context) decoding state on the model's device."""
         ref = self.embed.weight
-        with _no_autocast(ref):
-            w = real_linear_of(self.propagator.unitary())
-            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-            propagator = eye + self.propagator_alpha * (w - eye)
-            readout = (real_linear_of(torch.complex(self.readout_re.float(), self.readout_im.float()))
-                       if self.readout_kind == "born" else None)
+        readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
         h = [torch.zeros(batch_size, self.d_model, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
-        return DecodeState(h, [b.decay() for b in self.blocks], propagator, readout)
+        return DecodeState(h, [b.decay() for b in self.blocks], readout)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
@@ -379,9 +509,8 @@ class SEMModel(nn.Module):
         for block, h, (lam, gamma) in zip(self.blocks, state.h, state.decay):
             psi, h = block.step(psi, h, lam, gamma)
             hs.append(h)
-        psi = F.linear(self.norm_f(psi).float(), state.propagator)
-        state = DecodeState(hs, state.decay, state.propagator, state.readout, state.position + 1)
-        return self._readout_with(psi, state.readout), state
+        state = DecodeState(hs, state.decay, state.readout, state.position + 1)
+        return self._logits(self.norm_f(psi).float(), state.readout), state
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None
@@ -400,27 +529,19 @@ class SEMModel(nn.Module):
         for block in self.blocks:
             psi, h = block._body(psi)
             hs.append(torch.view_as_complex(h[:, -1].float().unflatten(-1, (-1, 2)).contiguous()))
-        last = F.linear(self.norm_f(psi[:, -1]).float(), state.propagator)
-        state = DecodeState(hs, state.decay, state.propagator, state.readout, input_ids.shape[1])
-        return self._readout_with(last, state.readout), state
-
-    def _readout_with(self, psi: torch.Tensor, readout: torch.Tensor | None) -> torch.Tensor:
-        if readout is None:
-            return self.readout(psi).float()
-        z = F.linear(psi, readout).float().unflatten(-1, (-1, 2))
-        return torch.log(z.pow(2).sum(-1) + self.born_eps)
+        state = DecodeState(hs, state.decay, state.readout, input_ids.shape[1])
+        return self._logits(self.norm_f(psi[:, -1]).float(), state.readout), state
 
 
 @dataclass
 class DecodeState:
     """Recurrent decoding state of an SEMModel: one complex [B, D] state per block (constant in the
-    context length), plus per-decode constants (lambda, gamma per block; the propagator and readout
-    maps), so a step costs the same at token 10 and at token 10^6."""
+    context length), plus per-decode constants (lambda, gamma per block; the readout composed with
+    the propagator), so a step costs the same at token 10 and at token 10^6."""
 
     h: list[torch.Tensor]
     decay: list[tuple[torch.Tensor, torch.Tensor]]
-    propagator: torch.Tensor  # [2D, 2D] real map (1 - alpha) I + alpha U
-    readout: torch.Tensor | None  # [2V, 2D] real form of the Born readout (None: linear readout)
+    readout: torch.Tensor  # SEMModel._readout_map: readout after (1 - alpha) I + alpha U, [2V (padded) or V, 2D]
     position: int = 0  # tokens consumed
 
 

@@ -70,9 +70,7 @@ def test_prefill_then_step_equals_forward(recurrence: str) -> None:
 
 
 def _state_bytes(state: DecodeState) -> int:
-    tensors = [*state.h, *(t for pair in state.decay for t in pair), state.propagator]
-    if state.readout is not None:
-        tensors.append(state.readout)
+    tensors = [*state.h, *(t for pair in state.decay for t in pair), state.readout]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -6,12 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sem.model import (
     ENERGY_CLAMP,
     CayleyPropagator,
     ModelOutput,
     SEMModel,
+    _BornLogits,
+    _GatedSiLU,
+    _RMSNormFunction,
     count_parameters,
     param_groups,
     recurrence_fft,
@@ -60,6 +64,66 @@ def test_causality(recurrence: str, tol: float) -> None:
         a, b = model(x).logits, model(y).logits
     assert (a[:, :t] - b[:, :t]).abs().max().item() < tol
     assert (a[:, t] - b[:, t]).abs().max().item() > 1e-3  # the change is visible from t on
+
+
+@pytest.mark.parametrize("T", [5, 37])
+@pytest.mark.parametrize("fn", [recurrence_scan, recurrence_fft])
+def test_recurrence_gradients_match_sequential_loop(fn, T: int) -> None:
+    # The input scale gamma is folded into the decay matrices (scan) or the kernel (FFT), and the scan
+    # works on transposed layouts: the gradients of input, log lambda and gamma must still be the loop's.
+    torch.manual_seed(2)
+    leaves = [torch.randn(2, T, 6, dtype=torch.complex64), -torch.rand(6) * 2, torch.rand(6) * 3, torch.rand(6)]
+    weight = torch.randn(2, T, 6, 2)
+    grads = []
+    for use_fn in (True, False):
+        u, re, im, gamma = (t.clone().requires_grad_() for t in leaves)
+        log_lam = torch.complex(re, im)
+        if use_fn:
+            h = fn(torch.view_as_real(u), log_lam, gamma)
+        else:
+            h = torch.view_as_real(reference_loop(u * gamma, log_lam))
+        grads.append(torch.autograd.grad((h * weight).sum(), (u, re, im, gamma)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_hand_written_backwards_match_autograd() -> None:
+    # The norm, gated SiLU and Born readout Functions: forward bitwise the composite each replaces,
+    # backward equal to finite differences (float64 gradcheck).
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 5, 8) * 3, torch.rand(8) + 0.5
+    assert torch.equal(_RMSNormFunction.apply(x, w, 1e-6), F.rms_norm(x, (8,), w, 1e-6))
+    a = torch.randn(2, 5, 12)  # [value | gate]
+    value, gate = a.chunk(2, dim=-1)
+    assert torch.equal(_GatedSiLU.apply(a), F.silu(gate) * value)
+    z = torch.randn(2, 5, 16)  # 7 (Re, Im) amplitudes + 2 padding features
+    born = torch.log(z[..., :14].unflatten(-1, (7, 2)).pow(2).sum(-1) + 1e-6)
+    assert torch.equal(_BornLogits.apply(z, 7, 1e-6), born)
+    x, w, a, z = (t.double().requires_grad_() for t in (x, w, a, z))
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(_GatedSiLU.apply, (a,))
+    assert torch.autograd.gradcheck(lambda z: _BornLogits.apply(z, 7, 1e-6), (z,))  # padding: zero grad
+
+
+@pytest.mark.parametrize("readout", ["born", "linear"])
+def test_readout_applies_the_propagator(readout: str) -> None:
+    # The forward composes the readout with the propagator map once rather than applying the
+    # propagator to every token: the logits must be those of readout(propagator(norm_f(residual))).
+    model = tiny(readout=readout, propagator_warmup_steps=10)
+    model.set_step(5)  # alpha = 0.5: both the identity and the unitary part of the blend
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        psi = model.embed(x)
+        for block in model.blocks:
+            psi = block(psi)
+        psi = model.propagator(model.norm_f(psi), model.propagator_alpha)  # [B, T, 2D]
+        if readout == "born":
+            amplitudes = torch.view_as_complex(psi.unflatten(-1, (-1, 2)).contiguous()) @ torch.complex(
+                model.readout_re, model.readout_im).T  # [B, T, V]
+            expected = torch.log(amplitudes.abs().pow(2) + model.born_eps)
+        else:
+            expected = model.readout(psi)
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-4, rtol=2e-5)
 
 
 def test_propagator_is_unitary() -> None:
