@@ -16,6 +16,7 @@ BENCHES = {  # name: (module, long-running)
     "utilisation": ("bench.utilisation", False),
     "decode": ("bench.decode", False),
     "sweeps": ("bench.sweeps", False),
+    "profile_sem": ("bench.profile_sem", False),  # torch.profiler of sem_small + tokens/s vs transformer_small
     "time_to_quality": ("bench.time_to_quality", True),  # trains the default config (minutes)
     "memory": ("bench.memory", True),  # sem_base steps at seq_len 1024 (~15 min on 2 cores)
 }
