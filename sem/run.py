@@ -38,6 +38,7 @@ register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main 
 EXIT_BAD_CONFIG = 2
 EXIT_TRAINING_FAILED = 1
 # EXIT_PREEMPTED (75): stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; resume=auto continues
+# (submitit's SIGUSR2 saves the same way, then submitit requeues the job: sem.training.preemption)
 
 
 _main_started = False
@@ -168,6 +169,7 @@ def train(cfg: DictConfig) -> float | None:
     finally:
         signals.restore()
         end_distributed(saved_env)  # the next job of a sweep in this process starts without a process group
+        signals.hand_over()  # submitit's SIGUSR2, after the stop's checkpoint: submitit requeues (SystemExit)
 
 
 def _quiet_other_ranks() -> None:

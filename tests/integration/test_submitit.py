@@ -44,6 +44,12 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _job_logs(sweep: Path, job: str) -> str:
+    """Everything job ``job`` logged, in its dir and in submitit's per-task logs."""
+    files = [*(sweep / job).glob("*.log"), *(sweep / ".submitit").glob("*/*_log.*")]
+    return "\n".join(p.read_text(errors="replace") for p in files)
+
+
 def _tail(proc: subprocess.CompletedProcess | Path) -> str:
     text = proc.read_text() if isinstance(proc, Path) else proc.stdout + proc.stderr
     return text[-3000:]
@@ -99,23 +105,25 @@ def _job_process(sweep: Path, job: str) -> int | None:
     return None
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+def _wait_for_training(metrics: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Until ``metrics`` (a job's metrics.jsonl) has a train row: the job is past its first steps."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
         if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"{path} never appeared (sweep exit {proc.poll()}): {_tail(log)}")
+            raise AssertionError(f"no train row in {metrics} (sweep exit {proc.poll()}): {_tail(log)}")
         time.sleep(0.05)
 
 
 @pytest.mark.slow  # 35-100 s here: two 100-step jobs, one of them started twice
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the job processes through /proc")
 def test_submitit_signal_requeues_sem_signal_stops(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
-    """Job 0 gets SIGUSR2 (what submitit's sbatch ``--signal`` sends before the time limit): submitit
-    requeues it and, with resume=auto, it continues from its newest checkpoint in the same sweep. Job 1
-    gets SIGUSR1 (sem's stop signal): it saves and stops, is not requeued, and the sweep exits 75."""
+    """Job 0 gets SIGUSR2 (what submitit's sbatch ``--signal`` sends before the time limit): sem saves
+    the step it is at, then submitit requeues it and, with resume=auto, it continues from that step in
+    the same sweep (periodic checkpoints come every 50 steps: none exists yet). Job 1 gets SIGUSR1
+    (sem's stop signal): it saves and stops, is not requeued, and the sweep exits 75."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", *_small(corpus_dir, cache_dir), "trainer.max_steps=100",
-            "trainer.val_check_interval=50", "checkpoint.every_n_steps=4", "resume=auto",
+            "trainer.val_check_interval=50", "checkpoint.every_n_steps=50", "resume=auto",
             "optimizer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(_env(cache_dir), PYTHONUNBUFFERED="1")
@@ -125,7 +133,7 @@ def test_submitit_signal_requeues_sem_signal_stops(tmp_path: Path, corpus_dir: P
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         for job, sig in (("0", signal.SIGUSR2), ("1", signal.SIGUSR1)):
-            _wait_for(sweep / job / "checkpoints" / "step_0000004.json", proc, log)
+            _wait_for_training(sweep / job / "metrics.jsonl", proc, log)
             pid = _job_process(sweep, job)
             assert pid is not None, f"no submitit process holds {sweep / job} open"
             os.kill(pid, sig)
@@ -138,14 +146,16 @@ def test_submitit_signal_requeues_sem_signal_stops(tmp_path: Path, corpus_dir: P
     # job 0: requeued by submitit within this one sweep command, resumed, finished
     attempts = _lines(sweep / "0" / "attempts.jsonl")
     assert len(attempts) == 2 and attempts[1]["resumed_from"], attempts
-    assert re.search(r"step_\d{7}\.ckpt$", attempts[1]["resumed_from"])
+    resumed = re.search(r"step_(\d{7})\.ckpt$", attempts[1]["resumed_from"])
+    assert resumed and 0 < int(resumed.group(1)) < 50, attempts  # the step of the signal, saved by sem
+    assert "handing over to submitit" in log.read_text() or "handing over to submitit" in _job_logs(sweep, "0")
     assert ledger["0"]["status"] == "completed" and json.loads((sweep / "0" / "summary.json").read_text())["steps"] == 100
     steps = [r["step"] for r in _lines(sweep / "0" / "metrics.jsonl") if "train/loss" in r]
     assert len(steps) == len(set(steps)) and max(steps) == 99  # each logged step once, to the end
     # job 1: sem saved at a step boundary and stopped; nobody requeued it
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     assert ledger["1"]["status"] == summary["status"] == "preempted", ledger["1"]
-    assert summary["error"].startswith("stopped by SIGUSR1") and 4 <= summary["steps"] < 100, summary
+    assert summary["error"].startswith("stopped by SIGUSR1") and 1 <= summary["steps"] < 100, summary
     assert Path(summary["last_checkpoint"]).name == f"step_{summary['steps']:07d}.ckpt"
     assert len(_lines(sweep / "1" / "attempts.jsonl")) == 1
     assert "resume=auto continues them" in log.read_text()
