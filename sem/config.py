@@ -251,7 +251,7 @@ class StrategyConf:
 @dataclass
 class TrainerConf:
     _target_: str = "pytorch_lightning.Trainer"
-    max_steps: int = 1000
+    max_steps: int = 1400
     val_check_interval: int = 250  # in optimizer steps
     log_every_n_steps: int = 10  # a train row in metrics.jsonl every N optimizer steps
     devices: Any = 1
