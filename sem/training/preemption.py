@@ -42,7 +42,6 @@ class StopSignals:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._requeue: Callable[[int, Any], Any] | None = None  # submitit's SIGUSR2 handler, once taken over
-        self._requeue_due = False
         # Called with each signal received: a DDP launcher passes it on to the ranks it started, so
         # they stop at the same step as this one (the stop decision itself is collective).
         self.forward: list[Callable[[int], None]] = []
@@ -75,7 +74,6 @@ class StopSignals:
             os._exit(128 + signum)
         self.received = name
         if signum == REQUEUE_SIGNAL and self._requeue is not None:
-            self._requeue_due = True
             log.warning("%s received: finishing this step, saving a checkpoint, then handing over to submitit "
                         "to requeue the job (resume=auto goes on from that step)", name)
             return
@@ -85,7 +83,8 @@ class StopSignals:
     def hand_over(self) -> None:
         """After the stop's checkpoint is saved: pass a SIGUSR2 taken over from submitit on to its handler,
         which requeues the job and exits the process (SystemExit). Nothing to do otherwise."""
-        if self._requeue_due and self._requeue is not None:
-            self._requeue_due = False
-            log.warning("checkpoint saved: submitit requeues the job")
-            self._requeue(REQUEUE_SIGNAL, None)
+        if REQUEUE_SIGNAL is None or self._requeue is None or self.received != signal.Signals(REQUEUE_SIGNAL).name:
+            return
+        requeue, self._requeue = self._requeue, None  # once
+        log.warning("checkpoint saved: submitit requeues the job")
+        requeue(REQUEUE_SIGNAL, None)
