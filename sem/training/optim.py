@@ -38,17 +38,22 @@ FAST_BF16_DEVICES = ("cuda", "xpu")
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
                   eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation ``U V^T`` of ``g = U S V^T``. g [m, n] -> [m, n] in ``dtype``."""
+    """Approximate orthogonalisation ``U V^T`` of ``g = U S V^T``, per matrix of a batch.
+
+    g [..., m, n] -> [..., m, n] in ``dtype``; a stack of same-shape matrices runs as batched matmuls.
+    """
     x = g.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: the Gram matrix is [min(m, n), min(m, n)]
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: singular values now <= 1
+        x = x.mT
+    # Frobenius norm >= spectral norm: singular values now <= 1
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     a, b, c = NS_COEFFS
+    mm, addmm = (torch.mm, torch.addmm) if x.ndim == 2 else (torch.bmm, torch.baddbmm)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b A + c A^2) x
-    return x.T if tall else x
+        gram = mm(x, x.mT)
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b A + c A^2) x
+    return x.mT if tall else x
 
 
 def ns_dtype_for(ns_dtype: NsDtype, device: torch.device) -> torch.dtype:
@@ -142,16 +147,26 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        if not params:
+            return
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1.0 - mu)
-            update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            ortho = newton_schulz(update, group["ns_steps"], ns_dtype_for(group["ns_dtype"], p.device))
-            p.mul_(1.0 - lr * wd)
-            p.add_(ortho.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape))
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+        # Same-shape matrices (every block's in_proj, ...) orthogonalise as one batch: fewer, larger calls.
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+        for (shape, dtype, device), idx in buckets.items():
+            stacked = torch.stack([updates[i] for i in idx])
+            ortho = newton_schulz(stacked, group["ns_steps"], ns_dtype_for(group["ns_dtype"], device))
+            scale = -lr * muon_lr_scale(shape)
+            for i, o in zip(idx, ortho.to(dtype).unbind(0)):
+                params[i].add_(o, alpha=scale)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW's update (amsgrad off), written out."""

@@ -56,6 +56,15 @@ def test_newton_schulz_equalises_singular_values(shape: tuple[int, int]) -> None
     assert s.min() > 0.5 and s.max() < 1.3  # from a 30x spread to within the quintic's band
 
 
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_newton_schulz_of_a_stack_is_per_matrix(shape: tuple[int, int]) -> None:
+    """MuonAdamW orthogonalises same-shape matrices as one batch: each result is its own matrix's."""
+    stack = torch.stack([ill_conditioned(*shape, seed=s) * (s + 1) for s in range(3)])
+    batched = newton_schulz(stack)
+    for g, out in zip(stack, batched, strict=True):
+        torch.testing.assert_close(out, newton_schulz(g), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_dtype_is_float32_on_cpu_and_bf16_on_cuda() -> None:
     assert ns_dtype_for("auto", torch.device("cpu")) == torch.float32
     assert ns_dtype_for("auto", torch.device("cuda")) == torch.bfloat16
