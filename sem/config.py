@@ -78,8 +78,8 @@ class JsonlCorpusConf:
 class DataConf:
     _target_: str = "sem.data.datamodule.SEMDataModule"
     corpus: Any = MISSING
-    batch_size: int = 32
-    seq_len: int = 128  # x batch 32 = 4096 tokens per step: the measured CPU default (README)
+    batch_size: int = 16  # x seq_len 128 = 2048 tokens per step: the measured CPU default (README)
+    seq_len: int = 128
     val_seq_len: int | None = None
     val_fraction: float = 0.05
     val_max_windows: int | None = 256
@@ -251,7 +251,7 @@ class StrategyConf:
 @dataclass
 class TrainerConf:
     _target_: str = "pytorch_lightning.Trainer"
-    max_steps: int = 1400
+    max_steps: int = 2800
     val_check_interval: int = 250  # in optimizer steps
     log_every_n_steps: int = 10  # a train row in metrics.jsonl every N optimizer steps
     devices: Any = 1
