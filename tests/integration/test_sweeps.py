@@ -378,8 +378,8 @@ def test_dry_run_calendar_three_stage(tmp_path: Path, corpus_dir: Path, cache_di
     assert next(s for s in segs if s["stage"] == "s1024")["lr_start"] == pytest.approx(0.7 * lr)
     assert next(s for s in segs if s["stage"] == "s2048")["phase"] == "decay"
     assert plan["val_steps"] == [6, 12, 18] and plan["checkpoint_steps"] == [6, 12, 18, 20]
-    assert plan["tokens"] == 20 * 8192
-    assert plan["estimated_s"] > 0 and set(plan["probe"]["seconds_per_step"]) == {"512x16", "1024x8", "2048x4"}
+    assert plan["tokens"] == 20 * 4096
+    assert plan["estimated_s"] > 0 and set(plan["probe"]["seconds_per_step"]) == {"512x8", "1024x4", "2048x2"}
     for line in ("s512", "s1024", "s2048", "validation (", "checkpoints after steps 6, 12, 18, 20"):
         assert line in out, line
     assert (run_dir / "plots" / "schedule.png").read_bytes()[:8] == PNG
