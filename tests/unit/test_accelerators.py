@@ -310,7 +310,7 @@ def test_dry_run_three_stage_on_xpu_builds_everything_and_trains_nothing(
     assert plan["probe"]["device"] == "xpu:0"
     stages = list(dict.fromkeys(s["stage"] for s in plan["segments"]))
     assert stages == ["s512", "s1024", "s2048"]
-    assert {(s["seq_len"], s["batch_size"]) for s in plan["segments"]} == {(512, 16), (1024, 8), (2048, 4)}
+    assert {(s["seq_len"], s["batch_size"]) for s in plan["segments"]} == {(512, 8), (1024, 4), (2048, 2)}
     assert (run_dir / "plots" / "schedule.png").stat().st_size > 0
     assert fake_xpu.set_device_calls == []  # no accelerator set-up, so no fit
     assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
