@@ -51,8 +51,8 @@ def build(name: str, max_seq_len: int | None = None) -> nn.Module:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sem.config import register_configs
-    from sem.loading import build_model
+    from sem.config.store import register_configs
+    from sem.training.restore import build_model
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -60,9 +60,9 @@ import sys, time, statistics, torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from sem.config import register_configs
-from sem.model import param_groups
-from sem.run import resolve_lengths
+from sem.config.store import register_configs
+from sem.models.common import param_groups
+from sem.engines.build import resolve_lengths
 register_configs()
 steps, warmup, overrides = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 with initialize_config_dir(config_dir="%s", version_base="1.3"):

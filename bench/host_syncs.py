@@ -48,8 +48,8 @@ def build_run(overrides: list[str], run_dir: Path) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from sem.__main__ import CONF
-    from sem.run import build, resolve_lengths
+    from sem.config.store import CONF_DIR as CONF
+    from sem.engines.build import build, resolve_lengths
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

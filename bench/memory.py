@@ -52,8 +52,8 @@ def _compose(name: str, checkpointing: bool) -> Any:
     """The resolved run config of ``launch.py model=<name> model.gradient_checkpointing=<flag> data=stdlib``."""
     from hydra import compose, initialize_config_dir
 
-    from sem.config import register_configs
-    from sem.run import resolve_lengths
+    from sem.config.store import register_configs
+    from sem.engines.build import resolve_lengths
 
     register_configs()
     overrides = [f"model={name}", f"model.gradient_checkpointing={str(checkpointing).lower()}", "data=stdlib"]

@@ -52,7 +52,7 @@ def defaults() -> tuple[dict[str, Any], dict[str, Any], int, int, dict[str, Any]
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sem.config import register_configs
+    from sem.config.store import register_configs
 
     register_configs()
     nodes = {}
@@ -233,15 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    import sem.model
-    from sem.baselines import TransformerLM
-    from sem.loading import build_model
+    from types import SimpleNamespace
+
+    from sem.models.common import param_groups
+    from sem.models.sem import SEMModel
+    from sem.models.transformer import TransformerLM
+    from sem.training.restore import build_model
 
     sem_node, tr_node, batch, seq_len, opt_cfg = defaults()
     if a.recurrence:
         sem_node["recurrence"] = a.recurrence
     tokens = batch * seq_len
-    variants: dict[str, Any] = {"sem_small": sem.model}
+    variants: dict[str, Any] = {"sem_small": SimpleNamespace(SEMModel=SEMModel, param_groups=param_groups)}
     if a.baseline:
         variants["sem_small@baseline"] = load_model_module(a.baseline)
 
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         trainers = {name: sem_trainer(module, b, t) for name, module in variants.items()}
         torch.manual_seed(0)
         trainers["transformer_small"] = Trainer(build_model({**tr_node, "max_seq_len": max(t, 2048)}), b, t,
-                                                opt_cfg, sem.model.param_groups)
+                                                opt_cfg, param_groups)
         rates, times = interleaved_tokens_per_s(trainers, a.rounds, a.round_steps)
         for name in variants:
             rates[name]["vs_transformer"] = rates[name]["tokens_per_s"] / rates["transformer_small"]["tokens_per_s"]

@@ -21,18 +21,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import save
 from bench.peak import matmul_gflops
-from sem.config import register_configs
+from sem.config.store import register_configs
 
 
 def build(name: str, seq_len: int) -> torch.nn.Module:
     from omegaconf import OmegaConf
 
-    from sem.loading import build_model
+    from sem.training.restore import build_model
 
     register_configs()
     node = OmegaConf.load(f"conf/model/{name}.yaml")
     node = {k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"}
-    target = "sem.model.SEMModel" if name.startswith("sem") else "sem.baselines.TransformerLM"
+    target = "sem.models.sem.SEMModel" if name.startswith("sem") else "sem.models.transformer.TransformerLM"
     return build_model({"_target_": target, **node, "max_seq_len": max(seq_len, 2048)})
 
 

@@ -2,7 +2,7 @@
 
 
 def load(path, device="cpu"):  # noqa: ANN001, ANN201 - lazy: importing sem must stay cheap
-    """``(model, cfg)`` from a checkpoint file or an exported directory (see ``sem.loading``; a module named load would shadow this function)."""
-    from sem.loading import load as _load
+    """``(model, cfg)`` from a checkpoint file or an exported directory (``sem.training.restore.load``)."""
+    from sem.training.restore import load as _load
 
     return _load(path, device)

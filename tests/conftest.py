@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from sem.config import register_configs
+from sem.config.store import register_configs
 
 register_configs()  # the conf/ options start from schemas in the ConfigStore: compose needs them
 
@@ -63,7 +63,7 @@ def losses_on_repeated_batch(model: "torch.nn.Module", steps: int = 30) -> list[
     """Cross-entropy of `steps` AdamW steps on one fixed batch (a model that learns drives it down)."""
     import torch
 
-    from sem.model import param_groups
+    from sem.models.common import param_groups
 
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95))
     x = torch.randint(0, 256, (4, 33))

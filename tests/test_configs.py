@@ -18,8 +18,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sem.run import resolve_lengths
-from sem.validation import validate
+from sem.engines.build import resolve_lengths
+from sem.config.validate import validate
 from tests.conftest import CONF, compose_cfg, tiny_data_overrides
 
 OPTIONS = sorted((group.name, option.stem) for group in CONF.iterdir() if group.is_dir()

@@ -1,26 +1,24 @@
-"""Config schemas for every group, their registration, and validation of a composed config.
+"""Config schemas: one dataclass per group option.
 
-Each YAML option in ``conf/<group>/`` starts its defaults list with the schema registered here
-(``<group>_schema`` or a named variant), so an unknown key or a value of the wrong type fails when
-Hydra composes the config. ``sem.validation`` then runs the value and cross-field checks.
+Each YAML option in ``conf/<group>/`` starts its defaults list with the schema registered for it
+(``sem.config.store``: ``<group>_schema`` or a named variant), so an unknown key or a value of the
+wrong type fails when Hydra composes the config. ``sem.config.validate`` then runs the value and
+cross-field checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 # ---------------------------------------------------------------------------------------- model
 
 
 @dataclass
 class SEMModelConf:
-    _target_: str = "sem.model.SEMModel"
+    _target_: str = "sem.models.sem.SEMModel"
     vocab_size: int = 259
     d_model: int = 128
     n_layers: int = 4
@@ -39,7 +37,7 @@ class SEMModelConf:
 
 @dataclass
 class TransformerConf:
-    _target_: str = "sem.baselines.TransformerLM"
+    _target_: str = "sem.models.transformer.TransformerLM"
     vocab_size: int = 259
     d_model: int = 192
     n_layers: int = 4
@@ -346,45 +344,5 @@ class Config:
     faults: FaultsConf = field(default_factory=FaultsConf)
     sample: SamplesConf = field(default_factory=SamplesConf)
     # torch intra-op threads for this job; null: the cores split between the jobs a parallel sweep
-    # runs at once (sem.sweep.job_threads), torch's default for a single run
+    # runs at once (sem.sweeps.job.job_threads), torch's default for a single run
     threads: int | None = None
-
-
-_SCHEMAS: dict[str | None, dict[str, Any]] = {
-    None: {"config_schema": Config},
-    "model": {"sem_schema": SEMModelConf, "transformer_schema": TransformerConf},
-    "data": {"stdlib_schema": StdlibDataConf, "text_files_schema": TextFilesDataConf,
-             "jsonl_schema": JsonlDataConf},
-    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf, "muon_schema": MuonConf},
-    "scheduler": {"scheduler_schema": SchedulerConf},
-    "curriculum": {"curriculum_schema": CurriculumConf},
-    "distillation": {"distillation_schema": DistillationConf},
-    "precision": {"precision_schema": PrecisionConf},
-    "accelerator": {"accelerator_schema": AcceleratorConf},
-    "strategy": {"strategy_schema": StrategyConf},
-    "trainer": {"trainer_schema": TrainerConf},
-    "checkpoint": {"checkpoint_schema": CheckpointConf},
-    "health": {"health_schema": HealthConf},
-}
-
-
-def _run_dir(name: str | None) -> str:
-    """``outputs/<run.name>`` when a name is set, else ``outputs/<date>/<time>``."""
-    return name if name else datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-
-
-def register_configs() -> None:
-    """Put every schema into Hydra's ConfigStore and register the run-dir resolver (idempotent)."""
-    cs = ConfigStore.instance()
-    for group, entries in _SCHEMAS.items():
-        for name, node in entries.items():
-            cs.store(group=group, name=name, node=node)
-    if not OmegaConf.has_resolver("sem.run_dir"):
-        OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
-    if not OmegaConf.has_resolver("sem.job_subdir"):  # sweeps that continue in their own dir (Optuna)
-        from sem.sweep import job_subdir, sweep_seed
-
-        OmegaConf.register_new_resolver("sem.job_subdir", job_subdir)
-        OmegaConf.register_new_resolver("sem.sweep_seed", sweep_seed)
-    if not OmegaConf.has_resolver("sem.abspath"):  # e.g. an sqlite URL that works from any cwd
-        OmegaConf.register_new_resolver("sem.abspath", lambda path: str(Path(str(path)).resolve()))

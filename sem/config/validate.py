@@ -2,16 +2,20 @@
 
 Every problem is reported at once, one line each, naming the key and the value: the launcher prints
 them and exits with code 2. Types and unknown keys are already caught by the schemas in
-``sem.config`` when Hydra composes the config.
+``sem.config.schema`` when Hydra composes the config.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sem.training.budget import length_problems
+
 
 def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = False,
               strict: bool = True) -> None:
@@ -140,7 +144,7 @@ def _devices_problems(devices: Any) -> list[str]:
 def _strategy_problems(cfg: DictConfig) -> list[str]:
     import torch
 
-    from sem.distributed import world_size
+    from sem.training.distributed import world_size
 
     s, t = cfg.strategy, cfg.trainer
     p = _devices_problems(t.devices)
@@ -304,3 +308,28 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
                          "distillation.teacher.start_fraction", t.get("start_fraction"), n,
                          required=False, strictly_inside=True),
     ]
+
+
+def validate_run(cfg: DictConfig) -> tuple[list[str], Any]:
+    """The config's problems, and the corpus descriptor (cheap: nothing is read yet)."""
+    if OmegaConf.missing_keys(cfg):
+        return [f"{key}: missing value (set it, e.g. {key}=...)"
+                for key in sorted(OmegaConf.missing_keys(cfg))], None
+    try:
+        corpus = instantiate(cfg.data.corpus)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        return [f"data.corpus: cannot build {cfg.data.corpus.get('_target_')!r}: {cause}"], None
+    return validate(cfg, corpus), corpus
+
+
+def run_dir_problems(run_dir: Path) -> list[str]:
+    """A run dir (or the part of its path that exists) must be writable: found now, not mid-save."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    for d in {existing, existing / "checkpoints"}:
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            return [f"hydra.run.dir={str(run_dir)!r}: {d} is not writable (choose another run.name "
+                    "or fix its permissions)"]
+    return []

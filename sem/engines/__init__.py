@@ -1,2 +1,3 @@
-"""Engines that drive the core policies of ``sem.training``: ``lightning`` (the Lightning adapters)
-and ``standalone`` (a plain-PyTorch loop). ``sem/run.py`` picks one from ``engine=``."""
+"""Engines that drive the core policies of ``sem.training``: ``build`` (components -> an engine, with
+``instantiate``'s ``make``), ``resume`` (where a run starts), ``fit`` (fit, final validation, samples),
+``standalone`` (a plain-PyTorch loop) and ``lightning`` (the Lightning adapters). ``engine=`` picks one."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sem.model import param_groups
+from sem.models.common import param_groups
 from sem.training.checkpoint import MODEL_PREFIX, CheckpointManager, model_state
 from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
 from sem.training.precision import PrecisionPolicy

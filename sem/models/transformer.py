@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sem.model import ModelOutput, check_input_length, cross_entropy
+from sem.contracts import ModelOutput
+from sem.models.common import check_input_length, cross_entropy
 
 logger = logging.getLogger(__name__)
 

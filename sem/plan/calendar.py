@@ -4,21 +4,18 @@
 checkpoint policy and the teacher's switch-on test (callables of the step, the very objects a run
 uses) it lays out the run as segments of constant phase and stage, with the validation, checkpoint
 and milestone steps. ``probe_seconds`` times 3 training steps of the built model at each stage's
-shape; ``dry_run`` prints the config tree, parameter count, FLOPs per token, the calendar and the
-estimated wall time, writes ``plan.json`` and ``plots/schedule.png``, and returns.
+shape; ``sem.plan.dry_run`` prints it all.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("sem.calendar")
@@ -139,7 +136,7 @@ class RunParts:
 
 
 def parts_of(built: Any, optimizer: Callable[..., Any]) -> RunParts:
-    """Find the parts in ``sem.run.Built`` (the Lightning engine keeps the scheduler factory in its
+    """Find the parts in ``sem.engines.build.Built`` (the Lightning engine keeps the scheduler factory in its
     module, the standalone engine the built scheduler); ``optimizer`` is the configured factory."""
     import torch
 
@@ -215,7 +212,7 @@ def probe_seconds(model: Any, optimizer_factory: Callable[..., Any], shapes: lis
     (a forward of one ``val_shape`` batch, divided by its batch size)."""
     import torch
 
-    from sem.model import param_groups
+    from sem.models.common import param_groups
 
     m = copy.deepcopy(model).to(device).train()
     wd = float(getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0))
@@ -311,164 +308,3 @@ def calendar_lines(cal: Calendar, *, val_every: int, ckpt_every: int, periodic_w
     if any(s.gated for s in cal.segments):
         lines.append("gated stages may be held past their nominal end: later boundaries are the earliest possible")
     return lines
-
-
-def phase_spans(cal: Calendar) -> list[tuple[str, int, int]]:
-    """(phase, first step, end) of each run of segments in one schedule phase."""
-    spans: list[tuple[str, int, int]] = []
-    for s in cal.segments:
-        if spans and spans[-1][0] == s.phase:
-            spans[-1] = (s.phase, spans[-1][1], s.end)
-        else:
-            spans.append((s.phase, s.start, s.end))
-    return spans
-
-
-def plot_schedule(cal: Calendar, path: Path, title: str) -> Path:
-    """``plots/schedule.png``: LR per step (top) and seq_len and batch size per step (bottom), stages
-    shaded and named, WSD phase boundaries, validation and checkpoint steps, teacher switch-on."""
-    from sem.plots import plt
-
-    steps = [s[0] for s in cal.samples]
-    fig, (ax_lr, ax_shape) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
-                                          gridspec_kw={"height_ratios": [3, 2]})
-    colors = plt.get_cmap("Pastel1").colors
-    starts = cal.stage_starts
-    for ax in (ax_lr, ax_shape):
-        for i, (lo, name) in enumerate(starts):
-            hi = starts[i + 1][0] if i + 1 < len(starts) else cal.max_steps
-            if len(starts) > 1:
-                ax.axvspan(lo, hi, color=colors[i % len(colors)], alpha=0.5, lw=0)
-        for step in cal.val_steps:
-            ax.axvline(step, color="tab:green", lw=1.0, ls=":", alpha=0.9)
-        if cal.teacher_start is not None:
-            ax.axvline(cal.teacher_start, color="tab:red", lw=1.2, ls="--")
-    for lo, name in starts:
-        ax_lr.text(lo, 1.0, f" {name}", transform=ax_lr.get_xaxis_transform(), va="top", fontsize=8)
-    # values are per optimizer step: step plots, held to the end of the last step
-    xs, lrs = [*steps, cal.max_steps], [s[1] for s in cal.samples]
-    ax_lr.step(xs, [*lrs, lrs[-1]], where="post", color="tab:blue", lw=1.5, label="learning rate")
-    for phase, lo, hi in phase_spans(cal):
-        if phase != "stable":
-            ax_lr.annotate("", xy=(lo, 0.05), xytext=(hi, 0.05), xycoords=ax_lr.get_xaxis_transform(),
-                           arrowprops={"arrowstyle": "<->", "color": "tab:blue", "lw": 0.8})
-            ax_lr.text((lo + hi) / 2, 0.07, phase, transform=ax_lr.get_xaxis_transform(), ha="center",
-                       fontsize=8, color="tab:blue")
-    ax_lr.plot(cal.checkpoint_steps, [0] * len(cal.checkpoint_steps), "v", color="black", ms=6,
-               clip_on=False, label="checkpoint")
-    if cal.milestones:
-        ax_lr.plot([s for s, _ in cal.milestones], [0] * len(cal.milestones), "*", color="tab:orange", ms=11,
-                   clip_on=False, label="milestone checkpoint")
-    ax_lr.plot([], [], color="tab:green", lw=1.0, ls=":", label="validation")
-    if cal.teacher_start is not None:
-        ax_lr.plot([], [], color="tab:red", ls="--", label=f"teacher on (step {cal.teacher_start})")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_ylim(bottom=0)
-    ax_lr.legend(fontsize=7, loc="upper right")
-    ax_lr.grid(alpha=0.3)
-    ax_lr.set_title(title, fontsize=9)
-    ax_shape.step(xs, [*(s[2] for s in cal.samples), cal.samples[-1][2]], where="post", color="tab:purple",
-                  label="seq_len")
-    ax_shape.set_ylabel("seq_len", color="tab:purple")
-    ax_b = ax_shape.twinx()
-    ax_b.step(xs, [*(s[3] for s in cal.samples), cal.samples[-1][3]], where="post", color="tab:brown", ls="--",
-              label="batch size")
-    ax_b.set_ylabel("batch size", color="tab:brown")
-    ax_shape.set_ylim(bottom=0)
-    ax_b.set_ylim(bottom=0)
-    ax_shape.set_xlabel("optimizer step")
-    ax_shape.set_xlim(0, cal.max_steps)
-    ax_shape.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def print_config_tree(cfg: Any) -> None:
-    """The resolved config as a rich tree, one branch per top-level key."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-    from rich.console import Console
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
-    tree = Tree("config", guide_style="dim")
-    for key, value in cfg.items():
-        branch = tree.add(f"[bold]{key}[/bold]")
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else str(value)
-        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
-    Console(soft_wrap=True).print(tree)
-
-
-def _fmt_s(seconds: float) -> str:
-    from sem.report import fmt_duration
-
-    return fmt_duration(seconds)
-
-
-def dry_run(cfg: Any, built: Any, run_dir: Path, *, optimizer: Callable[..., Any],
-            one_line: bool = False) -> dict[str, Any]:
-    """Print the plan of a built run, write ``plan.json`` and ``plots/schedule.png``; train nothing.
-    ``optimizer``: the configured optimizer factory (``optimizer(params=...)``) for the timing probe.
-    ``one_line``: a sweep job's dry run prints a single line (the sweep prints the totals)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from sem.model import count_parameters
-
-    dm = built.datamodule
-    parts = parts_of(built, optimizer)
-    n_params = count_parameters(parts.model)
-    cal = calendar_of(cfg, parts, built.checkpoint)
-    shapes = sorted({(s.seq_len, s.batch_size) for s in cal.segments})
-    t0 = time.perf_counter()
-    per_step, per_window = probe_seconds(parts.model, parts.optimizer, shapes,
-                                         (dm.val_seq_len, dm.val_batch_size), parts.device, parts.autocast)
-    probe_s = time.perf_counter() - t0
-    periodic_windows = len(dm.val_windows(dm.val_max_windows)[0])
-    final_windows = len(dm.val_windows(dm.final_val_max_windows)[0])
-    train_s, val_s = estimate_seconds(cal, per_step, per_window, periodic_windows, final_windows)
-    flops = flops_per_token(parts.model, cal.segments[0].seq_len)
-    first = cal.segments[0]
-    tok_s = first.seq_len * first.batch_size / per_step[(first.seq_len, first.batch_size)]
-    overrides = [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
-    plan = {
-        "overrides": overrides, "model": type(parts.model).__name__, "params": n_params,
-        "flops_per_token": flops, "flops_seq_len": first.seq_len, "max_steps": cal.max_steps,
-        "tokens": cal.tokens, "segments": [asdict(s) for s in cal.segments], "val_steps": cal.val_steps,
-        "checkpoint_steps": cal.checkpoint_steps, "milestones": cal.milestones,
-        "teacher_start": cal.teacher_start, "propagator_ramp_steps": cal.propagator_ramp_steps,
-        "probe": {"device": str(parts.device), "steps_per_shape": PROBE_STEPS,
-                  "seconds_per_step": {f"{t}x{b}": v for (t, b), v in per_step.items()},
-                  "seconds_per_val_window": per_window, "probe_s": probe_s},
-        "estimated_train_s": train_s, "estimated_val_s": val_s, "estimated_s": train_s + val_s,
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    title = (f"{type(parts.model).__name__} {n_params / 1e6:.2f}M params, {cal.max_steps} steps, "
-             f"{cal.tokens / 1e6:.3g}M tokens, est. {_fmt_s(train_s + val_s)}")
-    plot = plot_schedule(cal, run_dir / "plots" / "schedule.png", title)
-    gflop = f"{flops / 1e9:.4g} GFLOP/token" if flops else "FLOPs n/a"
-    if one_line:
-        stages = " ".join(f"{n}@{s}" for s, n in cal.stage_starts)
-        log.info("dry run | %s | %.2fM params | %s | %d steps, %.3gM tokens | stages %s | est. %s",
-                 " ".join(overrides) or "(no overrides)", n_params / 1e6, gflop,
-                 cal.max_steps, cal.tokens / 1e6, stages, _fmt_s(train_s + val_s))
-        return plan
-    print_config_tree(cfg)
-    built.describe()
-    log.info("parameters: %s; training FLOPs per token (fwd+bwd, seq_len %d, matmuls as torch's "
-             "FlopCounterMode counts them): %s; 6 x params: %.4g GFLOP/token", f"{n_params:,}",
-             first.seq_len, gflop, 6 * n_params / 1e9)
-    for line in calendar_lines(cal, val_every=int(cfg.trainer.val_check_interval),
-                               ckpt_every=int(cfg.checkpoint.every_n_steps),
-                               periodic_windows=periodic_windows, final_windows=final_windows):
-        log.info("%s", line)
-    probed = ", ".join(f"{t}x{b} {v:.3g} s/step" for (t, b), v in per_step.items())
-    log.info("timing probe (%d steps per shape on %s, first one not counted): %s; validation %.3g s/window; "
-             "%.3gk tokens/s at the start%s", PROBE_STEPS, parts.device, probed, per_window, tok_s / 1e3,
-             f" ({flops * tok_s / 1e9:.3g} GFLOP/s counted)" if flops else "")
-    log.info("estimated wall time: %s (training %s + validation %s; start-up, token cache build and "
-             "checkpoint writes not included)", _fmt_s(train_s + val_s), _fmt_s(train_s), _fmt_s(val_s))
-    log.info("schedule plot: %s; plan: %s", plot, run_dir / "plan.json")
-    return plan

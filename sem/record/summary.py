@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from sem.provenance import environment
+from sem.record.provenance import environment
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` if it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -96,7 +105,7 @@ class RunSummary:
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
             try:
-                from sem.plots import plot_run
+                from sem.record.plots import plot_run
 
                 plot_run(metrics, self.run_dir / "plots")
             except Exception as exc:  # a plot must never turn a finished run into a failure

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import statistics
@@ -23,7 +22,10 @@ from typing import Any
 
 import yaml
 
-from sem.sweep import identity, read_json, read_ledger, split_override
+from sem.config.job import identity, split_override
+from sem.record.summary import read_json
+from sem.record.units import fmt_duration
+from sem.sweeps.ledger import read_ledger
 
 ORDER = {"completed": 0, "preempted": 1, "not_started": 2, "failed": 3}
 UNFINISHED = ("preempted", "not_started")  # resume=auto carries them on: the sweep exits 75
@@ -40,7 +42,7 @@ def _mtime(path: Path) -> float:
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    from sem.plots import read_metrics
+    from sem.record.plots import read_metrics
 
     path = Path(run_dir) / "metrics.jsonl"
     return read_metrics(path) if path.exists() else []
@@ -119,15 +121,6 @@ def sweep_records(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------- tables
-
-
-def fmt_duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -352,7 +345,7 @@ def write_csv(rep: Report, path: Path) -> None:
 def write_curves(rep: Report, path: Path, title: str) -> None:
     """val/bpb against step, one line per job (periodic validations; a star marks the final one on
     all held-out windows), labelled by the job's varying overrides."""
-    from sem.plots import plt
+    from sem.record.plots import plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
     drawn = 0

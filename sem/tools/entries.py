@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 # The repository's conf/ (as a file path: the console scripts import sem.* as modules, and Hydra would
 # take a relative config_path as a Python package then).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 _started = False  # set once the app's own function runs: a SystemExit(1) after that is not Hydra's
 
@@ -106,7 +106,7 @@ def check_file(path: str) -> None:
 
 
 def _unreadable_export(exc: Exception) -> bool:
-    """A truncated model.safetensors or a config.yaml that is not YAML (sem.loading lets them through)."""
+    """A truncated model.safetensors or a config.yaml that is not YAML (sem.training.restore lets them through)."""
     import yaml
     from safetensors import SafetensorError
 
@@ -115,7 +115,7 @@ def _unreadable_export(exc: Exception) -> bool:
 
 def load_checkpoint(path: str, device: "torch.device") -> tuple["nn.Module", DictConfig]:
     """``sem.load(path)``; a checkpoint that is missing, corrupt or not ours is a usage error (exit 2)."""
-    from sem.loading import load
+    from sem.training.restore import load
     from sem.training.checkpoint import CheckpointError
 
     check_file(path)

@@ -38,13 +38,13 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from sem.config import register_configs
+from sem.config.store import register_configs
 from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
-from sem.entries import CONF_DIR
-from sem.entries import cli as _cli
-from sem.entries import device_of, load_checkpoint, start, usage_error
+from sem.tools.entries import CONF_DIR
+from sem.tools.entries import cli as _cli
+from sem.tools.entries import device_of, load_checkpoint, start, usage_error
 from sem.training.step import val_sums
 
 log = logging.getLogger("sem.evaluate")

@@ -2,7 +2,7 @@
 
     python -m sem.export ckpt=outputs/base/checkpoints/best.ckpt out=exported/base     # or sem-export
 
-``sem.load(out)`` reads the directory back, bit-exact (see ``sem.loading.export``).
+``sem.load(out)`` reads the directory back, bit-exact (see ``sem.training.restore.export``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sem.entries import CONF_DIR
-from sem.entries import cli as _cli
-from sem.entries import check_file, start, usage_error
+from sem.tools.entries import CONF_DIR
+from sem.tools.entries import cli as _cli
+from sem.tools.entries import check_file, start, usage_error
 
 log = logging.getLogger("sem.export")
 
@@ -33,7 +33,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConf)
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     start(cfg)
-    from sem.loading import export
+    from sem.training.restore import export
     from sem.training.checkpoint import CheckpointError
 
     check_file(cfg.ckpt)

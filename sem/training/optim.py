@@ -3,7 +3,7 @@
 Muon (K. Jordan, https://kellerjordan.github.io/posts/muon/) is SGD with momentum whose update for a
 2-D weight is replaced by (approximately) the nearest semi-orthogonal matrix: ``U V^T`` of the momentum
 ``U S V^T``, computed by five quintic Newton-Schulz iterations. It suits the linear maps inside blocks
-only; embeddings, readouts, gains and biases keep AdamW. ``sem.model.param_groups`` names the groups:
+only; embeddings, readouts, gains and biases keep AdamW. ``sem.models.common.param_groups`` names the groups:
 the one named "matrix" gets Muon, the others AdamW.
 
 Why not ``torch.optim.Muon``: it takes 2-D parameters only (no AdamW side) and runs Newton-Schulz in
@@ -120,7 +120,7 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if not any(g["muon"] for g in self.param_groups):
             log.warning("MuonAdamW: no parameter group named %r: every parameter runs AdamW at "
-                        "adamw_lr=%g (the model declares no hidden matrices; see sem.model.param_groups)",
+                        "adamw_lr=%g (the model declares no hidden matrices; see sem.models.common.param_groups)",
                         MATRIX_GROUP, adamw_lr)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -21,9 +21,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sem.errors import EXIT_PREEMPTED
+
 log = logging.getLogger("sem")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later": resume=auto continues the run
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s is not None)
 REQUEUE_SIGNAL = getattr(signal, "SIGUSR2", None)  # submitit's, taken over only where submitit handles it
 

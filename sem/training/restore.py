@@ -1,4 +1,4 @@
-"""``sem.load(path) -> (model, cfg)`` (this module: ``sem.loading``): rebuild a trained model from one checkpoint file, or from a
+"""``sem.load(path) -> (model, cfg)``: rebuild a trained model from one checkpoint file, or from a
 directory written by ``sem-export`` (``model.safetensors`` + ``config.yaml``), on any device.
 
 A checkpoint holds the resolved run config (``checkpoint["sem"]["config"]``), so nothing else is
@@ -20,8 +20,15 @@ from torch import nn
 from sem.training.checkpoint import CheckpointError, model_state, verify
 
 
+# Where the model classes lived before the package layout (checkpoints written then name these):
+LEGACY_TARGETS = {
+    "sem.model.SEMModel": "sem.models.sem.SEMModel",
+    "sem.baselines.TransformerLM": "sem.models.transformer.TransformerLM",
+}
+
+
 def _locate(target: str) -> Any:
-    module, _, name = target.rpartition(".")
+    module, _, name = LEGACY_TARGETS.get(target, target).rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 

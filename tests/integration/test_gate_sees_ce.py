@@ -14,7 +14,7 @@ import torch
 
 from sem.data.corpus import TextFilesCorpus
 from sem.data.datamodule import SEMDataModule
-from sem.model import SEMModel
+from sem.models.sem import SEMModel
 from sem.training.curriculum import CurriculumManager, Gate, Stage
 from sem.training.distillation import DistillationLoss, EMATeacher
 from sem.engines.lightning.module import SEMLightningModule

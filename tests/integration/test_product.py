@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import sem
-from sem.sample import generate, show, write_samples
+from sem.models.generate import generate, show, write_samples
 from tests.conftest import ROOT, tiny_data_overrides
 
 SEQ_LEN = 32  # conftest.TINY's data.seq_len: what the checkpoints were trained (and validated) at
@@ -243,7 +243,7 @@ def test_export_round_trip_is_bit_exact(trained: dict[str, Trained], model_name:
         proc = run_entry("sem.export", [f"ckpt={t.ckpt}", "out=exported"], tmp_path, cache_dir)
         assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     else:  # the function it calls (saves an interpreter start)
-        from sem.loading import export
+        from sem.training.restore import export
 
         export(t.ckpt, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]

@@ -27,12 +27,12 @@ from omegaconf import OmegaConf
 from pytorch_lightning.accelerators import AcceleratorRegistry, CUDAAccelerator
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-import sem.calendar
-import sem.run
+import sem.app
+import sem.plan.dry_run
 from sem.engines.lightning import xpu as xpu_module
 from sem.engines.lightning.precision import SEMPrecisionPlugin
 from sem.engines.lightning.xpu import XPUAccelerator
-from sem.run import build, resolve_lengths
+from sem.engines.build import build, resolve_lengths
 from tests.conftest import CONF, compose_cfg, run_launch, tiny_data_overrides
 
 IPEX = "intel_extension_for_pytorch"
@@ -184,7 +184,7 @@ def _base(corpus_dir: Path, cache_dir: Path) -> list[str]:
 
 
 def _built(overrides: list[str], run_dir: Path) -> Any:
-    """What ``sem.run`` builds for a run, up to the Trainer (no fit)."""
+    """What ``sem.engines.build`` builds for a run, up to the Trainer (no fit)."""
     cfg, budget = resolve_lengths(compose_cfg(overrides))
     return build(cfg, run_dir, instantiate(cfg.data.corpus), budget=budget)
 
@@ -257,8 +257,8 @@ def test_accelerator_xpu_without_an_xpu_is_one_line_exit_2(tmp_path: Path, cache
 
 @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
 def _app(cfg: Any) -> float | None:
-    """launch.py's app (the same ``sem.run.main``), with the config dir named absolutely."""
-    return sem.run.main(cfg)
+    """launch.py's app (the same ``sem.app.main``), with the config dir named absolutely."""
+    return sem.app.main(cfg)
 
 
 @pytest.fixture
@@ -266,7 +266,7 @@ def hydra_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A Hydra app run inside pytest leaves logging, HydraConfig and torch threads changed: restore them."""
     root = logging.getLogger()
     handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
-    monkeypatch.setattr(sem.run, "_main_started", False)
+    monkeypatch.setattr(sem.app, "_main_started", False)
     yield
     for handler in root.handlers:
         if handler not in handlers:
@@ -298,11 +298,11 @@ def test_dry_run_three_stage_on_xpu_builds_everything_and_trains_nothing(
             probe.autocast.append((torch.is_autocast_enabled("xpu"), torch.get_autocast_dtype("xpu")))
         return {shape: 0.01 * shape[0] * shape[1] / 8192 for shape in shapes}, 1e-3
 
-    monkeypatch.setattr(sem.calendar, "probe_seconds", fake_probe)
+    monkeypatch.setattr(sem.plan.dry_run, "probe_seconds", fake_probe)
     run_dir = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["launch.py", *_base(corpus_dir, cache_dir), "accelerator=xpu",
                                       "curriculum=three_stage", "dry_run=true", f"hydra.run.dir={run_dir}"])
-    sem.run.cli(_app)  # returns: a dry run exits 0
+    sem.app.cli(_app)  # returns: a dry run exits 0
 
     assert probe.devices == [torch.device("xpu", 0)]
     assert probe.autocast == [(True, torch.bfloat16)]

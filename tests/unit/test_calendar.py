@@ -1,4 +1,4 @@
-"""sem/calendar.py: the dry-run calendar laid out from the run's own schedule objects."""
+"""sem/plan/calendar.py: the dry-run calendar laid out from the run's own schedule objects."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sem.calendar import build_calendar, calendar_lines, estimate_seconds, phase_spans, plot_schedule
+from sem.plan.calendar import build_calendar, calendar_lines, estimate_seconds
+from sem.plan.schedule import phase_spans, plot_schedule
 from sem.training.checkpoint import CheckpointManager
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import EMATeacher

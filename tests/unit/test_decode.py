@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sem.model import DecodeState, SEMModel
+from sem.models.sem import DecodeState, SEMModel
 
 T = 512
 

@@ -15,9 +15,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from sem.baselines import TransformerLM
-from sem.model import SEMModel
-from sem.run import resolve_lengths
+from sem.models.transformer import TransformerLM
+from sem.models.sem import SEMModel
+from sem.engines.build import resolve_lengths
 from tests.conftest import compose_cfg
 
 VOCAB = 259
@@ -147,7 +147,7 @@ def test_fewer_activation_bytes_held_for_backward(name: str) -> None:
 
 @pytest.mark.parametrize("option", ["sem_tiny", "transformer_tiny"])
 def test_config_key_reaches_the_model(option: str) -> None:
-    """Composed and built as a run builds it (sem.run: resolve_lengths, then instantiate cfg.model)."""
+    """Composed and built as a run builds it (sem.engines.build: resolve_lengths, then instantiate cfg.model)."""
     built = {}
     for flag in ("true", "false"):
         cfg, _ = resolve_lengths(compose_cfg([f"model={option}", f"model.gradient_checkpointing={flag}"]))

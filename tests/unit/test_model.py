@@ -8,19 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sem.model import (
-    ENERGY_CLAMP,
-    CayleyPropagator,
-    ModelOutput,
-    SEMModel,
-    _BornLogits,
-    _GatedSiLU,
-    _RMSNormFunction,
-    count_parameters,
-    param_groups,
-    recurrence_fft,
-    recurrence_scan,
-)
+from sem.contracts import ModelOutput
+from sem.models.common import count_parameters, param_groups
+from sem.models.sem import SEMModel
+from sem.models.sem.kernels import _BornLogits, _GatedSiLU, _RMSNormFunction
+from sem.models.sem.model import ENERGY_CLAMP
+from sem.models.sem.propagator import CayleyPropagator
+from sem.models.sem.recurrence import recurrence_fft, recurrence_scan
 from tests.conftest import losses_on_repeated_batch
 
 V = 259

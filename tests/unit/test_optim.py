@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
-from sem.baselines import TransformerLM
-from sem.model import SEMModel, param_groups
+from sem.models.transformer import TransformerLM
+from sem.models.common import param_groups
+from sem.models.sem import SEMModel
 from sem.training.optim import MuonAdamW, muon_lr_scale, newton_schulz, ns_dtype_for
 
 V = 259

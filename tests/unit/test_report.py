@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sem.report import build_report, job_record, main, ranked, seed_groups, varying_keys, write_report
-from sem.sweep import append_ledger
+from sem.sweeps.report import build_report, job_record, main, ranked, seed_groups, varying_keys, write_report
+from sem.sweeps.ledger import append_ledger
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sem.sweep import (append_ledger, concurrent_jobs, group_name, identity, identity_conflict, job_label,
-                       job_subdir, job_threads, logger_kwargs, next_free_job, read_ledger, sweep_seed)
+from sem.config.job import group_name, identity, job_label, job_subdir, logger_kwargs, sweep_seed
+from sem.sweeps.job import concurrent_jobs, job_threads
+from sem.sweeps.ledger import append_ledger, identity_conflict, next_free_job, read_ledger
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 

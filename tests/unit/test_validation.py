@@ -1,4 +1,4 @@
-"""sem.validation.validate: each cross-field problem is one line naming the key and the value, and
+"""sem.config.validate.validate: each cross-field problem is one line naming the key and the value, and
 every problem is reported at once."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sem.validation import validate
+from sem.config.validate import validate
 from tests.conftest import compose_cfg, tiny_data_overrides
 
 

@@ -1,2 +1,2 @@
-"""Thin Lightning adapters over the core policies: LightningModule, callbacks, precision plugin,
-XPU accelerator. The only place (with sem/run.py) that imports Lightning."""
+"""Thin Lightning adapters over the core policies: the engine builder (``build``), LightningModule,
+callbacks, precision plugin, XPU accelerator, strategies. The only package that imports Lightning."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sem.model import count_parameters, param_groups
+from sem.models.common import count_parameters, param_groups
 from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision

@@ -5,7 +5,7 @@
 - ``ddp``: Lightning's DDPStrategy with the backend for the device (gloo on CPU, nccl on CUDA, xccl
   on XPU) and a launcher that is safe under Hydra multirun (below).
 - ``fsdp``: Lightning's FSDPStrategy, FULL_SHARD, its mixed-precision policy taken from the precision
-  group. For GPUs; ``sem.validation`` refuses it on the CPU.
+  group. For GPUs; ``sem.config.validate`` refuses it on the CPU.
 
 Lightning starts the extra ranks of a DDP run by re-running the script with ``sys.argv``. Inside a
 Hydra sweep that re-runs the whole sweep (basic launcher) or a loky worker (joblib), and the ranks
@@ -30,7 +30,7 @@ from lightning_fabric.strategies.launchers.subprocess_script import _ChildProces
 from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from sem.distributed import at_job_end, backend_for, world_size
+from sem.training.distributed import at_job_end, backend_for, world_size
 
 log = logging.getLogger(__name__)
 

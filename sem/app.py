@@ -1,0 +1,67 @@
+"""The Hydra entry of ``python launch.py`` and ``python -m sem``: registers the configs, validates a
+single run before Hydra writes anything (``ValidateFirst``), dispatches a job (train or dry run; in a
+sweep, inside the job guard) and turns Hydra's own failures into sem's exit codes (``sem.errors``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from sem.config.store import CONF_DIR, register_configs
+from sem.config.validate import run_dir_problems, validate_run
+from sem.errors import EXIT_BAD_CONFIG, SweepExit, exit_if_invalid
+from sem.plan.dry_run import plan
+from sem.recipe import train
+from sem.sweeps.job import apply_job_threads, sweep_job
+
+register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
+
+_main_started = False
+
+
+def cli(app: Any) -> None:
+    """Run the ``@hydra.main`` app. Hydra exits 1 when the config does not compose (unknown key,
+    wrong type, no such option); that is a usage error, so it leaves with exit code 2 instead."""
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 1 and not _main_started and not isinstance(exc, SweepExit):
+            raise SystemExit(EXIT_BAD_CONFIG) from None
+        raise
+
+
+class ValidateFirst(HydraCallback):
+    """Validates a single run before Hydra creates its directory, so a rejected config writes
+    nothing (not even ``.hydra/`` into an existing ``outputs/<run.name>``). Sweep jobs are
+    validated in ``sem.recipe.run_guard`` (each has a fresh directory)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job_cfg = copy.deepcopy(config)
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]  # what the job itself will see
+        exit_if_invalid(validate_run(job_cfg)[0] + run_dir_problems(Path(config.hydra.run.dir)))
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Run one job from a composed config: train it, or print its plan (``dry_run=true``); return the
+    final ``val/bpb`` for sweepers. A sweep job runs inside ``sem.sweeps.job.sweep_job``: a job that
+    fails is recorded (summary.json, ledger) and returns None, and the sweep goes on to its next job."""
+    global _main_started
+    _main_started = True
+    apply_job_threads(cfg.get("threads"))  # every job: loky reuses its worker processes between jobs
+    job = plan if cfg.get("dry_run") else train
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(job, cfg)
+    return job(cfg)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def app(cfg: DictConfig) -> float | None:
+    return main(cfg)

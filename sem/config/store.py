@@ -1,0 +1,57 @@
+"""Registration: every schema into Hydra's ConfigStore (``conf/`` options extend them) and sem's
+resolvers (``sem.run_dir``, ``sem.job_subdir``, ``sem.sweep_seed``, ``sem.abspath``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from sem.config.job import job_subdir, sweep_seed
+from sem.config.schema import (AcceleratorConf, AdamWConf, CheckpointConf, Config, CurriculumConf,
+                               DistillationConf, HealthConf, JsonlDataConf, MuonConf, PrecisionConf,
+                               SchedulerConf, SEMModelConf, SGDConf, StdlibDataConf, StrategyConf,
+                               TextFilesDataConf, TrainerConf, TransformerConf)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's configs (pip install -e .)
+
+
+_SCHEMAS: dict[str | None, dict[str, Any]] = {
+    None: {"config_schema": Config},
+    "model": {"sem_schema": SEMModelConf, "transformer_schema": TransformerConf},
+    "data": {"stdlib_schema": StdlibDataConf, "text_files_schema": TextFilesDataConf,
+             "jsonl_schema": JsonlDataConf},
+    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf, "muon_schema": MuonConf},
+    "scheduler": {"scheduler_schema": SchedulerConf},
+    "curriculum": {"curriculum_schema": CurriculumConf},
+    "distillation": {"distillation_schema": DistillationConf},
+    "precision": {"precision_schema": PrecisionConf},
+    "accelerator": {"accelerator_schema": AcceleratorConf},
+    "strategy": {"strategy_schema": StrategyConf},
+    "trainer": {"trainer_schema": TrainerConf},
+    "checkpoint": {"checkpoint_schema": CheckpointConf},
+    "health": {"health_schema": HealthConf},
+}
+
+
+def _run_dir(name: str | None) -> str:
+    """``outputs/<run.name>`` when a name is set, else ``outputs/<date>/<time>``."""
+    return name if name else datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore and register the run-dir resolver (idempotent)."""
+    cs = ConfigStore.instance()
+    for group, entries in _SCHEMAS.items():
+        for name, node in entries.items():
+            cs.store(group=group, name=name, node=node)
+    if not OmegaConf.has_resolver("sem.run_dir"):
+        OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("sem.job_subdir"):  # sweeps that continue in their own dir (Optuna)
+        OmegaConf.register_new_resolver("sem.job_subdir", job_subdir)
+        OmegaConf.register_new_resolver("sem.sweep_seed", sweep_seed)
+    if not OmegaConf.has_resolver("sem.abspath"):  # e.g. an sqlite URL that works from any cwd
+        OmegaConf.register_new_resolver("sem.abspath", lambda path: str(Path(str(path)).resolve()))

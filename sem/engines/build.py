@@ -1,0 +1,152 @@
+"""Components -> an engine: build data, model, optimizer, scheduler, curriculum, distillation, health
+monitor and checkpoint manager from their ``_target_`` nodes, then the engine around them (Lightning:
+callbacks, loggers, precision plugin, accelerator, strategy, Trainer; standalone: ``SEMTrainer``).
+
+With ``sem.recipe`` this is the composition root: objects are built only here (``make``, from
+``_target_`` nodes), so every one comes from ``conf/`` and any of them can be swapped from the shell.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sem.engines.instantiate import make, without
+from sem.engines.resume import Resume, shape_problems
+from sem.errors import exit_if_invalid
+from sem.record.summary import is_global_zero
+from sem.training.preemption import StopSignals
+
+log = logging.getLogger("sem.build")
+
+
+@dataclass
+class Built:
+    """Everything a fit needs, built from the config. ``engine`` is a LightningEngine or an SEMTrainer:
+    both have fit, validate, global_step, max_steps, tokens_per_s and model."""
+
+    datamodule: Any
+    engine: Any
+    checkpoint: Any
+    resume_from: str | None
+    precision_note: str
+    signals: StopSignals | None = None
+
+    def describe(self) -> None:
+        from sem.models.common import count_parameters
+
+        log.info("dry run: built everything, not training")
+        log.info("model: %s (%s parameters)", type(self.engine.model).__name__,
+                 f"{count_parameters(self.engine.model):,}")
+        log.info("data: %s", self.datamodule.describe())
+        log.info("precision: %s", self.precision_note)
+        engine = self.engine.describe()
+        log.info("engine: %s, max_steps=%d", engine, self.engine.max_steps)
+
+
+def resolve_lengths(cfg: DictConfig, recorded: dict[str, Any] | None = None
+                    ) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's config with every fraction of ``trainer.max_steps`` turned into steps (once, here),
+    and the record of what was resolved (saved in checkpoints; ``recorded`` from the checkpoint a run
+    resumes wins, so a decay branch keeps its parent's warm-up and stage boundaries)."""
+    from sem.training.budget import resolve_budget
+
+    resolved, record = resolve_budget(OmegaConf.to_container(cfg, resolve=True), recorded)
+    if record:
+        log.info("budget (trainer.max_steps=%d): %s", cfg.trainer.max_steps,
+                 ", ".join(f"{k}={v}" for k, v in record.items()))
+    return OmegaConf.create(resolved), record
+
+
+def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = None,
+          budget: dict[str, Any] | None = None, checkpoints: Any = None,
+          signals: StopSignals | None = None) -> Built:
+    """Build data, model, optimizer, scheduler, curriculum, distillation, health monitor, checkpoint
+    manager, then the engine (Lightning: callbacks, loggers, precision plugin, accelerator, Trainer;
+    standalone: SEMTrainer), in that order. ``cfg`` has its lengths resolved (``resolve_lengths``).
+    A checkpoint to resume from that does not fit the built model is a config error (exit 2)."""
+    from sem.training.health import Faults
+    from sem.training.step import StepPolicy
+
+    _seed_everything(cfg.seed)
+    datamodule = make(without(cfg.data, "corpus"), corpus=corpus)
+    datamodule.setup()
+    log.info("data: %s", datamodule.describe())
+
+    model = make(cfg.model)
+    curriculum = make(cfg.curriculum)
+    optimizer = make(cfg.optimizer)
+    scheduler = make(cfg.scheduler)
+    teacher = make(cfg.distillation.teacher) if cfg.distillation.teacher else None
+    distill_loss = make(cfg.distillation.loss) if cfg.distillation.loss else None
+    health = make(cfg.health)
+    if is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        health.events_path = run_dir / "health.jsonl"
+        health.events_path.touch()  # present (empty) in every run: no events is news too
+    if checkpoints is None:
+        checkpoints = make(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
+    every, val_every = cfg.checkpoint.every_n_steps, cfg.trainer.val_check_interval
+    if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
+        log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
+                    "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
+    # The teacher is a plain object, not a submodule: it must never appear in the student's
+    # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
+    policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
+                        distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
+                        OmegaConf.to_container(cfg, resolve=True))
+    if cfg.engine == "standalone":
+        engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+    else:
+        from sem.engines.lightning.build import lightning_engine
+
+        engine, note = lightning_engine(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+    resume = resume or Resume()
+    if resume.payload is not None:
+        exit_if_invalid(shape_problems(engine.model, resume.payload, resume.path))
+    return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
+                 precision_note=note, signals=signals)
+
+
+def _seed_everything(seed: int) -> None:
+    """What ``pl.seed_everything`` does, without Lightning: the same initial weights in both engines."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
+                checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+    import torch
+
+    from sem.engines.standalone import SEMTrainer
+    from sem.training.precision import PrecisionPolicy, device_type_for
+
+    unused = [name for name, node in cfg.logger.items() if node]
+    if unused:
+        log.warning("engine=standalone writes metrics.jsonl only: logger %s is not used (engine=lightning "
+                    "runs Lightning's loggers)", ", ".join(unused))
+    device_type = device_type_for(cfg.accelerator.name)
+    precision = PrecisionPolicy.of(cfg.precision.precision, device_type)
+    console = cfg.callbacks.get("console")
+    trainer = SEMTrainer(
+        policy=policy, datamodule=datamodule, optimizer=optimizer, scheduler=scheduler, checkpoints=checkpoints,
+        precision=precision, device=torch.device(device_type), run_dir=run_dir,
+        max_steps=cfg.trainer.max_steps, val_check_interval=cfg.trainer.val_check_interval,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        console_every_n_steps=console.every_n_steps if console else 10**9, signals=signals)
+    dtype = {None: "fp32"}.get(precision.autocast_dtype, str(precision.autocast_dtype))
+    return trainer, f"{precision.precision} on {device_type} (autocast {dtype}); complex regions in complex64"
+
+

@@ -1,0 +1,74 @@
+"""The Lightning engine, built: the SEM LightningModule around the step policy, the configured callbacks
+and loggers, the precision plugin, accelerator and strategy, and the ``pytorch_lightning.Trainer``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sem.engines.instantiate import make, without
+from sem.training.preemption import StopSignals
+
+
+def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
+               checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from sem.engines.lightning.callbacks import CheckpointCallback, ManagedCheckpointIO
+    from sem.engines.lightning.engine import LightningEngine
+    from sem.engines.lightning.module import SEMLightningModule
+    from sem.engines.lightning.precision import device_type_of
+
+    # Lightning 2.6 trips over its own torch-2.13 pytree deprecation on every fit: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # val/loss and val/bpb are logged already summed over ranks (SEMLightningModule): no sync_dist needed
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+    module = SEMLightningModule(policy=policy, optimizer=optimizer, scheduler=scheduler,
+                                bpb=datamodule.val_bpb, checkpoints=checkpoints, signals=signals)
+    interactive = sys.stderr.isatty()
+    callbacks = []
+    for name, node in cfg.callbacks.items():
+        if node is None:
+            continue
+        if name == "progress_bar" and not interactive:
+            continue  # a live bar only makes sense in a terminal; logs get SEMConsoleLogger lines
+        callbacks.append(make(node))
+    callbacks.append(CheckpointCallback(checkpoints, signals))
+    from sem.config.job import logger_kwargs
+
+    loggers = [make(node, save_dir=str(run_dir), **logger_kwargs(node, run_dir))
+               for node in cfg.logger.values() if node]
+    accelerator = make(without(cfg.accelerator, "name"))
+    device_type = device_type_of(accelerator)
+    precision_plugin = make(cfg.precision)(device_type=device_type)
+    strategy = make(cfg.strategy)(device_type=device_type, devices=cfg.trainer.devices,
+                                          num_nodes=cfg.trainer.num_nodes, precision=precision_plugin.precision)
+    plugins: list[Any] = [ManagedCheckpointIO(checkpoints, cfg.trainer.accumulate_grad_batches)]
+    if cfg.strategy.name == "fsdp":  # FSDP brings its own precision plugin, built from the precision flag
+        precision = {"precision": precision_plugin.precision}
+    else:
+        precision, plugins = {}, [precision_plugin, *plugins]
+    accumulate = cfg.trainer.accumulate_grad_batches
+    trainer = make(
+        cfg.trainer,
+        accelerator=accelerator,
+        strategy=strategy,
+        plugins=plugins,
+        **precision,
+        # The train stream and the validation windows shard themselves by rank (validation without
+        # the padding of Lightning's DistributedSampler, which would count windows twice).
+        use_distributed_sampler=False,
+        enable_checkpointing=False,  # sem's CheckpointCallback saves; Lightning's ModelCheckpoint is not used
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        max_epochs=-1,
+        check_val_every_n_epoch=None,  # the train loader is infinite: validate by step count
+        val_check_interval=cfg.trainer.val_check_interval * accumulate,  # Lightning counts micro-batches
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+    )
+    return LightningEngine(trainer, module, datamodule, accumulate), precision_plugin.describe()

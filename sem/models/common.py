@@ -1,0 +1,56 @@
+"""What every model shares: the cross-entropy sem computes, the input-length check, the optimizer's
+parameter groups and the parameter count. Pure PyTorch, for any ``nn.Module``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean nats/token over targets != -100. logits [B, T, V] float32, targets [B, T] long."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def check_input_length(input_ids: torch.Tensor, max_seq_len: int) -> None:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > max_seq_len:
+        raise ValueError(f"input length T={input_ids.shape[1]} exceeds max_seq_len={max_seq_len}")
+
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups, empty ones dropped, in this order:
+
+    - "matrix": hidden 2-D weight matrices (the linear maps inside blocks), Muon's share; a model
+      opts in by declaring ``non_matrix_keywords``: without it no weight is called a matrix;
+    - "decay": every other >=2-D weight (embeddings, readout, positional tables, the propagator);
+    - "no_decay": ``p.ndim < 2`` or a ``no_decay_keywords`` match (norms, gains, biases, per-channel
+      recurrence parameters), weight decay 0.
+
+    "matrix" and "decay" both get ``weight_decay``: for AdamW or SGD the split changes nothing.
+    """
+    no_decay_keys: tuple[str, ...] = getattr(model, "no_decay_keywords", ("norm", "bias"))
+    non_matrix_keys: tuple[str, ...] | None = getattr(model, "non_matrix_keywords", None)
+    matrix, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(k in name for k in no_decay_keys):
+            no_decay.append(p)
+        elif non_matrix_keys is not None and p.ndim == 2 and not any(k in name for k in non_matrix_keys):
+            matrix.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"name": "matrix", "params": matrix, "weight_decay": weight_decay},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
