@@ -95,7 +95,6 @@ def _profiled_peak(step: Any) -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-
     from hydra.utils import instantiate
 
     cfg = _compose(spec["model"], spec["checkpointing"])

@@ -30,14 +30,15 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.common import ROOT, RESULTS, command, machine
+from bench.common import RESULTS, ROOT, command, machine
 from bench.peak import matmul_gflops
 
 # Parts in the order of the forward; per block: norm, in_proj, recurrence, mlp.
@@ -237,7 +238,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from sem.models.common import param_groups
     from sem.models.sem import SEMModel
-    from sem.models.transformer import TransformerLM
     from sem.training.restore import build_model
 
     sem_node, tr_node, batch, seq_len, opt_cfg = defaults()

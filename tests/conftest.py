@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    import torch
 
 from sem.config.store import register_configs
 
@@ -59,7 +63,7 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides or [])
 
 
-def losses_on_repeated_batch(model: "torch.nn.Module", steps: int = 30) -> list[float]:
+def losses_on_repeated_batch(model: torch.nn.Module, steps: int = 30) -> list[float]:
     """Cross-entropy of `steps` AdamW steps on one fixed batch (a model that learns drives it down)."""
     import torch
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sem.engines.build import resolve_lengths
 from sem.config.validate import validate
+from sem.engines.build import resolve_lengths
 from tests.conftest import CONF, compose_cfg, tiny_data_overrides
 
 OPTIONS = sorted((group.name, option.stem) for group in CONF.iterdir() if group.is_dir()

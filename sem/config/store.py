@@ -11,10 +11,26 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sem.config.job import job_subdir, sweep_seed
-from sem.config.schema import (AcceleratorConf, AdamWConf, CheckpointConf, Config, CurriculumConf,
-                               DistillationConf, HealthConf, JsonlDataConf, MuonConf, PrecisionConf,
-                               SchedulerConf, SEMModelConf, SGDConf, StdlibDataConf, StrategyConf,
-                               TextFilesDataConf, TrainerConf, TransformerConf)
+from sem.config.schema import (
+    AcceleratorConf,
+    AdamWConf,
+    CheckpointConf,
+    Config,
+    CurriculumConf,
+    DistillationConf,
+    HealthConf,
+    JsonlDataConf,
+    MuonConf,
+    PrecisionConf,
+    SchedulerConf,
+    SEMModelConf,
+    SGDConf,
+    StdlibDataConf,
+    StrategyConf,
+    TextFilesDataConf,
+    TrainerConf,
+    TransformerConf,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's configs (pip install -e .)
 

@@ -8,18 +8,18 @@ stable relative name, so the split never depends on file order, machine or absol
 
 from __future__ import annotations
 
+import bz2
 import glob
 import hashlib
 import json
 import logging
+import lzma
 import os
 import shutil
 import sys
 import sysconfig
 import tempfile
 import time
-import bz2
-import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -16,14 +16,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sem.models.common import count_parameters
-from sem.plan.calendar import (PROBE_STEPS, calendar_lines, calendar_of, estimate_seconds, flops_per_token,
-                               parts_of, probe_seconds)
-from sem.plan.schedule import plot_schedule
-from sem.record.units import fmt_duration
-from sem.recipe import prepare, run_guard
 from sem.engines.build import make
 from sem.engines.resume import find_resume
+from sem.models.common import count_parameters
+from sem.plan.calendar import (
+    PROBE_STEPS,
+    calendar_lines,
+    calendar_of,
+    estimate_seconds,
+    flops_per_token,
+    parts_of,
+    probe_seconds,
+)
+from sem.plan.schedule import plot_schedule
+from sem.recipe import prepare, run_guard
+from sem.record.units import fmt_duration
 
 log = logging.getLogger("sem.calendar")
 

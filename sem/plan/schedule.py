@@ -29,7 +29,7 @@ def plot_schedule(cal: Calendar, path: Path, title: str) -> Path:
     colors = plt.get_cmap("Pastel1").colors
     starts = cal.stage_starts
     for ax in (ax_lr, ax_shape):
-        for i, (lo, name) in enumerate(starts):
+        for i, (lo, _name) in enumerate(starts):
             hi = starts[i + 1][0] if i + 1 < len(starts) else cal.max_steps
             if len(starts) > 1:
                 ax.axvspan(lo, hi, color=colors[i % len(colors)], alpha=0.5, lw=0)

@@ -18,7 +18,8 @@ from sem.config.job import identity, job_id
 from sem.errors import EXIT_PREEMPTED, EXIT_TRAINING_FAILED, SweepExit
 from sem.record.summary import is_global_zero, read_json, write_json
 from sem.sweeps.ledger import append_ledger, sweep_info
-from sem.sweeps.report import job_record, write_report
+from sem.sweeps.records import job_record
+from sem.sweeps.report import write_report
 
 log = logging.getLogger("sem.sweep")
 

@@ -21,7 +21,7 @@ from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, TrainingFailed
 from sem.record.summary import RunSummary, is_global_zero
 from sem.record.units import fmt_duration
 from sem.sweeps.ledger import append_ledger, identity_conflict
-from sem.sweeps.report import job_record
+from sem.sweeps.records import job_record
 
 log = logging.getLogger("sem.sweep")
 

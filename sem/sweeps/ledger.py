@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sem.config.job import EXECUTION_KEYS, _bare, identity
 
+
 def swept_keys(config: DictConfig) -> list[str]:
     """Keys this multirun sweeps: comma lists, ranges and other sweeps on the command line, plus the
     sweeper's own ``params`` (Optuna's search space, a basic sweeper's ``hydra.sweeper.params``)."""

@@ -80,7 +80,7 @@ def _console_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def device_of(name: str) -> "torch.device":
+def device_of(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``."""
     import torch
 
@@ -113,10 +113,10 @@ def _unreadable_export(exc: Exception) -> bool:
     return isinstance(exc, (SafetensorError, yaml.YAMLError))
 
 
-def load_checkpoint(path: str, device: "torch.device") -> tuple["nn.Module", DictConfig]:
+def load_checkpoint(path: str, device: torch.device) -> tuple[nn.Module, DictConfig]:
     """``sem.load(path)``; a checkpoint that is missing, corrupt or not ours is a usage error (exit 2)."""
-    from sem.training.restore import load
     from sem.training.checkpoint import CheckpointError
+    from sem.training.restore import load
 
     check_file(path)
     try:

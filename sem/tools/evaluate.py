@@ -42,9 +42,8 @@ from sem.config.store import register_configs
 from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
-from sem.tools.entries import CONF_DIR
+from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
-from sem.tools.entries import device_of, load_checkpoint, start, usage_error
 from sem.training.step import val_sums
 
 log = logging.getLogger("sem.evaluate")

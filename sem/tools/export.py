@@ -14,9 +14,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sem.tools.entries import CONF_DIR
+from sem.tools.entries import CONF_DIR, check_file, start, usage_error
 from sem.tools.entries import cli as _cli
-from sem.tools.entries import check_file, start, usage_error
 
 log = logging.getLogger("sem.export")
 
@@ -33,8 +32,8 @@ ConfigStore.instance().store(name="export_schema", node=ExportConf)
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def app(cfg: DictConfig) -> None:
     start(cfg)
-    from sem.training.restore import export
     from sem.training.checkpoint import CheckpointError
+    from sem.training.restore import export
 
     check_file(cfg.ckpt)
     try:

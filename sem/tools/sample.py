@@ -17,10 +17,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sem.tools.entries import CONF_DIR
-from sem.tools.entries import cli as _cli
-from sem.tools.entries import device_of, load_checkpoint, start, usage_error
 from sem.models.generate import generate, sampling_problems
+from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
+from sem.tools.entries import cli as _cli
 
 log = logging.getLogger("sem.sample")
 

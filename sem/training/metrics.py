@@ -1,7 +1,8 @@
 """The run's training record, written the same way by both engines: ``metrics.jsonl`` rows, the
 console line, and the train clock (tokens and seconds with validation left out). Plain Python.
 
-Every row has ``time`` (Unix seconds when written). Train rows: ``step`` is the 0-based index of the optimizer step the row describes (the step the LR
+Every row has ``time`` (Unix seconds when written). Train rows: ``step`` is the 0-based index of the
+optimizer step the row describes (the step the LR
 schedule and the curriculum are functions of), written every ``log_every`` steps and on the last.
 Validation rows: ``step`` is the number of optimizer steps completed. Curriculum events are rows with
 an ``event`` key.

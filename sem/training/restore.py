@@ -19,7 +19,6 @@ from torch import nn
 
 from sem.training.checkpoint import CheckpointError, model_state, verify
 
-
 # Where the model classes lived before the package layout (checkpoints written then name these):
 LEGACY_TARGETS = {
     "sem.model.SEMModel": "sem.models.sem.SEMModel",

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from sem.data.corpus import TextFilesCorpus
 from sem.data.datamodule import SEMDataModule
+from sem.engines.lightning.module import SEMLightningModule
 from sem.models.sem import SEMModel
 from sem.training.curriculum import CurriculumManager, Gate, Stage
 from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.engines.lightning.module import SEMLightningModule
 from sem.training.step import StepPolicy
 
 GATE = Gate(min_steps=0, window=2, threshold=0.01)

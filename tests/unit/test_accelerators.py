@@ -29,10 +29,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import sem.app
 import sem.plan.dry_run
+from sem.engines.build import build, resolve_lengths
 from sem.engines.lightning import xpu as xpu_module
 from sem.engines.lightning.precision import SEMPrecisionPlugin
 from sem.engines.lightning.xpu import XPUAccelerator
-from sem.engines.build import build, resolve_lengths
 from tests.conftest import CONF, compose_cfg, run_launch, tiny_data_overrides
 
 IPEX = "intel_extension_for_pytorch"

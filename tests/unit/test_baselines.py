@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from sem.models.transformer import TransformerLM
 from sem.contracts import ModelOutput
 from sem.models.common import param_groups
+from sem.models.transformer import TransformerLM
 from tests.conftest import losses_on_repeated_batch
 
 V = 259

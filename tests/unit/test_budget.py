@@ -9,9 +9,9 @@ import math
 import pytest
 from hydra.utils import instantiate
 
+from sem.config.validate import validate
 from sem.engines.build import resolve_lengths
 from sem.training.budget import fraction_steps, length_problems, resolve_budget, stage_lengths
-from sem.config.validate import validate
 from tests.conftest import CONF, compose_cfg
 
 BUDGETS = (1, 7, 30)

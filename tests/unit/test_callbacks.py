@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from sem.training import metrics as cb
 from sem.engines.lightning.callbacks import MetricsWriter, SEMConsoleLogger, TrainClock
+from sem.training import metrics as cb
 from sem.training.curriculum import StageEvent
 
 TOKENS = 128  # per optimizer step

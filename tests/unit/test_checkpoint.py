@@ -21,10 +21,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sem.training.checkpoint import (CheckpointError, CheckpointManager, file_sha256, nonfinite_tensors,
-                                     rng_state, set_rng_state, sidecar_of, verify)
+from sem.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    file_sha256,
+    nonfinite_tensors,
+    rng_state,
+    set_rng_state,
+    sidecar_of,
+    verify,
+)
 from tests.conftest import ROOT
 
 LOGGER = "sem.training.checkpoint"

@@ -1,16 +1,21 @@
 import gzip
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
-from sem.data import corpus as corpus_mod
-from sem.data.corpus import (CorpusError, Document, JsonlCorpus, StdlibCorpus, TextFilesCorpus,
-                             load_or_build_cache, split_of)
+from sem.data.corpus import (
+    CorpusError,
+    Document,
+    JsonlCorpus,
+    StdlibCorpus,
+    TextFilesCorpus,
+    load_or_build_cache,
+    split_of,
+)
 from sem.data.tokenizer import ByteTokenizer
 
 tok = ByteTokenizer()

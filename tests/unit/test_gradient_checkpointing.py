@@ -15,9 +15,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from sem.models.transformer import TransformerLM
-from sem.models.sem import SEMModel
 from sem.engines.build import resolve_lengths
+from sem.models.sem import SEMModel
+from sem.models.transformer import TransformerLM
 from tests.conftest import compose_cfg
 
 VOCAB = 259
@@ -132,7 +132,7 @@ def test_fewer_activation_bytes_held_for_backward(name: str) -> None:
     for model in _pair(name, dropout=0.1):
         sizes: list[int] = []
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
             sizes.append(t.numel() * t.element_size())
             return t
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from sem.models.transformer import TransformerLM
 from sem.models.common import param_groups
 from sem.models.sem import SEMModel
+from sem.models.transformer import TransformerLM
 from sem.training.optim import MuonAdamW, muon_lr_scale, newton_schulz, ns_dtype_for
 
 V = 259

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sem.sweeps.report import build_report, job_record, main, ranked, seed_groups, varying_keys, write_report
 from sem.sweeps.ledger import append_ledger
+from sem.sweeps.records import job_record
+from sem.sweeps.report import build_report, main, ranked, seed_groups, varying_keys, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ import pytorch_lightning as pl
 import torch
 
 from sem.models.common import count_parameters, param_groups
-from sem.training.metrics import is_logging_step
 from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision
+from sem.training.metrics import is_logging_step
 from sem.training.preemption import StopSignals
 from sem.training.step import StepPolicy, val_metrics, val_sums
 

@@ -15,6 +15,7 @@ from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, P
 
 from sem.training.precision import PRECISIONS, precision_problems, resolve_precision  # noqa: F401
 
+
 def device_type_of(accelerator: Accelerator) -> str:
     if isinstance(accelerator, CUDAAccelerator):
         return "cuda"

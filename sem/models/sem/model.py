@@ -1,7 +1,8 @@
 """The Signal-Entropic Model (SEM): a complex-valued byte-level language model in pure PyTorch.
 
 Layout of the state: the residual stream psi in C^D is carried as a REAL tensor [B, T, 2D] of
-interleaved (Re, Im) pairs, i.e. torch.view_as_real(psi).flatten(-2). Every nn.Parameter is a real float32 tensor, so AdamW, clipping, DDP and precision
+interleaved (Re, Im) pairs, i.e. torch.view_as_real(psi).flatten(-2). Every nn.Parameter is a real
+float32 tensor, so AdamW, clipping, DDP and precision
 plugins never see complex parameters. Complex64 values are built only inside autocast-disabled regions
 (the recurrence and the Cayley propagator), from float32 parts; real matmuls follow autocast.
 """
