@@ -110,3 +110,12 @@ def one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Say how to run the rest when the default (fast) tier left slow tests out."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if deselected and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(
+            f"fast tier: {deselected} slow tests not run; the full suite: python -m pytest -m \"\" -n 2 "
+            "(make test-full; what .ci/run runs)", yellow=True)

@@ -54,6 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: 
     return out
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_both_engines_give_the_same_losses_per_step(runs: dict[str, Path]) -> None:
     lightning, standalone = _losses(runs["lightning"]), _losses(runs["standalone"])
     assert sorted(lightning) == sorted(standalone) == list(range(MAX_STEPS))

@@ -248,6 +248,7 @@ def test_sweep_jobs_complete_with_their_own_lr(sweep: Launch) -> None:
 # ------------------------------------------------ d) keys that shape the end of a run reach it
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 @pytest.mark.parametrize("n", [1, 0])
 def test_final_validation_and_samples_follow_their_keys(n: int, tmp_path: Path, corpus_dir: Path,
                                                         cache_dir: Path) -> None:

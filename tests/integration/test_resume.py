@@ -300,6 +300,7 @@ def gated_resumed(gated: tuple[Path, list[str]], cache_dir: Path) -> tuple[Path,
     return ckpt, orig.parent / "from_gap", _output(proc)
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_gate_checkpoint_before_the_boundary_still_starts_the_stage(
         gated: tuple[Path, list[str]], gated_resumed: tuple[Path, Path, str]) -> None:
     orig, _ = gated
@@ -388,6 +389,7 @@ def stopped_resumed(stopped: Stopped, work: Path, signal_args: list[str], cache_
                       env=_env(cache_dir))
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_signal_exits_75_within_seconds(stopped: Stopped) -> None:
     assert stopped.returncode == 75, stopped.output[-3000:]
     assert stopped.seconds_to_exit < 10
@@ -407,6 +409,7 @@ def test_signal_leaves_a_preempted_summary_and_the_stop_checkpoint(stopped: Stop
     assert stopped.attempts == 1
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_resume_after_signal_matches_an_uninterrupted_run(stopped: Stopped,
                                                           stopped_resumed: subprocess.CompletedProcess,
                                                           reference: Path) -> None:
@@ -489,6 +492,7 @@ FAULTS: dict[str, tuple[list[str], int, tuple[str, str]]] = {
 }
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 @pytest.mark.parametrize("case", list(FAULTS))
 def test_fault_meets_its_health_action(case: str, tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     overrides, code, (check, action) = FAULTS[case]
@@ -522,6 +526,7 @@ def test_fault_meets_its_health_action(case: str, tmp_path: Path, corpus_dir: Pa
         assert rollbacks[0]["value"] == 8.0, rollbacks
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_default_policy_survives_a_late_spike(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     """health=default judges spikes after 20 steps of history: a x100 loss at step 21 is skipped."""
     run_dir = tmp_path / "outputs" / "spike"
@@ -584,6 +589,7 @@ def _copy_run(src: Path, name: str) -> Path:
     return dst
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_resume_auto_skips_a_damaged_newest_checkpoint(work: Path, reference: Path, signal_args: list[str],
                                                        cache_dir: Path) -> None:
     run_dir = _copy_run(reference, "damaged")
@@ -604,6 +610,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(work: Path, reference: Pa
     assert _summary(run_dir)["status"] == "completed"
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_resume_with_another_model_shape_names_the_keys(tmp_path: Path, reference: Path, signal_args: list[str],
                                                         cache_dir: Path) -> None:
     ckpt = _ckpt(reference, 75)

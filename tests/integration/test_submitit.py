@@ -58,6 +58,7 @@ def _tail(proc: subprocess.CompletedProcess | Path) -> str:
 # ------------------------------------------------------------------ a sweep on submitit_local
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_submitit_local_sweep(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", *_small(corpus_dir, cache_dir), "trainer.max_steps=3",

@@ -50,6 +50,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir
     return run_dir
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_shapes_and_lr_change_exactly_at_the_boundaries(staged: Path) -> None:
     train = {r["step"]: r for r in _rows(staged) if "train/loss" in r}
     assert sorted(train) == list(range(24))
@@ -111,6 +112,7 @@ def staged_resumed(staged: Path, corpus_dir: Path, cache_dir: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_resume_restores_curriculum_and_teacher(staged: Path, staged_resumed: Path) -> None:
     train = {r["step"]: r for r in _rows(staged_resumed) if "train/loss" in r}
     assert sorted(train) == list(range(16, 24))
@@ -162,6 +164,7 @@ def test_decay_branches_record_parent_and_decay_at_once(branches: tuple[Path, Pa
     assert lrs["1-sqrt"] != pytest.approx(lrs["linear"])
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corpus_dir: Path,
                                                             cache_dir: Path) -> None:
     """Fractions are resolved once, against the parent's trainer.max_steps=40 (warm-up 2 steps, stages
@@ -194,6 +197,7 @@ def test_decay_branch_keeps_the_parents_fraction_boundaries(tmp_path: Path, corp
 # ------------------------------------------------------------------------------ a failing run
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_nan_loss_fails_a_strict_run_with_a_reason(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _launch([*tiny_data_overrides(corpus_dir, cache_dir), "faults.nan_at_step=3", "health=strict",
@@ -209,6 +213,7 @@ def test_nan_loss_fails_a_strict_run_with_a_reason(tmp_path: Path, corpus_dir: P
 # ------------------------------------------------------------------- gradient accumulation
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_accumulation_counts_optimizer_steps(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     """With accumulate_grad_batches=2, rows, validation and the EMA teacher's decay ramp all count
     optimizer steps, not micro-batches (the once-per-step update guard is unit-tested)."""
@@ -230,6 +235,7 @@ def test_accumulation_counts_optimizer_steps(tmp_path: Path, corpus_dir: Path, c
 # ------------------------------------------------------------------- resume into the same run
 
 
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_resume_auto_continues_the_run_without_duplicate_rows(tmp_path: Path, corpus_dir: Path,
                                                               cache_dir: Path) -> None:
     """A run stopped at step 8 (checkpoints every 5: the final step is saved anyway) is continued
