@@ -1,11 +1,25 @@
-"""What sem needs of the components it is given, written as ``typing.Protocol``s, and ``ModelOutput``,
-the one result type a model may return. A leaf: every layer may import it."""
+"""What sem needs of the components it is given, as ``typing.Protocol``s, and how it talks to a model.
+
+A leaf: every layer may import it. The minimum a user writes (README "Bring your own component"):
+
+- a **model** is an ``nn.Module`` whose ``forward(input_ids [B, T])`` returns logits ``[B, T, V]``;
+- an **optimizer** is any ``torch.optim.Optimizer`` class (or a callable returning one);
+- a **scheduler** is sem's schedule or any ``torch.optim.lr_scheduler.LRScheduler`` class;
+- a **corpus** has ``documents()`` yielding ``Document(name, data)`` or ``(name, bytes | str)``.
+
+Everything else is optional and used when present. ``model_output`` is the one way sem calls a model.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -13,6 +27,103 @@ class ModelOutput:
     """What ``model(input_ids, targets)`` may return instead of bare logits: the model's own loss terms."""
 
     logits: torch.Tensor  # [B, T, V] float32
-    loss: torch.Tensor | None  # ce_loss + unitary_lambda * unitary_divergence
+    loss: torch.Tensor | None  # ce_loss + the model's own terms (SEM: unitary_lambda * unitary_divergence)
     ce_loss: torch.Tensor | None  # mean nats/token over targets != -100
-    unitary_divergence: torch.Tensor  # scalar float32: mean log(||psi_t||^2 / D)^2 entering norm_f
+    unitary_divergence: torch.Tensor  # scalar float32; 0 for a model without the SEM's penalty
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """An ``nn.Module`` over byte tokens: ``forward(input_ids: LongTensor[B, T])`` returns logits
+    ``[B, T, V]`` (V >= 259: 256 bytes + BOS/EOS/PAD), or a ``ModelOutput`` when it also takes
+    ``targets``. Optional, used when present: ``set_step(step)`` (step-driven blends), ``probes() ->
+    dict`` (health diagnostics), ``decode_state/prefill/step`` (recurrent sampling), ``max_seq_len``
+    (checked against ``data.seq_len``; sampling keeps the context within it), ``vocab_size`` (passed
+    to the constructor when it takes one), ``no_decay_keywords`` (parameter groups)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | ModelOutput: ...
+
+
+@runtime_checkable
+class Corpus(Protocol):
+    """A text collection: ``documents()`` yields ``Document(name, data)`` or ``(name, bytes | str)``,
+    sorted and the same on every call (names decide the train/val split). Optional: ``fingerprint()``
+    (a cheap key of the contents, for the token cache; default: a hash of the class, its arguments and
+    the documents' names and sizes), ``describe()`` (default: the class name), ``problems()`` (pre-flight
+    checks, one line each)."""
+
+    def documents(self) -> Iterable[Any]: ...
+
+
+class OptimizerFactory(Protocol):
+    """``factory(params=param_groups)`` returns a ``torch.optim.Optimizer``: a Hydra ``_partial_`` of any
+    optimizer class (sem passes only the keywords its constructor takes) or a callable of one's own."""
+
+    def __call__(self, params: list[dict[str, Any]]) -> torch.optim.Optimizer: ...
+
+
+class SchedulerFactory(Protocol):
+    """``factory(optimizer=...)`` returns a ``torch.optim.lr_scheduler.LRScheduler`` (stepped once per
+    optimizer step, its ``state_dict`` saved in checkpoints); sem's ``WSDScheduler`` also takes
+    ``lr_scale``. ``ReduceLROnPlateau`` needs a metric per step and is refused."""
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_targets(forward: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 2
+
+
+def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+                 ) -> ModelOutput:
+    """Call ``model`` as sem does: with ``targets`` when its forward takes them, and turn bare logits
+    into a ``ModelOutput`` (sem's cross-entropy; no extra loss terms)."""
+    forward = type(model).forward
+    out = model(input_ids, targets) if targets is not None and _takes_targets(forward) else model(input_ids)
+    if isinstance(out, ModelOutput):
+        if targets is not None and out.ce_loss is None:
+            ce = cross_entropy(out.logits, targets)
+            return ModelOutput(out.logits, ce if out.loss is None else out.loss, ce, out.unitary_divergence)
+        return out
+    logits = out.logits if hasattr(out, "logits") else out
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}.forward returned {type(out).__name__}: the model contract "
+                        "wants logits [B, T, V] (a tensor) or a sem.contracts.ModelOutput")
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = cross_entropy(logits, targets) if targets is not None else None
+    return ModelOutput(logits, ce, ce, zero)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean nats/token over targets != -100. logits [B, T, V], targets [B, T] long."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def set_step(model: Any, step: int) -> None:
+    """``model.set_step(step)`` when the model has step-driven parts (SEM's propagator ramp)."""
+    fn = getattr(model, "set_step", None)
+    if callable(fn):
+        fn(step)
+
+
+def documents_of(corpus: Any) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of each document a corpus yields (``Document``, or a ``(name, bytes | str)`` pair)."""
+    for item in corpus.documents():
+        try:
+            name, data = item
+        except (TypeError, ValueError):
+            raise TypeError(f"{type(corpus).__name__}.documents() yielded {type(item).__name__}: the corpus "
+                            "contract wants Document(name, data) or a (name, bytes | str) pair") from None
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{type(corpus).__name__}.documents(): document {name!r} holds "
+                            f"{type(data).__name__}; the corpus contract wants bytes or str")
+        yield str(name), bytes(data)

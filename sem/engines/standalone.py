@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sem.contracts import set_step
 from sem.models.common import param_groups
 from sem.training.checkpoint import MODEL_PREFIX, CheckpointManager, model_state
 from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
@@ -173,7 +174,7 @@ class SEMTrainer:
         self.console.clock.pause()
         was_training = self.model.training
         self.model.eval()
-        self.model.set_step(self.global_step)
+        set_step(self.model, self.global_step)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         with torch.inference_mode(), self.precision.autocast():
             for x, y in loader:

@@ -4,13 +4,7 @@ parameter groups and the parameter count. Pure PyTorch, for any ``nn.Module``.""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean nats/token over targets != -100. logits [B, T, V] float32, targets [B, T] long."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def check_input_length(input_ids: torch.Tensor, max_seq_len: int) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sem.contracts import model_output
 from sem.data.tokenizer import ByteTokenizer
 
 log = logging.getLogger("sem.sample")
@@ -140,7 +141,7 @@ def _recompute(model: nn.Module, ids: list[int], max_new_tokens: int, temperatur
                          "(full recompute over a sliding window)", window, window)
                 noticed = True
             context = context[-window:]
-        logits = model(context[None]).logits[0, -1]  # [V]
+        logits = model_output(model, context[None]).logits[0, -1]  # [V]
         token = _pick(logits, temperature, top_k, top_p, generator)
         if token == _TOKENIZER.eos_id:
             break

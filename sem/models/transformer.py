@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sem.contracts import ModelOutput
-from sem.models.common import check_input_length, cross_entropy
+from sem.contracts import ModelOutput, cross_entropy
+from sem.models.common import check_input_length
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from sem.contracts import model_output
+
 log = logging.getLogger("sem.calendar")
 
 PROBE_STEPS = 3  # per shape; the first is a warm-up (allocations, lazy init) and is not counted
@@ -225,7 +227,7 @@ def probe_seconds(model: Any, optimizer_factory: Callable[..., Any], shapes: lis
         for _ in range(max(steps, 2)):
             t0 = time.perf_counter()
             with context():
-                out = m(x[:, :-1], x[:, 1:])
+                out = model_output(m, x[:, :-1], x[:, 1:])
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -256,7 +258,7 @@ def flops_per_token(model: Any, seq_len: int) -> float | None:
     x = torch.randint(0, 256, (1, seq_len + 1))
     try:
         with FlopCounterMode(display=False) as counter:
-            m(x[:, :-1], x[:, 1:]).loss.backward()
+            model_output(m, x[:, :-1], x[:, 1:]).loss.backward()
     except Exception as exc:  # an op the counter cannot trace: the plan goes on without the figure
         log.warning("FLOPs per token not counted: %s: %s", type(exc).__name__, exc)
         return None

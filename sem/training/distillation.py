@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sem.contracts import model_output
+
 log = logging.getLogger(__name__)
 
 
@@ -202,12 +204,7 @@ class EMATeacher:
         """Teacher logits ``[B, T, V]`` for ``input_ids [B, T]``."""
         if not self.ready:
             raise RuntimeError("EMATeacher.forward before the teacher was activated by update()")
-        out = self.module(input_ids)
-        if isinstance(out, Tensor):
-            return out
-        if isinstance(out, dict):
-            return out["logits"]
-        return out.logits
+        return model_output(self.module, input_ids).logits
 
     __call__ = forward
 

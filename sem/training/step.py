@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sem.contracts import model_output, set_step
 from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
@@ -84,16 +85,16 @@ class StepPolicy:
         self.micro, self.tokens = [], 0
         self._started = time.perf_counter()
         torch.manual_seed(step_seed(self.seed, step, rank))
-        self.model.set_step(step)
+        set_step(self.model, step)
 
     def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The training loss of one micro-batch (x, y [B, T]) and its extra metrics (distillation)."""
-        out = self.model(x, y)
+        out = model_output(self.model, x, y)
         loss = out.loss
         metrics: dict[str, Any] = {}
         # The teacher distils once ready: its first update (at activation) copies the student.
         if self.teacher is not None and self.distill_loss is not None and self.teacher.ready:
-            self.teacher.module.set_step(step)  # step-driven blends (propagator alpha) match the student's
+            set_step(self.teacher.module, step)  # step-driven blends (propagator alpha) match the student's
             parts = self.distill_loss(out.logits, self.teacher(x), out.ce_loss)
             # keep the unitary penalty; replace plain CE by the distillation mix
             loss = parts["loss"] + (out.loss - out.ce_loss)
@@ -301,7 +302,7 @@ class StepPolicy:
 def val_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[nats, tokens, byte targets, windows] of one validation batch, float64, on the batch's device
     (summed over batches and ranks, then turned into metrics by ``val_metrics``; no host sync)."""
-    logits = model(x).logits.detach()
+    logits = model_output(model, x).logits.detach()
     kept = y != -100  # padding windows of a rank's validation share (all -100) count for nothing
     nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
                                              reduction="sum")

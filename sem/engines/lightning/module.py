@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from sem.contracts import set_step
 from sem.models.common import count_parameters, param_groups
 from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision
@@ -154,7 +155,7 @@ class SEMLightningModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, windows
-        self.model.set_step(self.global_step)
+        set_step(self.model, self.global_step)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._val_sums += val_sums(self.model, *batch)

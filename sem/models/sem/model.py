@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
-from sem.contracts import ModelOutput
-from sem.models.common import check_input_length, cross_entropy
+from sem.contracts import ModelOutput, cross_entropy
+from sem.models.common import check_input_length
 from sem.models.sem.blocks import ComplexRMSNorm, SEMBlock
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
 from sem.models.sem.propagator import CayleyPropagator
