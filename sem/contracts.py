@@ -70,6 +70,23 @@ class SchedulerFactory(Protocol):
     def __call__(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler: ...
 
 
+VOCAB_SIZE = 259  # the byte tokenizer's: 256 bytes + BOS/EOS/PAD
+
+
+def model_kwargs(cls: Any, node: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of a model config node: its keys (not ``_target_`` and the like), plus
+    ``vocab_size`` (the tokenizer's) when the constructor takes it and the config does not set it."""
+    kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    if "vocab_size" not in kwargs:
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "vocab_size" in params:
+            kwargs["vocab_size"] = VOCAB_SIZE
+    return kwargs
+
+
 @functools.lru_cache(maxsize=64)
 def _takes_targets(forward: Callable[..., Any]) -> bool:
     try:

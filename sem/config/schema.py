@@ -260,6 +260,10 @@ class TrainerConf:
     enable_model_summary: bool = True
     num_sanity_val_steps: int = 0
     benchmark: bool | None = None
+    # Lightning habits: a quick check (a step, one validation batch, no checkpoints) and a profile.
+    # Any other Trainer argument: +trainer.<arg>=..., checked against Trainer's signature.
+    fast_dev_run: Any = False  # true or a number of steps
+    profiler: str | None = None  # simple | advanced | pytorch
 
 
 @dataclass
@@ -325,7 +329,7 @@ class Config:
     model: Any = MISSING
     data: Any = MISSING
     optimizer: Any = MISSING
-    scheduler: SchedulerConf = MISSING
+    scheduler: Any = MISSING  # sem's schedules extend SchedulerConf; any torch LRScheduler works too
     curriculum: CurriculumConf = MISSING
     distillation: DistillationConf = field(default_factory=DistillationConf)
     precision: PrecisionConf = MISSING

@@ -14,6 +14,14 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sem.config.components import (
+    VOCAB_SIZE,
+    locate,
+    model_contract_problems,
+    optimizer_problems,
+    scheduler_problems,
+    signature_problems,
+)
 from sem.training.budget import length_problems
 
 
@@ -26,7 +34,30 @@ def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = F
         problems.append(f"{key}={value!r}: must be {'> 0' if strict else '>= 0'}")
 
 
-def _model_problems(m: DictConfig, max_steps: int) -> list[str]:
+OWN_MODELS = ("sem.models.sem.SEMModel", "sem.models.sem.model.SEMModel", "sem.models.transformer.TransformerLM")
+OWN_OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.SGD", "sem.training.optim.MuonAdamW")
+OWN_SCHEDULES = ("sem.training.scheduler.WSDScheduler",)
+
+
+def _model_problems(m: DictConfig, max_steps: int) -> tuple[list[str], int | None]:
+    """(problems, the model's max_seq_len or None). sem's models by their schemas; any other
+    ``_target_`` by its signature and a 2 x 8 probe of the built model (``sem.config.components``)."""
+    target = m.get("_target_")
+    if target not in OWN_MODELS:
+        cls, err = locate("model", target)
+        if err:
+            return [err], None
+        problems = signature_problems("model", cls, m, injected=("vocab_size",))
+        if isinstance(m.get("vocab_size"), int) and m.vocab_size < VOCAB_SIZE:
+            problems.append(f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least {VOCAB_SIZE} "
+                            "(256 bytes + BOS/EOS/PAD)")
+        if problems:
+            return problems, None
+        return model_contract_problems("model", cls, OmegaConf.to_container(m, resolve=True))
+    return _own_model_problems(m, max_steps), m.max_seq_len
+
+
+def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
     p: list[str] = []
     for key in ("d_model", "n_layers", "max_seq_len", "vocab_size", "mlp_ratio"):
         _positive(p, f"model.{key}", m.get(key))
@@ -50,7 +81,7 @@ def _model_problems(m: DictConfig, max_steps: int) -> list[str]:
     return p
 
 
-def _data_problems(cfg: DictConfig, corpus: Any) -> list[str]:
+def _data_problems(cfg: DictConfig, corpus: Any, max_len: int | None) -> list[str]:
     d, p = cfg.data, []
     for key in ("batch_size", "seq_len"):
         _positive(p, f"data.{key}", d[key])
@@ -58,17 +89,20 @@ def _data_problems(cfg: DictConfig, corpus: Any) -> list[str]:
         _positive(p, f"data.{key}", d[key], allow_none=True)
     if not 0.0 < d.val_fraction < 1.0:
         p.append(f"data.val_fraction={d.val_fraction!r}: must be in (0, 1)")
-    max_len = cfg.model.max_seq_len
     for key in ("seq_len", "val_seq_len"):
-        if d[key] is not None and d[key] > max_len:
+        if max_len is not None and d[key] is not None and d[key] > max_len:
             p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
-    return p + list(corpus.problems())
+    return p + list(getattr(corpus, "problems", list)())
 
 
 def _optimizer_problems(o: DictConfig) -> list[str]:
-    p: list[str] = []
-    _positive(p, "optimizer.lr", o.lr)
-    _positive(p, "optimizer.weight_decay", o.weight_decay, strict=False)
+    p: list[str] = [] if o.get("_target_") in OWN_OPTIMIZERS else optimizer_problems(OmegaConf.to_container(o, resolve=True))
+    if p:
+        return p
+    if "lr" in o:
+        _positive(p, "optimizer.lr", o.lr)
+    if "weight_decay" in o:
+        _positive(p, "optimizer.weight_decay", o.weight_decay, strict=False)
     for key in ("betas", "adamw_betas"):  # adamw_betas: muon's AdamW side
         for i, beta in enumerate(o.get(key) or []):
             if not 0.0 <= beta < 1.0:
@@ -86,7 +120,18 @@ def _length_problems(cfg: DictConfig) -> list[str]:
     """Components that take their own max_steps must agree with the Trainer's."""
     return [f"{group}.max_steps={cfg[group].max_steps}: must equal trainer.max_steps="
             f"{cfg.trainer.max_steps} (leave it at its default, ${{trainer.max_steps}})"
-            for group in ("scheduler", "curriculum") if cfg[group].max_steps != cfg.trainer.max_steps]
+            for group in ("scheduler", "curriculum") if "max_steps" in cfg[group]
+            and (group != "scheduler" or cfg.scheduler.get("_target_") in OWN_SCHEDULES)
+            and cfg[group].max_steps != cfg.trainer.max_steps]
+
+
+def _scheduler_problems(cfg: DictConfig) -> list[str]:
+    from sem.training.scheduler import problems as wsd_problems
+
+    node = cfg.scheduler
+    if node.get("_target_") in OWN_SCHEDULES:
+        return wsd_problems(**{k: v for k, v in node.items() if not k.startswith("_")}, prefix="scheduler")
+    return scheduler_problems(OmegaConf.to_container(node, resolve=True))
 
 
 def _trainer_problems(t: DictConfig) -> list[str]:
@@ -232,16 +277,15 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
     pre-flight checks (paths exist, readable) are part of the report. Runs before anything heavy
     is built; an empty list means the config can be built.
     """
-    from sem.training.scheduler import problems as scheduler_problems
-
-    problems: list[str] = []
+    try:
+        problems, max_len = _model_problems(cfg.model, cfg.trainer.max_steps)
+    except Exception as exc:  # an unexpected shape of config is still a config problem
+        problems, max_len = [f"model: {type(exc).__name__}: {exc}"], None
     checks = [
-        lambda: _model_problems(cfg.model, cfg.trainer.max_steps),
-        lambda: _data_problems(cfg, corpus),
+        lambda: _data_problems(cfg, corpus, max_len),
         lambda: _optimizer_problems(cfg.optimizer),
-        lambda: scheduler_problems(**{k: v for k, v in cfg.scheduler.items() if not k.startswith("_")},
-                                   prefix="scheduler"),
-        lambda: _curriculum_problems(cfg),
+        lambda: _scheduler_problems(cfg),
+        lambda: _curriculum_problems(cfg, max_len),
         lambda: _logger_problems(cfg),
         lambda: _distillation_problems(cfg),
         lambda: _trainer_problems(cfg.trainer),
@@ -260,12 +304,12 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
     return problems
 
 
-def _curriculum_problems(cfg: DictConfig) -> list[str]:
+def _curriculum_problems(cfg: DictConfig, max_len: int | None) -> list[str]:
     from sem.training.curriculum import stage_problems
 
     stages = cfg.curriculum.stages
     lines = stage_problems(OmegaConf.to_container(stages, resolve=True), cfg.trainer.max_steps,
-                           cfg.model.max_seq_len, prefix="curriculum")
+                           max_len, prefix="curriculum")
     # A stage field copied from elsewhere (curriculum=none takes ${data.seq_len}) is reported
     # under its source key already: say it once.
     copied = tuple(f"curriculum.stages[{i}]({st.name}).{key}=" for i, st in enumerate(stages)

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sem.contracts import model_kwargs
 from sem.engines.instantiate import make, without
 from sem.engines.resume import Resume, shape_problems
 from sem.errors import exit_if_invalid
@@ -77,10 +78,10 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     datamodule.setup()
     log.info("data: %s", datamodule.describe())
 
-    model = make(cfg.model)
+    model = build_model(cfg.model)
     curriculum = make(cfg.curriculum)
-    optimizer = make(cfg.optimizer)
-    scheduler = make(cfg.scheduler)
+    optimizer = optimizer_factory(cfg.optimizer)
+    scheduler = scheduler_factory(cfg.scheduler)
     teacher = make(cfg.distillation.teacher) if cfg.distillation.teacher else None
     distill_loss = make(cfg.distillation.loss) if cfg.distillation.loss else None
     health = make(cfg.health)
@@ -110,6 +111,39 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
         exit_if_invalid(shape_problems(engine.model, resume.payload, resume.path))
     return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
                  precision_note=note, signals=signals)
+
+
+def build_model(node: DictConfig) -> Any:
+    """The model of ``node``, with ``vocab_size`` (the tokenizer's) passed when its constructor takes one
+    and the config does not set it (``sem.contracts.model_kwargs``)."""
+    from hydra.utils import get_class
+
+    extra = model_kwargs(get_class(node._target_), OmegaConf.to_container(node, resolve=True))
+    return make(node, _convert_="all", **{k: v for k, v in extra.items() if k not in node})
+
+
+def optimizer_factory(node: DictConfig) -> Any:
+    """``factory(params=...)``: the configured optimizer class with the keys it takes. The speed flags
+    ``fused``/``foreach`` are passed only where the class takes them (validation named any other key)."""
+    from sem.config.components import PERF_KEYS, locate, takes
+
+    cls, _ = locate("optimizer", node._target_)
+    drop = [k for k in PERF_KEYS if k in node and cls is not None and not takes(cls, k)]
+    return make(without(node, *drop) if drop else node, _partial_=True, _convert_="all")
+
+
+def scheduler_factory(node: DictConfig) -> Any:
+    """``factory(optimizer=...)``: the configured schedule. A torch scheduler swapped in for sem's WSD
+    (``scheduler._target_=...``) inherits keys of the default option it does not take: they are not
+    passed, and a warning names them."""
+    from sem.config.components import inherited_schedule_keys, locate
+
+    cls, _ = locate("scheduler", node._target_)
+    drop = inherited_schedule_keys(cls, node) if cls is not None else []
+    if drop:
+        log.warning("scheduler: %s does not take %s (sem's schedule settings, from the default option): "
+                    "not used", node._target_, ", ".join(f"{k}={node[k]}" for k in drop))
+    return make(without(node, *drop) if drop else node, _partial_=True, _convert_="all")
 
 
 def _seed_everything(seed: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sem.contracts import set_step
-from sem.models.common import param_groups
+from sem.engines.optim import build_optimizer, build_scheduler
 from sem.training.checkpoint import MODEL_PREFIX, CheckpointManager, model_state
 from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
 from sem.training.precision import PrecisionPolicy
@@ -55,14 +55,9 @@ class SEMTrainer:
         self.console = ConsoleLine(console_every_n_steps)
 
         self.model.to(device=device, dtype=precision.weights_dtype)
-        wd = float(getattr(optimizer, "keywords", {}).get("weight_decay", 0.0))
-        self.optimizer = optimizer(params=param_groups(self.model, wd))
-        curriculum, health = policy.curriculum, policy.health
-
-        def lr_scale(step: int) -> float:  # the stage's LR scale times the health policy's (rollbacks)
-            return (curriculum.lr_scale(step) if curriculum is not None else 1.0) * health.lr_factor
-
-        self.scheduler = scheduler(optimizer=self.optimizer, lr_scale=lr_scale) if scheduler is not None else None
+        self.optimizer = build_optimizer(optimizer, self.model)
+        self.scheduler_factory = scheduler  # the dry-run calendar builds its own copy
+        self.scheduler = build_scheduler(scheduler, self.optimizer, policy.lr_scale)
         self.scaler = precision.scaler()
 
     # ---------------------------------------------------------------------------------- fit

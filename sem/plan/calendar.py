@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sem.contracts import model_output
+from sem.engines.optim import build_scheduler
 
 log = logging.getLogger("sem.calendar")
 
@@ -137,7 +138,7 @@ class RunParts:
     world: int
 
 
-def parts_of(built: Any, optimizer: Callable[..., Any]) -> RunParts:
+def parts_of(built: Any, optimizer: Callable[..., Any], base_lr: float = 1e-3) -> RunParts:
     """Find the parts in ``sem.engines.build.Built`` (the Lightning engine keeps the scheduler factory in its
     module, the standalone engine the built scheduler); ``optimizer`` is the configured factory."""
     import torch
@@ -149,28 +150,56 @@ def parts_of(built: Any, optimizer: Callable[..., Any]) -> RunParts:
     scale = curriculum.lr_scale if curriculum is not None else None
     trainer = getattr(engine, "trainer", None)
     if module is not None and hasattr(module, "scheduler_factory"):  # Lightning
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         factory = module.scheduler_factory
-        scheduler = factory(optimizer=dummy, lr_scale=scale) if factory is not None else None
         autocast = getattr(trainer.precision_plugin, "forward_context", nullcontext)
         try:
             device, world = trainer.strategy.root_device, int(trainer.world_size)
         except Exception:  # a strategy that knows its devices and ranks only once launched
             device, world = torch.device("cpu"), 1
-    else:  # standalone: its scheduler is built (multiplier is a pure function of the step)
-        scheduler = getattr(engine, "scheduler", None)
+    else:  # standalone
+        factory = getattr(engine, "scheduler_factory", None)
         device = getattr(engine, "device", torch.device("cpu"))
         autocast = getattr(getattr(engine, "precision", None), "autocast", nullcontext)
         world = 1
+    # the schedule as the run builds it, on a stand-in optimizer (nothing of the run is stepped)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    scheduler = build_scheduler(factory, dummy, scale or (lambda step: 1.0))
     return RunParts(model=engine.model, curriculum=curriculum, teacher=getattr(policy, "teacher", None),
                     optimizer=optimizer, scheduler=scheduler, device=device, autocast=autocast, world=world)
+
+
+MAX_TRACED_STEPS = 1_000_000  # a torch schedule is traced step by step: longer runs show it flat
+
+
+def base_lr_of(cfg: Any) -> float:
+    """The optimizer's configured ``lr`` (1e-3 when the optimizer config sets none)."""
+    return float(cfg.optimizer.get("lr", 1e-3) or 1e-3)
+
+
+def multiplier_of(scheduler: Any, max_steps: int) -> Callable[[int], float]:
+    """The schedule's LR factor per step: sem's WSD says it (a pure function of the step); any other
+    ``LRScheduler`` is traced by stepping it (it is the calendar's own copy, on a stand-in optimizer)."""
+    if scheduler is None:
+        return lambda step: 1.0
+    if hasattr(scheduler, "multiplier"):
+        return scheduler.multiplier
+    if hasattr(getattr(scheduler, "inner", None), "multiplier"):
+        return lambda step: scheduler.inner.multiplier(step) * float(scheduler.lr_scale(step))
+    if max_steps > MAX_TRACED_STEPS:
+        return lambda step: 1.0
+    base = scheduler.optimizer.param_groups[0].get("initial_lr") or scheduler.base_lrs[0]
+    lrs = []
+    for _ in range(max_steps):
+        lrs.append(scheduler.optimizer.param_groups[0]["lr"] / base)
+        scheduler.step()
+    return lambda step: lrs[min(step, len(lrs) - 1)] if lrs else 1.0
 
 
 def calendar_of(cfg: Any, parts: RunParts, checkpoints: Any) -> Calendar:
     """The calendar of a built run, from the objects the run itself uses."""
     curriculum, sched = parts.curriculum, parts.scheduler
     max_steps = int(cfg.trainer.max_steps)
-    multiplier = sched.multiplier if sched is not None else (lambda step: 1.0)
+    multiplier = multiplier_of(sched, max_steps)
 
     def stage_at(step: int) -> tuple[str, int, int, bool]:
         if curriculum is None:
@@ -180,7 +209,7 @@ def calendar_of(cfg: Any, parts: RunParts, checkpoints: Any) -> Calendar:
 
     teacher = parts.teacher
     return build_calendar(
-        max_steps=max_steps, base_lr=float(cfg.optimizer.lr), multiplier=multiplier,
+        max_steps=max_steps, base_lr=base_lr_of(cfg), multiplier=multiplier,
         warmup_steps=int(getattr(sched, "warmup_steps", 0) or 0),
         decay_start=int(getattr(sched, "decay_start", max_steps)),
         decay_steps=int(getattr(sched, "decay_steps", 0) or 0), stage_at=stage_at,

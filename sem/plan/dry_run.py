@@ -16,11 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sem.engines.build import make
+from sem.engines.build import optimizer_factory
 from sem.engines.resume import find_resume
 from sem.models.common import count_parameters
 from sem.plan.calendar import (
     PROBE_STEPS,
+    base_lr_of,
     calendar_lines,
     calendar_of,
     estimate_seconds,
@@ -41,7 +42,7 @@ def plan(cfg: DictConfig) -> None:
     configured kind; nothing of the run itself is trained or saved."""
     with run_guard(cfg) as run:
         built = prepare(run, find_resume(cfg, run.checkpoints))
-        dry_run(run.cfg, built, run.dir, optimizer=make(run.cfg.optimizer),
+        dry_run(run.cfg, built, run.dir, optimizer=optimizer_factory(run.cfg.optimizer),
                 one_line=HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
@@ -66,7 +67,7 @@ def dry_run(cfg: Any, built: Any, run_dir: Path, *, optimizer: Callable[..., Any
     ``optimizer``: the configured optimizer factory (``optimizer(params=...)``) for the timing probe.
     ``one_line``: a sweep job's dry run prints a single line (the sweep prints the totals)."""
     dm = built.datamodule
-    parts = parts_of(built, optimizer)
+    parts = parts_of(built, optimizer, base_lr_of(cfg))
     n_params = count_parameters(parts.model)
     cal = calendar_of(cfg, parts, built.checkpoint)
     shapes = sorted({(s.seq_len, s.batch_size) for s in cal.segments})

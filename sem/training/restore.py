@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sem.contracts import model_kwargs
 from sem.training.checkpoint import CheckpointError, model_state, verify
 
 # Where the model classes lived before the package layout (checkpoints written then name these):
@@ -28,13 +29,19 @@ LEGACY_TARGETS = {
 
 def _locate(target: str) -> Any:
     module, _, name = LEGACY_TARGETS.get(target, target).rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(f"the model class {target} cannot be imported: no module {exc.name!r} on the "
+                              "path (put the folder that holds it on PYTHONPATH)") from None
+    except AttributeError:
+        raise CheckpointError(f"the model class {target} cannot be imported: {module} has no {name!r}") from None
 
 
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
     """The model a ``model`` config node describes (``_target_`` + constructor arguments)."""
-    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_")}
-    return _locate(model_cfg["_target_"])(**kwargs)
+    cls = _locate(model_cfg["_target_"])
+    return cls(**model_kwargs(cls, model_cfg))
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -250,3 +250,49 @@ class WSDScheduler(torch.optim.lr_scheduler.LambdaLR):
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = lrs
+
+
+class ScaledSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Any torch ``LRScheduler`` with sem's per-step ``lr_scale`` (the curriculum stage's times the
+    health policy's rollback factor) applied on top, so both compose with it as they do with WSD.
+
+    The inner schedule only ever sees its own, unscaled learning rates: before each of its steps the
+    groups get them back, after it the scale is applied again. Chainable schedules (cosine annealing,
+    which computes the next LR from the current one) therefore stay exact. Stepped once per optimizer
+    step; ``state_dict`` holds the inner schedule's state and the unscaled LRs.
+    """
+
+    def __init__(self, inner: torch.optim.lr_scheduler.LRScheduler, lr_scale: Callable[[int], float]) -> None:
+        # No super().__init__: it would step the schedule once more; the inner one has done so already.
+        self.inner, self.lr_scale = inner, lr_scale
+        self.optimizer = inner.optimizer
+        self.base_lrs = list(inner.base_lrs)
+        self.last_epoch = inner.last_epoch
+        self._unscaled = [g["lr"] for g in self.optimizer.param_groups]
+        self._apply()
+
+    def _apply(self) -> None:
+        scale = float(self.lr_scale(self.last_epoch))
+        for group, lr in zip(self.optimizer.param_groups, self._unscaled, strict=True):
+            group["lr"] = lr * scale
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def step(self, epoch: int | None = None) -> None:  # noqa: ARG002 - LRScheduler's signature
+        for group, lr in zip(self.optimizer.param_groups, self._unscaled, strict=True):
+            group["lr"] = lr
+        self.inner.step()
+        self._unscaled = [g["lr"] for g in self.optimizer.param_groups]
+        self.last_epoch = self.inner.last_epoch
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "unscaled": list(self._unscaled)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict["inner"])
+        self._unscaled = list(state_dict["unscaled"])
+        self.last_epoch = self.inner.last_epoch
+        self._apply()

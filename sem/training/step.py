@@ -78,6 +78,12 @@ class StepPolicy:
         self._limits_t: torch.Tensor | None = None
         self._unobserved = False  # a pending step the curriculum has not seen yet
 
+    def lr_scale(self, step: int) -> float:
+        """The factor on the schedule's LR at ``step``: the curriculum stage's ``lr_scale`` times the
+        health policy's (a rollback may lower it). Both engines give it to the scheduler."""
+        stage = self.curriculum.lr_scale(step) if self.curriculum is not None else 1.0
+        return stage * self.health.lr_factor
+
     # ------------------------------------------------------------------------------ a step
 
     def start(self, step: int, rank: int = 0) -> None:

@@ -12,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 
 from sem.contracts import set_step
-from sem.models.common import count_parameters, param_groups
+from sem.engines.optim import build_optimizer, build_scheduler
+from sem.models.common import count_parameters
 from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision
 from sem.training.metrics import is_logging_step
@@ -57,16 +58,10 @@ class SEMLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------------------- optimizer
 
     def configure_optimizers(self) -> dict[str, Any]:
-        wd = float(getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(params=param_groups(self.model, wd))
-        if self.scheduler_factory is None:
+        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.policy.lr_scale)
+        if scheduler is None:
             return {"optimizer": optimizer}
-        curriculum, health = self.policy.curriculum, self.policy.health
-
-        def lr_scale(step: int) -> float:  # the stage's LR scale times the health policy's (rollbacks)
-            return (curriculum.lr_scale(step) if curriculum is not None else 1.0) * health.lr_factor
-
-        scheduler = self.scheduler_factory(optimizer=optimizer, lr_scale=lr_scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:

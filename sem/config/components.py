@@ -1,0 +1,206 @@
+"""Validation by contract, for components sem has never seen: the ``_target_`` is imported, its
+constructor's signature is bound to the config node (missing required arguments, keys it does not
+take, wrong types where annotated), and the built object is checked against its contract
+(``sem.contracts``). Every problem is one line naming the key, the class and what the contract wants.
+
+Known classes (sem's own models, optimizers, schedules and corpora) keep their schemas and value
+checks in ``sem.config.validate``; these checks run for every other ``_target_``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sem.contracts import VOCAB_SIZE, model_kwargs
+
+log = logging.getLogger("sem.config")
+
+# Keys of sem's WSD schema that a torch scheduler swapped in inline inherits: they do not apply to it.
+SEM_SCHEDULE_KEYS = ("max_steps", "warmup_steps", "warmup_fraction", "decay_steps", "decay_fraction",
+                     "decay_start_step", "decay_shape", "min_lr_ratio")
+PERF_KEYS = ("fused", "foreach")  # optimizer speed flags: passed only where the class takes them
+
+
+def locate(key: str, target: Any) -> tuple[Any, str | None]:
+    """(the object ``target`` names, None) or (None, one line saying why it cannot be imported)."""
+    if not isinstance(target, str) or "." not in target:
+        return None, f"{key}._target_={target!r}: must be a dotted path such as mypackage.module.Class"
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        return None, (f"{key}._target_={target!r}: cannot import module {exc.name!r} (put the folder that "
+                      "holds it on PYTHONPATH)")
+    except Exception as exc:  # the user's module raised while importing
+        return None, f"{key}._target_={target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+    obj = getattr(module, name, None)
+    if obj is None:
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return None, f"{key}._target_={target!r}: {module_name} has no {name!r}{hint}"
+    return obj, None
+
+
+def parameters(obj: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The named constructor/call parameters of ``obj`` and whether it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return {}, True  # a builtin without a signature: nothing to check against
+    named = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # unresolvable string annotations: no type checks
+        return {}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Is ``value`` (plain config data) acceptable for annotation ``hint``? Unknown hints accept anything."""
+    if value is None:
+        return hint is type(None) or type(None) in typing.get_args(hint) or hint in (Any, object)
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin in (list, tuple, typing.Sequence, Iterable) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, Mapping) or hint is dict:
+        return isinstance(value, Mapping)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def signature_problems(key: str, obj: Any, node: Mapping[str, Any], *, injected: Iterable[str] = (),
+                       ignored: Iterable[str] = ()) -> list[str]:
+    """Bind the config ``node`` (its non-underscore keys) to ``obj``'s signature. ``injected``: arguments
+    sem passes itself (params, optimizer, corpus, ...); ``ignored``: keys dropped before the call."""
+    named, var_kw = parameters(obj)
+    injected, ignored = set(injected), set(ignored)
+    given = {k: v for k, v in node.items() if not str(k).startswith("_") and k not in ignored}
+    name = getattr(obj, "__qualname__", repr(obj))
+    where = f"{getattr(obj, '__module__', '?')}.{name}"
+    takes = ", ".join(n for n in named if n not in injected and n != "self") or "nothing"
+    problems = []
+    if not var_kw:
+        for k in given:
+            if k not in named:
+                close = difflib.get_close_matches(k, list(named), n=2)
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                problems.append(f"{key}.{k}: {where} does not take {k!r} (it takes: {takes}){hint}")
+    for n, p in named.items():
+        if n == "self" or n in injected or p.default is not inspect.Parameter.empty or n in given:
+            continue
+        if p.kind is p.POSITIONAL_ONLY:
+            continue
+        problems.append(f"{key}.{n}: missing, {where} requires it (set it: {key}.{n}=...)")
+    hints = _hints(obj)
+    for k, v in given.items():
+        if k in hints and k in named and not _type_ok(v, hints[k]):
+            problems.append(f"{key}.{k}={v!r}: {where} wants {_hint_name(hints[k])}")
+    return problems
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def takes(obj: Any, name: str) -> bool:
+    named, var_kw = parameters(obj)
+    return name in named or var_kw
+
+
+def model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tuple[list[str], int | None]:
+    """Build the model and run a 2 x 8 probe batch: it must be an ``nn.Module`` returning logits
+    ``[2, 8, V]`` with ``V >= 259``. Returns (problems, the model's ``max_seq_len`` or None)."""
+    import torch
+
+    from sem.contracts import model_output
+
+    where = f"{cls.__module__}.{cls.__qualname__}" if hasattr(cls, "__qualname__") else repr(cls)
+    try:
+        model = cls(**model_kwargs(cls, node))
+    except Exception as exc:
+        return [f"{key}: {where}(...) raised {type(exc).__name__}: {exc}"], None
+    if not isinstance(model, torch.nn.Module):
+        return [f"{key}: {where} built a {type(model).__name__}; the model contract wants a torch.nn.Module"], None
+    max_len = getattr(model, "max_seq_len", None)
+    try:
+        with torch.no_grad():
+            logits = model_output(model.eval(), torch.zeros(2, 8, dtype=torch.long)).logits
+    except Exception as exc:
+        return [f"{key}: {where}.forward(input_ids [2, 8]) raised {type(exc).__name__}: {exc} (the model "
+                "contract: forward(input_ids LongTensor[B, T]) -> logits [B, T, V])"], max_len
+    shape = tuple(logits.shape)
+    if len(shape) != 3 or shape[:2] != (2, 8) or shape[2] < VOCAB_SIZE:
+        return [f"{key}: {where}.forward(input_ids [2, 8]) returned logits of shape {list(shape)}; the model "
+                f"contract wants [2, 8, V] with V >= {VOCAB_SIZE} (256 bytes + BOS/EOS/PAD)"], max_len
+    return [], int(max_len) if isinstance(max_len, int) else None
+
+
+def optimizer_problems(node: Mapping[str, Any]) -> list[str]:
+    """An optimizer node whose ``_target_`` is not one of sem's schemas: an ``Optimizer`` class taking
+    the configured keys (``fused``/``foreach`` dropped where not taken), or a callable returning one."""
+    import torch
+
+    cls, err = locate("optimizer", node.get("_target_"))
+    if err:
+        return [err]
+    drop = [k for k in PERF_KEYS if k in node and not takes(cls, k)]
+    problems = signature_problems("optimizer", cls, node, injected=("params",), ignored=drop)
+    if problems:
+        return problems
+    if inspect.isclass(cls) and not issubclass(cls, torch.optim.Optimizer):
+        return [f"optimizer._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.Optimizer "
+                "(the optimizer contract: an Optimizer class, or a callable returning one)"]
+    if not inspect.isclass(cls):  # a factory of one's own: build it once on a probe parameter
+        kwargs = {k: v for k, v in node.items() if not str(k).startswith("_") and k not in drop}
+        try:
+            built = cls(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}], **kwargs)
+        except Exception as exc:
+            return [f"optimizer: {node['_target_']}(params=...) raised {type(exc).__name__}: {exc}"]
+        if not isinstance(built, torch.optim.Optimizer):
+            return [f"optimizer: {node['_target_']}(params=...) returned {type(built).__name__}; the optimizer "
+                    "contract wants a torch.optim.Optimizer"]
+    return []
+
+
+def scheduler_problems(node: Mapping[str, Any]) -> list[str]:
+    """A scheduler node whose ``_target_`` is not sem's WSD: an ``LRScheduler`` class (not
+    ``ReduceLROnPlateau``) taking the configured keys. sem's schedule keys it inherits from the default
+    option (``warmup_fraction``, ...) do not apply to it: a warning says so, and they are not passed."""
+    import torch
+
+    cls, err = locate("scheduler", node.get("_target_"))
+    if err:
+        return [err]
+    if inspect.isclass(cls) and issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return [f"scheduler._target_={node['_target_']!r}: ReduceLROnPlateau needs a metric at every step "
+                "and is not supported (use a schedule of the step: sem's wsd/cosine, or a torch LRScheduler)"]
+    if inspect.isclass(cls) and not issubclass(cls, torch.optim.lr_scheduler.LRScheduler):
+        return [f"scheduler._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.lr_scheduler."
+                "LRScheduler (the scheduler contract)"]
+    return signature_problems("scheduler", cls, node, injected=("optimizer",), ignored=inherited_schedule_keys(cls, node))
+
+
+def inherited_schedule_keys(cls: Any, node: Mapping[str, Any]) -> list[str]:
+    """sem's schedule keys in ``node`` that ``cls`` does not take (left over from the default option)."""
+    return [k for k in SEM_SCHEDULE_KEYS if k in node and not takes(cls, k)]
+
+
+def component_kwargs(cls: Any, node: Mapping[str, Any], drop: Iterable[str]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if not str(k).startswith("_") and k not in set(drop)}
