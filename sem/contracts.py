@@ -95,7 +95,8 @@ def _takes_targets(forward: Callable[..., Any]) -> bool:
         return False
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return True
-    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 2
+    # the class's function: self, input_ids, targets
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
 
 
 def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None

@@ -204,3 +204,53 @@ def inherited_schedule_keys(cls: Any, node: Mapping[str, Any]) -> list[str]:
 
 def component_kwargs(cls: Any, node: Mapping[str, Any], drop: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in node.items() if not str(k).startswith("_") and k not in set(drop)}
+
+
+OWN_CORPORA = ("sem.data.corpus.StdlibCorpus", "sem.data.corpus.TextFilesCorpus", "sem.data.corpus.JsonlCorpus")
+
+
+def corpus_node(node: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the corpus node to build, its problems). An option of one's own that extends a shipped data
+    option (``defaults: [stdlib, _self_]``) inherits that corpus's arguments: the null ones its class
+    does not take are dropped; any other key it does not take is a problem naming it."""
+    node = dict(node)
+    target = node.get("_target_")
+    if target in OWN_CORPORA:
+        return node, []
+    cls, err = locate("data.corpus", target)
+    if err:
+        return node, [err]
+    named, var_kw = parameters(cls)
+    inherited = [k for k, v in node.items() if v is None and not str(k).startswith("_") and k not in named
+                 and not var_kw]
+    node = {k: v for k, v in node.items() if k not in inherited}
+    return node, signature_problems("data.corpus", cls, node)
+
+
+def optimizer_schedule_problems(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> list[str]:
+    """Build the configured optimizer on a probe parameter and the configured schedule on it: what only
+    the constructors can check (OneCycleLR's ``cycle_momentum`` with an optimizer without momentum,
+    ...) is found now, as a config problem, not at step 0."""
+    import functools
+
+    import torch
+
+    opt_cls, _ = locate("optimizer", optimizer.get("_target_"))
+    drop = [k for k in PERF_KEYS if k in optimizer and not takes(opt_cls, k)]
+    opt_factory = functools.partial(opt_cls, **component_kwargs(opt_cls, optimizer, drop))
+    try:
+        param = torch.nn.Parameter(torch.zeros(2, 2))
+        groups = [{"params": [param], "weight_decay": float(optimizer.get("weight_decay", 0.0) or 0.0)}]
+        opt = opt_factory(params=groups)
+    except Exception as exc:
+        return [f"optimizer: {optimizer.get('_target_')}(...) raised {type(exc).__name__}: {exc}"]
+    sched_cls, _ = locate("scheduler", scheduler.get("_target_"))
+    try:
+        kwargs = component_kwargs(sched_cls, scheduler, inherited_schedule_keys(sched_cls, scheduler))
+        if "lr_scale" in parameters(sched_cls)[0]:
+            kwargs["lr_scale"] = lambda step: 1.0
+        sched_cls(optimizer=opt, **kwargs)
+    except Exception as exc:
+        return [f"scheduler: {scheduler.get('_target_')}(optimizer={type(opt).__name__}, ...) raised "
+                f"{type(exc).__name__}: {exc}"]
+    return []

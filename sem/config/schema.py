@@ -8,7 +8,8 @@ cross-field checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
@@ -87,19 +88,28 @@ class DataConf:
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
+def _corpus(conf: type) -> Any:
+    """The corpus node of a data option as a plain dict of ``conf``'s fields: untyped, so an option
+    of one's own can extend the option (``defaults: [stdlib, _self_]``) and swap in its own corpus
+    class with other arguments. The constructor's signature checks them (``sem.config.components``)."""
+    return field(default_factory=lambda: {k: ("???" if v is MISSING or v is NO_DEFAULT else v) for k, v in
+                                          ((f.name, f.default if f.default_factory is NO_DEFAULT else f.default_factory())
+                                           for f in fields(conf))})
+
+
 @dataclass
 class StdlibDataConf(DataConf):
-    corpus: StdlibCorpusConf = field(default_factory=StdlibCorpusConf)
+    corpus: Any = _corpus(StdlibCorpusConf)
 
 
 @dataclass
 class TextFilesDataConf(DataConf):
-    corpus: TextFilesCorpusConf = field(default_factory=TextFilesCorpusConf)
+    corpus: Any = _corpus(TextFilesCorpusConf)
 
 
 @dataclass
 class JsonlDataConf(DataConf):
-    corpus: JsonlCorpusConf = field(default_factory=JsonlCorpusConf)
+    corpus: Any = _corpus(JsonlCorpusConf)
 
 
 # ---------------------------------------------------------------------- optimizer and scheduler

@@ -13,15 +13,19 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sem.config.components import (
     VOCAB_SIZE,
+    corpus_node,
     locate,
     model_contract_problems,
     optimizer_problems,
+    optimizer_schedule_problems,
     scheduler_problems,
     signature_problems,
 )
+from sem.data.user_corpus import as_corpus, corpus_contract_problems
 from sem.training.budget import length_problems
 
 
@@ -92,7 +96,7 @@ def _data_problems(cfg: DictConfig, corpus: Any, max_len: int | None) -> list[st
     for key in ("seq_len", "val_seq_len"):
         if max_len is not None and d[key] is not None and d[key] > max_len:
             p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
-    return p + list(getattr(corpus, "problems", list)())
+    return p + corpus_contract_problems("data.corpus", corpus) + list(getattr(corpus, "problems", list)())
 
 
 def _optimizer_problems(o: DictConfig) -> list[str]:
@@ -301,6 +305,10 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
             problems.extend(check())
         except Exception as exc:  # an unexpected shape of config is still a config problem
             problems.append(f"{type(exc).__name__}: {exc}")
+    if not problems and not (cfg.optimizer.get("_target_") in OWN_OPTIMIZERS
+                             and cfg.scheduler.get("_target_") in OWN_SCHEDULES):
+        problems += optimizer_schedule_problems(OmegaConf.to_container(cfg.optimizer, resolve=True),
+                                                OmegaConf.to_container(cfg.scheduler, resolve=True))
     return problems
 
 
@@ -356,11 +364,20 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
 
 def validate_run(cfg: DictConfig) -> tuple[list[str], Any]:
     """The config's problems, and the corpus descriptor (cheap: nothing is read yet)."""
-    if OmegaConf.missing_keys(cfg):
-        return [f"{key}: missing value (set it, e.g. {key}=...)"
-                for key in sorted(OmegaConf.missing_keys(cfg))], None
     try:
-        corpus = instantiate(cfg.data.corpus)
+        missing = OmegaConf.missing_keys(cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (an ${oc.env:...} unset, ...)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        first = str(exc).splitlines()[0]
+        return [f"{key}: does not resolve: {first}" if key else f"the config does not resolve: {first}"], None
+    if missing:
+        return [f"{key}: missing value (set it, e.g. {key}=...)" for key in sorted(missing)], None
+    node, problems = corpus_node(OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    if problems:
+        return problems, None
+    try:
+        corpus = as_corpus(instantiate(node), node)
     except Exception as exc:
         cause = exc.__cause__ or exc
         return [f"data.corpus: cannot build {cfg.data.corpus.get('_target_')!r}: {cause}"], None

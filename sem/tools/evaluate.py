@@ -38,10 +38,12 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from sem.config.components import corpus_node
 from sem.config.store import register_configs
 from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
+from sem.data.user_corpus import as_corpus
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
 from sem.training.step import val_sums
@@ -171,7 +173,8 @@ def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str) -> Text:
     """Every window of the held-out split a checkpoint was validated on (its own corpus, split and
     packing, rebuilt from the config inside it)."""
     try:
-        corpus = instantiate(ckpt_data["corpus"])
+        node = corpus_node(ckpt_data["corpus"])[0]
+        corpus = as_corpus(instantiate(node), node)
     except Exception as exc:  # a corpus class or argument this version no longer has
         raise CorpusError(f"cannot rebuild the checkpoint's corpus {ckpt_data['corpus']}: {exc.__cause__ or exc}") from None
     problems = getattr(corpus, "problems", lambda: [])()
@@ -239,7 +242,8 @@ def app(cfg: DictConfig) -> None:
     packed = None
     if "corpus" in data:  # a data option: its corpus, all of it (read before anything heavy is loaded)
         try:
-            corpus = instantiate(data.corpus)
+            node = corpus_node(OmegaConf.to_container(data.corpus, resolve=True))[0]
+            corpus = as_corpus(instantiate(node), node)
         except Exception as exc:  # the corpus constructor's own check of its arguments
             usage_error(f"data.corpus: cannot build {data.corpus.get('_target_')!r}: {exc.__cause__ or exc}")
         problems = getattr(corpus, "problems", lambda: [])()
