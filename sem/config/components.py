@@ -254,3 +254,45 @@ def optimizer_schedule_problems(optimizer: Mapping[str, Any], scheduler: Mapping
         return [f"scheduler: {scheduler.get('_target_')}(optimizer={type(opt).__name__}, ...) raised "
                 f"{type(exc).__name__}: {exc}"]
     return []
+
+
+# Trainer arguments sem sets itself, and the config that sets them.
+SET_BY_SEM = {"accelerator": "accelerator=...", "strategy": "strategy=...", "plugins": "precision=...",
+              "precision": "precision=...", "callbacks": "callbacks.<name>=...", "logger": "logger=...",
+              "default_root_dir": "run.name or hydra.run.dir", "max_epochs": "trainer.max_steps",
+              "check_val_every_n_epoch": "trainer.val_check_interval", "enable_checkpointing": "checkpoint.*",
+              "use_distributed_sampler": "(sem shards by rank itself)", "enable_progress_bar": "callbacks.progress_bar"}
+
+
+def trainer_problems(node: Mapping[str, Any], schema_keys: Iterable[str], engine: str) -> list[str]:
+    """Trainer arguments beyond sem's schema (``+trainer.<arg>=...``) are checked against the
+    Trainer's signature; under engine=standalone they are refused (it runs no Lightning Trainer)."""
+    extra = [k for k in node if not str(k).startswith("_") and k not in set(schema_keys)]
+    problems = []
+    if engine == "standalone":
+        for k in extra + [k for k in ("fast_dev_run", "profiler") if node.get(k)]:
+            problems.append(f"trainer.{k}={node[k]!r}: a Lightning Trainer argument; engine=standalone runs "
+                            "no Trainer (use engine=lightning)")
+        return problems
+    cls, err = locate("trainer", node.get("_target_"))
+    if err:
+        return [err]
+    named, _ = parameters(cls)
+    for k in extra:
+        if k in SET_BY_SEM:
+            problems.append(f"trainer.{k}: set by sem (from {SET_BY_SEM[k]}), not a trainer key")
+        elif k not in named:
+            close = difflib.get_close_matches(k, list(named), n=3)
+            hint = f" (closest: {', '.join(close)})" if close else ""
+            problems.append(f"trainer.{k}: {cls.__module__}.{cls.__qualname__} has no argument {k!r}{hint}")
+    return problems
+
+
+def engine_component_problems(kind: str, nodes: Mapping[str, Any], own: Iterable[str], engine: str) -> list[str]:
+    """Under engine=standalone, a Lightning logger or callback beyond sem's own is a config error:
+    the plain-PyTorch loop runs no Lightning hooks."""
+    if engine != "standalone":
+        return []
+    return [f"{kind}.{name}: {node.get('_target_')} is a Lightning {kind[:-1] if kind.endswith('s') else kind}; "
+            "engine=standalone runs none (use engine=lightning)"
+            for name, node in nodes.items() if node and name not in set(own)]

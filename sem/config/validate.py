@@ -18,12 +18,14 @@ from omegaconf.errors import OmegaConfBaseException
 from sem.config.components import (
     VOCAB_SIZE,
     corpus_node,
+    engine_component_problems,
     locate,
     model_contract_problems,
     optimizer_problems,
     optimizer_schedule_problems,
     scheduler_problems,
     signature_problems,
+    trainer_problems,
 )
 from sem.data.user_corpus import as_corpus, corpus_contract_problems
 from sem.training.budget import length_problems
@@ -136,6 +138,25 @@ def _scheduler_problems(cfg: DictConfig) -> list[str]:
     if node.get("_target_") in OWN_SCHEDULES:
         return wsd_problems(**{k: v for k, v in node.items() if not k.startswith("_")}, prefix="scheduler")
     return scheduler_problems(OmegaConf.to_container(node, resolve=True))
+
+
+OWN_CALLBACKS = ("console", "metrics", "progress_bar", "curriculum")  # conf/callbacks/default.yaml
+OWN_LOGGERS = ("csv",)  # engine=standalone writes metrics.jsonl instead (a warning says so)
+
+
+def _open_trainer_problems(cfg: DictConfig) -> list[str]:
+    from dataclasses import fields
+
+    from sem.config.schema import TrainerConf
+
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    p = trainer_problems(t, [f.name for f in fields(TrainerConf)], cfg.engine)
+    fdr = t.get("fast_dev_run")
+    if not (isinstance(fdr, bool) or (isinstance(fdr, int) and fdr >= 0)):
+        p.append(f"trainer.fast_dev_run={fdr!r}: must be true, false or a number of steps >= 0")
+    p += engine_component_problems("logger", cfg.logger, OWN_LOGGERS, cfg.engine)
+    p += engine_component_problems("callbacks", cfg.callbacks, OWN_CALLBACKS, cfg.engine)
+    return p
 
 
 def _trainer_problems(t: DictConfig) -> list[str]:
@@ -293,6 +314,7 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: _logger_problems(cfg),
         lambda: _distillation_problems(cfg),
         lambda: _trainer_problems(cfg.trainer),
+        lambda: _open_trainer_problems(cfg),
         lambda: _length_problems(cfg),
         lambda: _hardware_problems(cfg),
         lambda: _run_problems(cfg),

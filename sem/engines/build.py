@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sem.contracts import model_kwargs
 from sem.engines.instantiate import make, without
+from sem.engines.optim import optimizer_factory, scheduler_factory
 from sem.engines.resume import Resume, shape_problems
 from sem.errors import exit_if_invalid
 from sem.record.summary import is_global_zero
@@ -36,6 +37,7 @@ class Built:
     resume_from: str | None
     precision_note: str
     signals: StopSignals | None = None
+    quick: bool = False  # trainer.fast_dev_run: one validation batch at the end too
 
     def describe(self) -> None:
         from sem.models.common import count_parameters
@@ -110,6 +112,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     if resume.payload is not None:
         exit_if_invalid(shape_problems(engine.model, resume.payload, resume.path))
     return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
+                 quick=bool(cfg.trainer.get("fast_dev_run")),
                  precision_note=note, signals=signals)
 
 
@@ -120,30 +123,6 @@ def build_model(node: DictConfig) -> Any:
 
     extra = model_kwargs(get_class(node._target_), OmegaConf.to_container(node, resolve=True))
     return make(node, _convert_="all", **{k: v for k, v in extra.items() if k not in node})
-
-
-def optimizer_factory(node: DictConfig) -> Any:
-    """``factory(params=...)``: the configured optimizer class with the keys it takes. The speed flags
-    ``fused``/``foreach`` are passed only where the class takes them (validation named any other key)."""
-    from sem.config.components import PERF_KEYS, locate, takes
-
-    cls, _ = locate("optimizer", node._target_)
-    drop = [k for k in PERF_KEYS if k in node and cls is not None and not takes(cls, k)]
-    return make(without(node, *drop) if drop else node, _partial_=True, _convert_="all")
-
-
-def scheduler_factory(node: DictConfig) -> Any:
-    """``factory(optimizer=...)``: the configured schedule. A torch scheduler swapped in for sem's WSD
-    (``scheduler._target_=...``) inherits keys of the default option it does not take: they are not
-    passed, and a warning names them."""
-    from sem.config.components import inherited_schedule_keys, locate
-
-    cls, _ = locate("scheduler", node._target_)
-    drop = inherited_schedule_keys(cls, node) if cls is not None else []
-    if drop:
-        log.warning("scheduler: %s does not take %s (sem's schedule settings, from the default option): "
-                    "not used", node._target_, ", ".join(f"{k}={node[k]}" for k in drop))
-    return make(without(node, *drop) if drop else node, _partial_=True, _convert_="all")
 
 
 def _seed_everything(seed: int) -> None:

@@ -44,7 +44,7 @@ def fit(built: Built, summary: RunSummary, started: float) -> None:
 def summarise(built: Built, summary: RunSummary, started: float) -> float:
     """Validate the final model on the held-out windows, complete ``summary.json``; the final val/bpb."""
     engine, dm, checkpoints = built.engine, built.datamodule, built.checkpoint
-    final_windows = dm.final_val_max_windows
+    final_windows = dm.val_batch_size if built.quick else dm.final_val_max_windows
     n_windows = len(dm.val_windows(final_windows)[0])
     log.info("final validation on %s %d held-out windows",
              "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)

@@ -3,6 +3,7 @@ and loggers, the precision plugin, accelerator and strategy, and the ``pytorch_l
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 
 from sem.engines.instantiate import make, without
 from sem.training.preemption import StopSignals
+
+log = logging.getLogger("sem.build")
 
 
 def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
@@ -37,7 +40,13 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
         if name == "progress_bar" and not interactive:
             continue  # a live bar only makes sense in a terminal; logs get SEMConsoleLogger lines
         callbacks.append(make(node))
-    callbacks.append(CheckpointCallback(checkpoints, signals))
+    quick = cfg.trainer.get("fast_dev_run")
+    if quick:  # Lightning's quick check: no checkpoints (and Lightning silences the loggers)
+        log.info("trainer.fast_dev_run=%s: %s training step(s) and one validation batch, no checkpoints, "
+                 "no loggers, no samples (Lightning's quick check of the whole loop)", quick,
+                 1 if quick is True else int(quick))
+    else:
+        callbacks.append(CheckpointCallback(checkpoints, signals))
     from sem.config.job import logger_kwargs
 
     loggers = [make(node, save_dir=str(run_dir), **logger_kwargs(node, run_dir))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -46,6 +47,32 @@ class SEMLightningModule(pl.LightningModule):
         self.last_val: dict[str, float] = {}
         self._decision = Decision()
         self._step_open = False  # a step's first micro-batch has run, its optimizer step not yet
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,  # type: ignore[override]
+                             hparams_file: Any = None, strict: bool | None = None, **kwargs: Any
+                             ) -> SEMLightningModule:
+        """A ready module from a sem checkpoint alone: the model rebuilt from the run config inside it
+        (``weights_only`` loading, checked against the sidecar; a user's model class must be importable),
+        with that config's optimizer and schedule, in eval mode. For a ``Trainer`` of one's own
+        (``validate``, ``predict``, fine-tuning); ``sem.load`` is the plain-PyTorch way.
+
+        Lightning's own loader would rebuild the module from saved hyperparameters; sem's module is
+        built from components (the step policy and the factories), so it is rebuilt from the config."""
+        from omegaconf import OmegaConf
+
+        from sem.engines.optim import optimizer_factory, scheduler_factory
+        from sem.training.restore import load
+
+        if hparams_file is not None or kwargs:
+            raise TypeError("SEMLightningModule.load_from_checkpoint builds the module from the config inside "
+                            f"the checkpoint; it takes no hparams_file or overrides (got {sorted(kwargs)})")
+        model, cfg = load(checkpoint_path, map_location or "cpu")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        policy = StepPolicy(model, seed=int(config.get("seed", 0)), config=config)
+        module = cls(policy=policy, optimizer=optimizer_factory(cfg.optimizer),
+                     scheduler=scheduler_factory(cfg.scheduler) if cfg.get("scheduler") else None)
+        return module.eval()
 
     # views of the policy's parts, for callbacks and the composition root
     curriculum = property(lambda self: self.policy.curriculum)
