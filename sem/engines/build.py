@@ -16,8 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sem.contracts import model_kwargs
-from sem.engines.instantiate import make, without
-from sem.engines.optim import optimizer_factory, scheduler_factory
+from sem.engines.instantiate import make, optimizer_factory, scheduler_factory, without
 from sem.engines.resume import Resume, shape_problems
 from sem.errors import exit_if_invalid
 from sem.record.summary import is_global_zero

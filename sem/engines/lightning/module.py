@@ -61,7 +61,7 @@ class SEMLightningModule(pl.LightningModule):
         built from components (the step policy and the factories), so it is rebuilt from the config."""
         from omegaconf import OmegaConf
 
-        from sem.engines.optim import optimizer_factory, scheduler_factory
+        from sem.engines.instantiate import optimizer_factory, scheduler_factory
         from sem.training.restore import load
 
         if hparams_file is not None or kwargs:
