@@ -160,13 +160,13 @@ def optimizer_problems(node: Mapping[str, Any]) -> list[str]:
     cls, err = locate("optimizer", node.get("_target_"))
     if err:
         return [err]
+    if inspect.isclass(cls) and not issubclass(cls, torch.optim.Optimizer):
+        return [f"optimizer._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.Optimizer "
+                "(the optimizer contract: an Optimizer class, or a callable returning one)"]
     drop = [k for k in PERF_KEYS if k in node and not takes(cls, k)]
     problems = signature_problems("optimizer", cls, node, injected=("params",), ignored=drop)
     if problems:
         return problems
-    if inspect.isclass(cls) and not issubclass(cls, torch.optim.Optimizer):
-        return [f"optimizer._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.Optimizer "
-                "(the optimizer contract: an Optimizer class, or a callable returning one)"]
     if not inspect.isclass(cls):  # a factory of one's own: build it once on a probe parameter
         kwargs = {k: v for k, v in node.items() if not str(k).startswith("_") and k not in drop}
         try:

@@ -271,7 +271,7 @@ def probe_seconds(model: Any, optimizer_factory: Callable[..., Any], shapes: lis
         for _ in range(2):
             t0 = time.perf_counter()
             with context():
-                m(x[:, :-1], x[:, 1:])
+                model_output(m, x[:, :-1], x[:, 1:])
             _sync(device)
             times.append(time.perf_counter() - t0)
     return per_step, times[-1] / batch
