@@ -46,7 +46,12 @@ class ValidateFirst(HydraCallback):
         job_cfg = copy.deepcopy(config)
         with open_dict(job_cfg):
             del job_cfg["hydra"]  # what the job itself will see
-        exit_if_invalid(validate_run(job_cfg)[0] + run_dir_problems(Path(config.hydra.run.dir)))
+        run_dir = Path(config.hydra.run.dir)
+        exit_if_invalid(validate_run(job_cfg)[0] + run_dir_problems(run_dir))
+        try:  # what Hydra does next; a dir that cannot be made is a usage error, not a traceback
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: cannot be created ({exc.strerror or exc})"])
 
 
 def main(cfg: DictConfig) -> float | None:

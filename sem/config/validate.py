@@ -266,6 +266,9 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         if value is not None and value < 0:
             what = "a global rank" if key == "on_rank" else "an optimizer step"
             p.append(f"faults.{key}={value!r}: must be >= 0 ({what}) or null")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        p.append(f"seed={seed!r}: must be an integer in [0, 2**32) (numpy and torch seeds)")
     if cfg.get("threads") is not None and cfg.threads < 1:
         p.append(f"threads={cfg.threads!r}: must be >= 1 (torch threads per job) or null")
     return p

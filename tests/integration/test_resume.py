@@ -651,6 +651,17 @@ def _unprivileged() -> list[str] | None:
     return prefix if probe.returncode == 0 and probe.stdout.strip() == "1000" else None
 
 
+def test_run_dir_that_cannot_be_created_is_a_usage_error(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), f"hydra.run.dir={blocker}/run"], cwd=tmp_path,
+                      timeout=120, env=_env(cache_dir))
+    assert proc.returncode == 2, _output(proc)[-3000:]
+    assert "Traceback" not in _output(proc)
+    errors = _config_errors(proc.stderr)
+    assert len(errors) == 1 and "a_file/run" in errors[0] and "cannot be created" in errors[0], errors
+
+
 def test_read_only_run_dir_is_a_usage_error(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
     prefix = _unprivileged()
     if prefix is None:

@@ -98,3 +98,12 @@ def test_step_has_no_max_seq_len() -> None:
     for t in range(32, 64):
         logits, state = model.step(x[:, t], state)
     assert state.position == 64 and torch.isfinite(logits).all()
+
+
+def test_step_without_a_state_starts_a_fresh_one() -> None:
+    model = _model("scan", "born")
+    token = _tokens(2, 1)[:, 0]
+    fresh, _ = model.step(token, model.decode_state(2))
+    logits, state = model.step(token, None)
+    torch.testing.assert_close(logits, fresh)
+    assert state.position == 1

@@ -57,6 +57,13 @@ SINGLE = {
     "backend_unknown": (["strategy=ddp", "strategy.backend=carrier_pigeon"], ["strategy.backend='carrier_pigeon'"]),
     "stall_stop_under_ddp": (["strategy=ddp", "trainer.devices=2", "health.stall.action=stop"],
                              ["health.stall.action=stop", "warn"]),
+    "seed_negative": (["seed=-1"], ["seed=-1", "2**32"]),
+    "seed_too_big": (["seed=4294967296"], ["seed=4294967296", "2**32"]),
+    "trainer_arg_typo": (["+trainer.limit_val_batchs=2"], ["trainer.limit_val_batchs", "limit_val_batches"]),
+    "trainer_arg_set_by_sem": (["+trainer.logger=false"], ["trainer.logger", "logger="]),
+    "fast_dev_run_negative": (["trainer.fast_dev_run=-1"], ["trainer.fast_dev_run=-1"]),
+    "standalone_profiler": (["engine=standalone", "trainer.profiler=simple"], ["trainer.profiler", "engine=standalone"]),
+    "standalone_tensorboard": (["engine=standalone", "logger=tensorboard"], ["logger.tensorboard", "engine=standalone"]),
 }
 
 

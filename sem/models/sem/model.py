@@ -200,9 +200,12 @@ class SEMModel(nn.Module):
         return DecodeState(h, [b.decay() for b in self.blocks], readout)
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+    def step(self, token: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Next-token logits [B, V] float32 after ``token`` [B], and the advanced state. O(1) time and
-        memory per token, any context length (no max_seq_len: the recurrence has no window)."""
+        memory per token, any context length (no max_seq_len: the recurrence has no window). No
+        ``state``: a fresh one (``decode_state``), as at the start of a document."""
+        if state is None:
+            state = self.decode_state(token.shape[0])
         psi = self.embed(token).float()  # [B, 2D]
         hs = []
         for block, h, (lam, gamma) in zip(self.blocks, state.h, state.decay):
