@@ -112,10 +112,15 @@ def one_thread() -> object:
     torch.set_num_threads(before)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config._sem_slow = sum(1 for item in items if item.get_closest_marker("slow"))  # before -m deselects them
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Say how to run the rest when the default (fast) tier left slow tests out."""
-    deselected = len(terminalreporter.stats.get("deselected", []))
-    if deselected and config.getoption("markexpr") == "not slow":
+    slow = getattr(config, "_sem_slow", 0)
+    if slow and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(
-            f"fast tier: {deselected} slow tests not run; the full suite: python -m pytest -m \"\" -n 2 "
+            f"fast tier: {slow} slow tests not run; the full suite: python -m pytest -m \"\" -n 2 "
             "(make test-full; what .ci/run runs)", yellow=True)
