@@ -1,0 +1,88 @@
+"""Checks of a config against the machine it runs on: the accelerator and its precision, the device
+list, the strategy and its backend, what needs more than one process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def hardware_problems(cfg: DictConfig) -> list[str]:
+    import torch
+
+    from sem.training.precision import precision_problems
+
+    name = cfg.accelerator.name
+    if name not in ("auto", "cpu", "cuda", "xpu"):
+        return [f"accelerator.name={name!r}: must be one of auto, cpu, cuda, xpu"]
+    xpu = getattr(torch, "xpu", None)
+    has_xpu = bool(xpu is not None and xpu.is_available())
+    if name == "cuda" and not torch.cuda.is_available():
+        return [f"accelerator=cuda: no CUDA device on this machine (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use accelerator=cpu or auto"]
+    if name == "xpu" and not has_xpu:
+        return [f"accelerator=xpu: no Intel XPU on this machine (torch {torch.__version__}, "
+                "torch.xpu.is_available() is False); use accelerator=cpu or auto"]
+    device = {"auto": "cuda" if torch.cuda.is_available() else ("xpu" if has_xpu else "cpu")}.get(name, name)
+    return precision_problems(cfg.precision.precision, device)
+
+
+def _devices_problems(devices: Any) -> list[str]:
+    """``trainer.devices``: a positive count, "auto" or -1 (every device), or device indices (a list or "0,1")."""
+    key = f"trainer.devices={devices!r}"
+    if isinstance(devices, bool):
+        return [f"{key}: must be a positive count, auto, -1, or a list of device indices"]
+    if devices in ("auto", -1, "-1"):
+        return []
+    if isinstance(devices, str) and "," in devices:
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        items = list(devices)
+        if not items or not all(str(d).isdigit() for d in items):
+            return [f"{key}: a list of devices must hold device indices >= 0, e.g. [0, 1] or '0,1'"]
+        if len(set(map(int, items))) != len(items):
+            return [f"{key}: a device index is listed twice"]
+        return []
+    try:
+        n = int(devices)
+    except (TypeError, ValueError):
+        return [f"{key}: must be a positive count, auto, -1, or a list of device indices"]
+    return [] if n >= 1 else [f"{key}: must be >= 1 (a count), auto, -1, or a list of device indices"]
+
+
+def strategy_problems(cfg: DictConfig) -> list[str]:
+    import torch
+
+    from sem.training.distributed import world_size
+
+    s, t = cfg.strategy, cfg.trainer
+    p = _devices_problems(t.devices)
+    if s.name not in ("auto", "ddp", "fsdp"):
+        p.append(f"strategy.name={s.name!r}: must be one of auto, ddp, fsdp")
+    if p:
+        return p
+    has_cuda = torch.cuda.is_available()
+    xpu = getattr(torch, "xpu", None)
+    device = {"auto": "cuda" if has_cuda else ("xpu" if xpu is not None and xpu.is_available() else "cpu")
+              }.get(cfg.accelerator.name, cfg.accelerator.name)
+    if s.name == "fsdp" and device == "cpu":
+        p.append("strategy=fsdp: FSDP shards a model over GPUs; it is not supported on the CPU "
+                 "(use strategy=ddp accelerator=cpu trainer.devices=N)")
+    backend = s.get("backend")
+    if backend is not None and backend not in ("gloo", "nccl", "xccl", "ccl", "mpi"):
+        p.append(f"strategy.backend={backend!r}: must be null (the device's), gloo, nccl, xccl, ccl or mpi")
+    elif backend == "nccl" and device != "cuda":
+        p.append(f"strategy.backend=nccl: needs CUDA devices, this run is on {device} (use gloo or null)")
+    if device in ("cuda", "xpu") and isinstance(t.devices, int) and not isinstance(t.devices, bool):
+        have = torch.cuda.device_count() if device == "cuda" else xpu.device_count()
+        if 0 < have < t.devices:  # none at all: already said by the accelerator check
+            p.append(f"trainer.devices={t.devices}: this machine has {have} {device} device(s)")
+    stall = (cfg.health.get("stall") or {}).get("action")
+    if world_size(t.devices, t.num_nodes, device) > 1 and cfg.health.enabled and stall not in (None, "warn"):
+        p.append(f"health.stall.action={stall}: each rank times its own steps, so ranks could disagree and "
+                 "leave each other waiting; with more than one process use warn (or null)")
+    if cfg.engine == "standalone" and (s.name != "auto" or world_size(t.devices, t.num_nodes, device) > 1):
+        p.append(f"engine=standalone: runs one process on one device; strategy={s.name} "
+                 f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes} need engine=lightning")
+    return p
