@@ -69,7 +69,8 @@ def defaults() -> tuple[dict[str, Any], dict[str, Any], int, int, dict[str, Any]
 
 
 def load_model_module(spec: str) -> Any:
-    """sem/model.py as it was: ``spec`` is a file or a git object (``REV:sem/model.py``)."""
+    """sem/model.py as it was: ``spec`` is a file or a git object (``REV:sem/model.py``, a revision before
+    the package layout of 2026-12-03, when the SEM was one file; since then its parts import each other)."""
     path = Path(spec)
     source = path.read_text() if path.is_file() else subprocess.run(
         ["git", "show", spec], cwd=ROOT, check=True, capture_output=True, text=True).stdout

@@ -32,7 +32,7 @@ from sem.record.summary import RunSummary, is_global_zero
 from sem.training.distributed import ddp_env, end_distributed
 from sem.training.preemption import StopSignals
 
-log = logging.getLogger("sem.run")
+log = logging.getLogger("sem.recipe")
 
 
 def train(cfg: DictConfig) -> float | None:

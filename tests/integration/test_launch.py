@@ -241,7 +241,7 @@ def test_sweep_jobs_complete_with_their_own_lr(sweep: Launch) -> None:
         assert _finite(summary["val_bpb"])
         cfg = yaml.safe_load((sweep.run_dir / job / "config_resolved.yaml").read_text())
         assert cfg["optimizer"]["lr"] == pytest.approx(lr)
-        assert cfg["model"]["_target_"] == "sem.baselines.TransformerLM"
+        assert cfg["model"]["_target_"] == "sem.models.transformer.TransformerLM"
     assert not (sweep.run_dir.parent / "multirun_outputs").exists()
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for sem/baselines.py: TransformerLM follows the SEMModel forward contract."""
+"""Unit tests for sem/models/transformer.py: TransformerLM follows the SEMModel forward contract."""
 
 from __future__ import annotations
 

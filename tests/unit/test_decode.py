@@ -1,4 +1,4 @@
-"""SEM recurrent decoding (sem/model.py: decode_state, prefill, step) against the full forward."""
+"""SEM recurrent decoding (sem/models/sem/model.py: decode_state, prefill, step) against the full forward."""
 
 from __future__ import annotations
 

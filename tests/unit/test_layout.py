@@ -13,7 +13,7 @@ import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {"__init__", "__main__", "app", "recipe", "errors", "contracts",
-             "evaluate", "sample", "export"}  # the last three: `python -m sem.<tool>`, public commands
+             "evaluate", "sample", "export", "report"}  # the last four: `python -m sem.<tool>`, public commands
 
 
 def test_import_linter_contracts_are_kept() -> None:

@@ -1,4 +1,5 @@
-"""Unit tests for sem/model.py: SEMModel contract, recurrence, propagator, param_groups."""
+"""Unit tests for sem/models/sem/ (model, recurrence, kernels, propagator) and sem/models/common.py:
+SEMModel contract, recurrence, propagator, param_groups."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sem/report.py: records from run dirs, ranking, varying overrides, seed statistics, the files."""
+"""sem/sweeps/report.py and records.py: records from run dirs, ranking, varying overrides, seed statistics, the files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""sem/sweep.py: thread budget, job identity, ledger, resolvers, logger grouping (no Hydra run)."""
+"""sem/sweeps/job.py, sem/sweeps/ledger.py, sem/config/job.py: thread budget, job identity, ledger,
+resolvers, logger grouping (no Hydra run)."""
 
 from __future__ import annotations
 

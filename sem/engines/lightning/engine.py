@@ -1,4 +1,4 @@
-"""LightningEngine: the Lightning Trainer and SEMLightningModule behind the interface ``sem/run.py``
+"""LightningEngine: the Lightning Trainer and SEMLightningModule behind the interface ``sem/recipe.py``
 drives (the standalone ``SEMTrainer`` has the same one): ``fit``, ``validate``, ``global_step``,
 ``max_steps``, ``tokens_per_s``, ``model``."""
 
