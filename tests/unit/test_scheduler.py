@@ -180,3 +180,43 @@ def test_state_dict_holds_no_callables():
     assert set(state) == {"last_epoch", "_step_count"}
     assert not any(callable(v) for v in state.values())
     pickle.dumps(state)  # a lambda anywhere inside would fail here
+
+
+def _cosine(steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+
+def test_scaled_schedule_multiplies_a_chainable_torch_schedule_exactly() -> None:
+    """A stage scale of 0.5 from step 4 on halves cosine annealing's LR there, and the schedule itself
+    (which computes each LR from the last) goes on as if unscaled."""
+    from sem.training.scheduler import ScaledSchedule
+
+    ref_opt, ref = _cosine(10)
+    opt, inner = _cosine(10)
+    scaled = ScaledSchedule(inner, lambda step: 0.5 if step >= 4 else 1.0)
+    for step in range(10):
+        want = ref_opt.param_groups[0]["lr"] * (0.5 if step >= 4 else 1.0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), step
+        assert scaled.get_last_lr() == [opt.param_groups[0]["lr"]]
+        ref_opt.step(), opt.step()
+        ref.step(), scaled.step()
+
+
+def test_scaled_schedule_state_round_trip_resumes_mid_schedule() -> None:
+    from sem.training.scheduler import ScaledSchedule
+
+    opt, inner = _cosine(10)
+    scaled = ScaledSchedule(inner, lambda step: 0.5)
+    for _ in range(6):
+        opt.step()
+        scaled.step()
+    state = scaled.state_dict()
+    opt2, inner2 = _cosine(10)
+    resumed = ScaledSchedule(inner2, lambda step: 0.5)
+    resumed.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+    for _ in range(3):
+        opt.step(), opt2.step()
+        scaled.step(), resumed.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
