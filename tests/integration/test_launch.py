@@ -266,3 +266,26 @@ def test_final_validation_and_samples_follow_their_keys(n: int, tmp_path: Path, 
     else:
         headers = [line for line in samples.read_text().splitlines() if line.startswith("=== ")]
         assert headers == ["=== prompt 'abc', sample 1/1 (seed 0, temperature 0.8, top_k 50, top_p None) ==="]
+
+
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
+def test_fast_dev_run_is_lightnings_quick_check(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    """trainer.fast_dev_run=true: one step, one validation batch, no checkpoints, exit 0, and it says so."""
+    run_dir = tmp_path / "quick"
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.fast_dev_run=true",
+                       f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300, env=_env(cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 1 and summary["last_checkpoint"] is None
+    assert not list((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").exists() else True
+    assert "fast_dev_run" in proc.stdout + proc.stderr and "no checkpoints" in proc.stdout + proc.stderr
+    assert "final validation on a fixed subset of 4 held-out windows" in proc.stdout + proc.stderr  # one batch
+
+
+@pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
+def test_profiler_prints_lightnings_report(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=4", "+trainer.profiler=simple",
+                       "sample.n=0", f"hydra.run.dir={tmp_path / 'profiled'}"], cwd=tmp_path, timeout=300,
+                      env=_env(cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FIT Profiler Report" in proc.stdout + proc.stderr
