@@ -298,7 +298,8 @@ class HealthConf:
     enabled: bool = True
     nonfinite_loss: str | None = "skip"
     nonfinite_grad: str | None = "skip"
-    loss_spike: dict[str, Any] = _check(action="skip", z=8.0, min_ratio=1.5, window=100, min_history=20)
+    loss_spike: dict[str, Any] = _check(action="skip", z=8.0, min_ratio=1.5, window=100, min_history=20,
+                                        extreme_ratio=20.0)
     grad_explosion: dict[str, Any] = _check(action="warn", z=10.0, min_ratio=20.0, window=100, min_history=20)
     plateau: dict[str, Any] = _check(action="warn", window=500, min_improvement=0.0)
     stall: dict[str, Any] = _check(action="warn", factor=10.0, window=50, min_history=10)

@@ -110,9 +110,15 @@ class HealthMonitor:
         self.grad_explosion = _check("grad_explosion", grad_explosion,
                                      {"action": "warn", "z": 10.0, "min_ratio": 20.0, "window": 100,
                                       "min_history": 20})
+        # extreme_ratio: before min_history steps are seen, a loss this many times the median of the
+        # steps so far (from the 3rd step on) is a spike already (null: wait for min_history)
         self.loss_spike = _check("loss_spike", loss_spike,
                                  {"action": "skip", "z": 8.0, "min_ratio": 1.5, "window": 100,
-                                  "min_history": 20})
+                                  "min_history": 20, "extreme_ratio": 20.0})
+        extreme = self.loss_spike["extreme_ratio"]
+        if extreme is not None and not (isinstance(extreme, (int, float)) and extreme > 1):
+            raise ValueError(f"health.loss_spike.extreme_ratio={extreme!r}: must be > 1 (a multiple of the "
+                             "median loss so far) or null")
         self.plateau = _check("plateau", plateau, {"action": "warn", "window": 500, "min_improvement": 0.0})
         self.stall = _check("stall", stall, {"action": "warn", "factor": 10.0, "window": 50, "min_history": 10})
         self.probes = _check("probes", probes, {"action": "warn", "limits": {}})
@@ -172,8 +178,10 @@ class HealthMonitor:
 
     @staticmethod
     def _limit(cfg: dict[str, Any], history: deque[float]) -> float:
-        if not cfg.get("action") or len(history) < int(cfg["min_history"]):
+        if not cfg.get("action"):
             return math.inf
+        if len(history) < int(cfg["min_history"]):
+            return _early_limit(cfg, history)
         med = statistics.median(history)
         mad = statistics.median(abs(h - med) for h in history)
         above = med + cfg["z"] * (1.4826 * mad + 1e-8 * max(abs(med), 1.0))
@@ -240,7 +248,15 @@ class HealthMonitor:
 
     def _outlier(self, d: Decision, step: int, name: str, cfg: dict[str, Any], value: float,
                  history: deque[float], what: str, limit: float | None = None) -> None:
-        if not cfg.get("action") or len(history) < int(cfg["min_history"]):
+        if not cfg.get("action"):
+            return
+        if len(history) < int(cfg["min_history"]):
+            early = _early_limit(cfg, history)
+            if value >= early if limit is None or cfg["action"] == "warn" else value > limit:
+                med = statistics.median(history)
+                d.add(HealthEvent(step, name, cfg["action"], value, early,
+                                  f"{what} {value:.4g} is {value / med:.0f}x the median {med:.4g} of the "
+                                  f"{len(history)} steps so far (extreme_ratio {cfg['extreme_ratio']:g})"))
             return
         z, med = _robust_z(value, history)
         ratio = value / med if med > 0 else math.inf
@@ -342,6 +358,16 @@ def _action(name: str, value: str | None) -> str | None:
     if value is not None and value not in ACTIONS:
         raise ValueError(f"health.{name}={value!r}: must be one of {', '.join(ACTIONS)} or null")
     return value
+
+
+def _early_limit(cfg: dict[str, Any], history: deque[float]) -> float:
+    """Before ``min_history`` steps: ``extreme_ratio`` x the median of the steps so far, from the 3rd
+    step on (two steps seen); inf when the check has no ``extreme_ratio`` or fewer steps are seen."""
+    ratio = cfg.get("extreme_ratio")
+    if not ratio or len(history) < 2:
+        return math.inf
+    med = statistics.median(history)
+    return ratio * med if med > 0 else math.inf
 
 
 def _check(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -84,7 +84,8 @@ def test_plateau_takes_its_action_after_a_flat_window(action: str | None) -> Non
 
 
 def test_outliers_are_judged_only_after_min_history() -> None:
-    h = only(loss_spike={"action": "skip", "min_history": 20}, grad_explosion={"action": "skip", "min_history": 20},
+    h = only(loss_spike={"action": "skip", "min_history": 20, "extreme_ratio": None},
+             grad_explosion={"action": "skip", "min_history": 20},
              stall={"action": "warn", "min_history": 10})
     step = normal(h, 9)
     assert summary(h.check_step(step, 300.0, 100.0, 5.0)) == ("ok", [])  # too little history to judge
@@ -366,3 +367,27 @@ def test_injected_faults_drive_the_monitor() -> None:
         faults.grads(step, [p])
         actions[step] = h.check_step(step, loss.item(), float(p.grad.norm()), 0.1).action
     assert actions == {30: "ok", 31: "skip", 32: "ok", 33: "skip", 34: "ok", 35: "skip", 36: "ok"}
+
+
+def test_an_extreme_loss_spike_is_caught_from_the_third_step() -> None:
+    """Before min_history: a loss >= extreme_ratio x the median of the steps so far (x100 here) is a
+    spike from the 3rd step on; a loss that is merely high early in training is not."""
+    h = only(loss_spike={"action": "skip", "min_history": 20})  # extreme_ratio 20 by default
+    assert summary(h.check_step(0, 5.6, 1.0)) == ("ok", [])
+    assert summary(h.check_step(1, 300.0, 1.0)) == ("ok", [])  # one step seen: nothing to compare with yet
+    h = only(loss_spike={"action": "skip", "min_history": 20})
+    for step, loss in enumerate([5.6, 5.4]):
+        assert summary(h.check_step(step, loss, 1.0)) == ("ok", [])
+    assert h.limits()[0] == pytest.approx(20 * 5.5)  # what the device holds an update back for
+    assert summary(h.check_step(2, 5.5 * 100, 1.0)) == ("skip", [("loss_spike", "skip")])
+    assert summary(h.check_step(3, 5.5 * 19, 1.0)) == ("ok", [])  # 19x: left to the z-score check later
+    off = only(loss_spike={"action": "skip", "min_history": 20, "extreme_ratio": None})
+    for step, loss in enumerate([5.6, 5.4]):
+        off.check_step(step, loss, 1.0)
+    assert summary(off.check_step(2, 550.0, 1.0)) == ("ok", [])
+
+
+@pytest.mark.parametrize("bad", [1.0, 0, -3, "big"])
+def test_extreme_ratio_must_be_above_one(bad: Any) -> None:
+    with pytest.raises(ValueError, match="extreme_ratio"):
+        only(loss_spike={"action": "skip", "extreme_ratio": bad})
