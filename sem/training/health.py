@@ -164,6 +164,13 @@ class HealthMonitor:
         that skips or rolls back needs the host's clock before the update: judged on the host."""
         return not self.enabled or self.stall.get("action") not in ("skip", "rollback")
 
+    def warming_up(self) -> bool:
+        """True while the loss window is shorter than ``loss_spike.min_history`` and the early extreme
+        check is on: the engines then judge each step on the host, so the window is there to compare."""
+        cfg = self.loss_spike
+        return bool(self.enabled and cfg.get("action") and cfg.get("extreme_ratio")
+                    and len(self._losses) < int(cfg["min_history"]))
+
     def limits(self) -> tuple[float, float, bool, bool]:
         """(loss limit, grad-norm limit, skip a non-finite loss, skip a non-finite norm): what the device
         holds an update back for until the next logging step. A limit is where ``_outlier`` fires for

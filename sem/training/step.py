@@ -185,7 +185,9 @@ class StepPolicy:
         ``rollback(step)``), update the teacher, feed the gate the cross-entropy, and on logging steps
         take the model's probes. Returns the step's row additions (events, probes, health metrics)."""
         if decision.action == "pending":  # judged on the device: read back and replayed on flush steps
-            return self._finish_on_device(step, means, logging, rollback)
+            # (every step while the health monitor's loss window fills: an extreme early spike is
+            # judged from the 3rd step on, against the steps so far; a host sync on those steps only)
+            return self._finish_on_device(step, means, logging or self.health.warming_up(), rollback)
         row: dict[str, Any] = {"health": decision.action}
         if decision.action == "stop":
             raise HealthStop("; ".join(f"step {e.step}: {e.check}: {e.message}" for e in decision.events))

@@ -255,3 +255,17 @@ def test_resume_auto_continues_the_run_without_duplicate_rows(tmp_path: Path, co
     assert [r["step"] for r in rows if r.get("final")] == [12]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["status"] == "completed"
+
+
+@pytest.mark.slow  # two launches, ~5 s each
+@pytest.mark.parametrize("engine", ["lightning", "standalone"])
+def test_an_extreme_spike_is_caught_before_min_history(tmp_path: Path, corpus_dir: Path, cache_dir: Path,
+                                                       engine: str) -> None:
+    """A x100 loss at step 3 (min_history is 20): skipped, judged against the 3 steps before it."""
+    run_dir = tmp_path / engine
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "faults.spike_at_step=3", f"engine={engine}",
+                       "logger=none", "sample.n=0", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=300,
+                      env={"SEM_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "health.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["check"], e["action"]) for e in events] == [(3, "loss_spike", "skip")], events
