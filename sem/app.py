@@ -19,6 +19,8 @@ from sem.config.validate import run_dir_problems, validate_run
 from sem.errors import EXIT_BAD_CONFIG, SweepExit, exit_if_invalid
 from sem.plan.dry_run import plan
 from sem.recipe import train
+from sem.record.lock import RunDirBusy, hold
+from sem.record.summary import is_global_zero
 from sem.sweeps.job import apply_job_threads, sweep_job
 
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
@@ -52,6 +54,11 @@ class ValidateFirst(HydraCallback):
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: cannot be created ({exc.strerror or exc})"])
+        if is_global_zero():  # before Hydra writes .hydra/ and the log: a busy dir is left untouched
+            try:
+                hold(run_dir)
+            except RunDirBusy as exc:
+                exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: {exc}"])
 
 
 def main(cfg: DictConfig) -> float | None:

@@ -28,6 +28,7 @@ from sem.engines.build import Built, build, make, resolve_lengths
 from sem.engines.fit import fit, summarise, write_samples
 from sem.engines.resume import Resume, already_finished, find_resume
 from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, TrainingFailed, exit_if_invalid
+from sem.record.lock import RunDirBusy, hold
 from sem.record.summary import RunSummary, is_global_zero
 from sem.training.distributed import ddp_env, end_distributed
 from sem.training.preemption import StopSignals
@@ -80,6 +81,11 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
     problems, corpus = validate_run(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     exit_if_invalid(problems or run_dir_problems(run_dir))
+    if is_global_zero():  # one process per run dir (taken already by a single run or a sweep job)
+        try:
+            hold(run_dir)
+        except RunDirBusy as exc:
+            exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: {exc}"])
     started, saved_env = time.time(), ddp_env()
     _quiet_other_ranks()
     signals = StopSignals()

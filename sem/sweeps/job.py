@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sem.config.job import identity, job_id
 from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, TrainingFailed
+from sem.record.lock import RunDirBusy, hold, release
 from sem.record.summary import RunSummary, is_global_zero
 from sem.record.units import fmt_duration
 from sem.sweeps.ledger import append_ledger, identity_conflict
@@ -100,6 +101,11 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
     status = "failed" if error else None
     if error is None and _stopped_by_signal:
         status, error = "not_started", "not started: a stop signal ended an earlier job of this sweep"
+    if error is None and is_global_zero():
+        try:
+            hold(run_dir)
+        except RunDirBusy as exc:  # a second resume=auto of the same sweep: that process runs this job
+            status, error = "not_started", f"running elsewhere: {exc}"
     try:
         if status is not None:
             log.error("job %s: %s", job, error)
@@ -126,6 +132,7 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
             return None
         return value
     finally:
+        release(run_dir)  # (a job running elsewhere was never held here: nothing to let go)
         if is_global_zero():  # a multi-rank job (srun tasks) is one job: one ledger line
             record = job_record(run_dir, job, overrides, started=started, status=status, error=error)
             _finish_wandb(record["status"])

@@ -700,3 +700,25 @@ def test_resuming_a_finished_run_retrains_nothing(work: Path, reference: Path, s
         assert after[name] == before[name], name
     assert {k: v for k, v in after.items() if k.startswith("checkpoints/")} == \
            {k: v for k, v in before.items() if k.startswith("checkpoints/")}
+
+
+@pytest.mark.slow  # a run in the background and a second launch, ~10 s
+def test_a_second_process_on_a_busy_run_dir_exits_2_and_writes_nothing(tmp_path: Path, corpus_dir: Path,
+                                                                       cache_dir: Path) -> None:
+    run_dir = tmp_path / "outputs" / "busy"
+    args = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=100000", "trainer.val_check_interval=50000",
+            "checkpoint.every_n_steps=0", "run.name=busy"]
+    first = Running(args, tmp_path, cache_dir, tmp_path / "first.log")
+    try:
+        assert first.wait_for_step(run_dir / "metrics.jsonl", 2), first.output()[-3000:]
+        before = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        second = run_launch(args, cwd=tmp_path, timeout=120, env=_env(cache_dir))
+        assert second.returncode == 2, _output(second)[-3000:]
+        errors = _config_errors(second.stderr)
+        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {first.proc.pid}" in errors[0], errors
+        assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == before  # the holder's files untouched
+    finally:
+        first.send(signal.SIGTERM)
+        assert first.wait() == 75
+    again = run_launch([*args, "trainer.max_steps=1", "resume=auto"], cwd=tmp_path, timeout=120, env=_env(cache_dir))
+    assert again.returncode != 2 or "in use" not in again.stderr, _output(again)[-2000:]  # free once it exited
