@@ -55,6 +55,11 @@ class Corpus(Protocol):
     def documents(self) -> Iterable[Any]: ...
 
 
+class ContractError(TypeError):
+    """A component broke its contract while running (a corpus document of the wrong type, ...): the
+    input is wrong, so the run ends as a config error (exit 2), naming the class and the contract."""
+
+
 class OptimizerFactory(Protocol):
     """``factory(params=param_groups)`` returns a ``torch.optim.Optimizer``: a Hydra ``_partial_`` of any
     optimizer class (sem passes only the keywords its constructor takes) or a callable of one's own."""
@@ -89,14 +94,15 @@ def model_kwargs(cls: Any, node: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _takes_targets(forward: Callable[..., Any]) -> bool:
+    """Does ``forward`` take ``targets`` (by that name, or ``**kwargs``)? A second positional parameter
+    of another name (a state, a mask) is never handed the targets."""
     try:
-        params = list(inspect.signature(forward).parameters.values())
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
-    # the class's function: self, input_ids, targets
-    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
+    named = params.get("targets")
+    return (named is not None and named.kind is not named.POSITIONAL_ONLY) or any(
+        p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None
@@ -104,7 +110,7 @@ def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch
     """Call ``model`` as sem does: with ``targets`` when its forward takes them, and turn bare logits
     into a ``ModelOutput`` (sem's cross-entropy; no extra loss terms)."""
     forward = type(model).forward
-    out = model(input_ids, targets) if targets is not None and _takes_targets(forward) else model(input_ids)
+    out = model(input_ids, targets=targets) if targets is not None and _takes_targets(forward) else model(input_ids)
     if isinstance(out, ModelOutput):
         if targets is not None and out.ce_loss is None:
             ce = cross_entropy(out.logits, targets)
@@ -137,11 +143,11 @@ def documents_of(corpus: Any) -> Iterator[tuple[str, bytes]]:
         try:
             name, data = item
         except (TypeError, ValueError):
-            raise TypeError(f"{type(corpus).__name__}.documents() yielded {type(item).__name__}: the corpus "
+            raise ContractError(f"{type(corpus).__name__}.documents() yielded {type(item).__name__}: the corpus "
                             "contract wants Document(name, data) or a (name, bytes | str) pair") from None
         if isinstance(data, str):
             data = data.encode("utf-8")
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"{type(corpus).__name__}.documents(): document {name!r} holds "
+            raise ContractError(f"{type(corpus).__name__}.documents(): document {name!r} holds "
                             f"{type(data).__name__}; the corpus contract wants bytes or str")
         yield str(name), bytes(data)

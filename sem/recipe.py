@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sem.config.validate import run_dir_problems, validate_run
+from sem.contracts import ContractError
 from sem.data.corpus import CorpusError
 from sem.engines.build import Built, build, make, resolve_lengths
 from sem.engines.fit import fit, summarise, write_samples
@@ -46,7 +47,8 @@ def train(cfg: DictConfig) -> float | None:
         run.summary.begin(run.cfg, parent_checkpoint=built.resume_from)
         fit(built, run.summary, run.started)
         bpb = summarise(built, run.summary, run.started)
-        write_samples(run.cfg, built.checkpoint, run.dir)
+        if not built.quick:  # trainer.fast_dev_run saves no checkpoint to sample from
+            write_samples(run.cfg, built.checkpoint, run.dir)
         return bpb
     return None  # not reached: run_guard re-raises or exits
 
@@ -94,7 +96,7 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
     try:
         checkpoints = make(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
         yield Run(cfg, run_dir, corpus, checkpoints, signals, summary, started)
-    except CorpusError as exc:  # found when the corpus is read: still a problem with the input
+    except (CorpusError, ContractError) as exc:  # found when the corpus is read: still a problem with the input
         exit_if_invalid([f"data.corpus: {exc}"])
     except InstantiationException as exc:  # a value only its constructor could check
         exit_if_invalid([f"cannot build an object from the config: {exc.__cause__ or exc}"])

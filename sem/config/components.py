@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import logging
 import typing
 from collections.abc import Iterable, Mapping
@@ -30,20 +31,27 @@ def locate(key: str, target: Any) -> tuple[Any, str | None]:
     """(the object ``target`` names, None) or (None, one line saying why it cannot be imported)."""
     if not isinstance(target, str) or "." not in target:
         return None, f"{key}._target_={target!r}: must be a dotted path such as mypackage.module.Class"
-    module_name, _, name = target.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        return None, (f"{key}._target_={target!r}: cannot import module {exc.name!r} (put the folder that "
-                      "holds it on PYTHONPATH)")
-    except Exception as exc:  # the user's module raised while importing
-        return None, f"{key}._target_={target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-    obj = getattr(module, name, None)
-    if obj is None:
-        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        return None, f"{key}._target_={target!r}: {module_name} has no {name!r}{hint}"
-    return obj, None
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes (Class.from_config)
+        module_name, rest = ".".join(parts[:i]), parts[i:]
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module_name.startswith(exc.name) and i > 1:
+                continue
+            return None, (f"{key}._target_={target!r}: cannot import module {exc.name!r} (put the folder "
+                          "that holds it on PYTHONPATH)")
+        except Exception as exc:  # the user's module raised while importing
+            return None, f"{key}._target_={target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        for j, name in enumerate(rest):
+            owner, obj = obj, getattr(obj, name, None)
+            if obj is None:
+                where = ".".join(parts[:i + j])
+                close = difflib.get_close_matches(name, [n for n in dir(owner) if not n.startswith("_")], n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                return None, f"{key}._target_={target!r}: {where} has no {name!r}{hint}"
+        return obj, None
+    raise AssertionError("not reached: the first module of the path either imports or is reported")
 
 
 def parameters(obj: Any) -> tuple[dict[str, inspect.Parameter], bool]:
@@ -65,8 +73,8 @@ def _hints(obj: Any) -> dict[str, Any]:
 
 def _type_ok(value: Any, hint: Any) -> bool:
     """Is ``value`` (plain config data) acceptable for annotation ``hint``? Unknown hints accept anything."""
-    if value is None:
-        return hint is type(None) or type(None) in typing.get_args(hint) or hint in (Any, object)
+    if value is None:  # wrong only for a plain, non-Optional type
+        return not (hint in (int, float, str, bool, list, dict, tuple) or typing.get_origin(hint) in (list, dict, tuple))
     origin = typing.get_origin(hint)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return any(_type_ok(value, h) for h in typing.get_args(hint))
@@ -103,9 +111,9 @@ def signature_problems(key: str, obj: Any, node: Mapping[str, Any], *, injected:
                 hint = f"; did you mean {' or '.join(close)}?" if close else ""
                 problems.append(f"{key}.{k}: {where} does not take {k!r} (it takes: {takes}){hint}")
     for n, p in named.items():
+        if p.kind is p.POSITIONAL_ONLY and n in given:
+            problems.append(f"{key}.{n}: {where} takes it by position only; config keys are passed by name")
         if n == "self" or n in injected or p.default is not inspect.Parameter.empty or n in given:
-            continue
-        if p.kind is p.POSITIONAL_ONLY:
             continue
         problems.append(f"{key}.{n}: missing, {where} requires it (set it: {key}.{n}=...)")
     hints = _hints(obj)
@@ -124,17 +132,33 @@ def takes(obj: Any, name: str) -> bool:
     return name in named or var_kw
 
 
+_PROBED: dict[str, tuple[list[str], int | None]] = {}
+
+
 def model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tuple[list[str], int | None]:
+    """Build the model and run a 2 x 8 probe batch: it must be an ``nn.Module`` returning logits
+    ``[2, 8, V]`` with ``V >= 259``. Returns (problems, the model's ``max_seq_len`` or None). Once per
+    process and node (a single run validates in ValidateFirst and again in the recipe)."""
+    cache_key = json.dumps([key, dict(node)], sort_keys=True, default=str)
+    if cache_key not in _PROBED:
+        _PROBED[cache_key] = _model_contract_problems(key, cls, node)
+    return _PROBED[cache_key]
+
+
+def _model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tuple[list[str], int | None]:
     """Build the model and run a 2 x 8 probe batch: it must be an ``nn.Module`` returning logits
     ``[2, 8, V]`` with ``V >= 259``. Returns (problems, the model's ``max_seq_len`` or None)."""
     import torch
+    from hydra.utils import instantiate
 
     from sem.contracts import model_output
 
     where = f"{cls.__module__}.{cls.__qualname__}" if hasattr(cls, "__qualname__") else repr(cls)
-    try:
-        model = cls(**model_kwargs(cls, node))
+    try:  # as the run builds it: nested _target_ nodes instantiated, vocab_size passed where taken
+        extra = {k: v for k, v in model_kwargs(cls, node).items() if k not in node}
+        model = instantiate(dict(node), _convert_="all", **extra)
     except Exception as exc:
+        exc = exc.__cause__ or exc
         return [f"{key}: {where}(...) raised {type(exc).__name__}: {exc}"], None
     if not isinstance(model, torch.nn.Module):
         return [f"{key}: {where} built a {type(model).__name__}; the model contract wants a torch.nn.Module"], None
@@ -168,10 +192,10 @@ def optimizer_problems(node: Mapping[str, Any]) -> list[str]:
     if problems:
         return problems
     if not inspect.isclass(cls):  # a factory of one's own: build it once on a probe parameter
-        kwargs = {k: v for k, v in node.items() if not str(k).startswith("_") and k not in drop}
         try:
-            built = cls(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}], **kwargs)
+            built = partial_of(node, drop)(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])
         except Exception as exc:
+            exc = exc.__cause__ or exc
             return [f"optimizer: {node['_target_']}(params=...) raised {type(exc).__name__}: {exc}"]
         if not isinstance(built, torch.optim.Optimizer):
             return [f"optimizer: {node['_target_']}(params=...) returned {type(built).__name__}; the optimizer "
@@ -202,10 +226,6 @@ def inherited_schedule_keys(cls: Any, node: Mapping[str, Any]) -> list[str]:
     return [k for k in SEM_SCHEDULE_KEYS if k in node and not takes(cls, k)]
 
 
-def component_kwargs(cls: Any, node: Mapping[str, Any], drop: Iterable[str]) -> dict[str, Any]:
-    return {k: v for k, v in node.items() if not str(k).startswith("_") and k not in set(drop)}
-
-
 OWN_CORPORA = ("sem.data.corpus.StdlibCorpus", "sem.data.corpus.TextFilesCorpus", "sem.data.corpus.JsonlCorpus")
 
 
@@ -231,29 +251,37 @@ def optimizer_schedule_problems(optimizer: Mapping[str, Any], scheduler: Mapping
     """Build the configured optimizer on a probe parameter and the configured schedule on it: what only
     the constructors can check (OneCycleLR's ``cycle_momentum`` with an optimizer without momentum,
     ...) is found now, as a config problem, not at step 0."""
-    import functools
-
     import torch
 
     opt_cls, _ = locate("optimizer", optimizer.get("_target_"))
-    drop = [k for k in PERF_KEYS if k in optimizer and not takes(opt_cls, k)]
-    opt_factory = functools.partial(opt_cls, **component_kwargs(opt_cls, optimizer, drop))
     try:
+        opt_factory = partial_of(optimizer, [k for k in PERF_KEYS if k in optimizer and not takes(opt_cls, k)])
         param = torch.nn.Parameter(torch.zeros(2, 2))
         groups = [{"params": [param], "weight_decay": float(optimizer.get("weight_decay", 0.0) or 0.0)}]
         opt = opt_factory(params=groups)
     except Exception as exc:
+        exc = exc.__cause__ or exc
         return [f"optimizer: {optimizer.get('_target_')}(...) raised {type(exc).__name__}: {exc}"]
     sched_cls, _ = locate("scheduler", scheduler.get("_target_"))
     try:
-        kwargs = component_kwargs(sched_cls, scheduler, inherited_schedule_keys(sched_cls, scheduler))
-        if "lr_scale" in parameters(sched_cls)[0]:
-            kwargs["lr_scale"] = lambda step: 1.0
-        sched_cls(optimizer=opt, **kwargs)
+        factory = partial_of(scheduler, inherited_schedule_keys(sched_cls, scheduler))
+        extra = {"lr_scale": lambda step: 1.0} if "lr_scale" in parameters(sched_cls)[0] else {}
+        factory(optimizer=opt, **extra)
     except Exception as exc:
+        exc = exc.__cause__ or exc
         return [f"scheduler: {scheduler.get('_target_')}(optimizer={type(opt).__name__}, ...) raised "
                 f"{type(exc).__name__}: {exc}"]
     return []
+
+
+def partial_of(node: Mapping[str, Any], drop: Iterable[str] = ()) -> Any:
+    """The node as the run builds it: a partial of its ``_target_`` with its keys but ``drop``, nested
+    ``_target_`` nodes instantiated, plain Python containers."""
+    from hydra.utils import instantiate
+
+    drop = set(drop)
+    return instantiate({k: v for k, v in node.items() if k not in drop and k != "_partial_"},
+                       _partial_=True, _convert_="all")
 
 
 # Trainer arguments sem sets itself, and the config that sets them.
@@ -285,6 +313,19 @@ def trainer_problems(node: Mapping[str, Any], schema_keys: Iterable[str], engine
             close = difflib.get_close_matches(k, list(named), n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
             problems.append(f"trainer.{k}: {cls.__module__}.{cls.__qualname__} has no argument {k!r}{hint}")
+    return problems
+
+
+def lightning_component_problems(kind: str, nodes: Mapping[str, Any]) -> list[str]:
+    """Each logger or callback node: its ``_target_`` imports and its signature takes the keys given
+    (a logger's ``save_dir`` is passed by sem where taken)."""
+    problems = []
+    for name, node in nodes.items():
+        if not node:
+            continue
+        key = f"{kind}.{name}"
+        cls, err = locate(key, node.get("_target_"))
+        problems += [err] if err else signature_problems(key, cls, node, injected=("save_dir",) if kind == "logger" else ())
     return problems
 
 

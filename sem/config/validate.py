@@ -19,6 +19,7 @@ from sem.config.components import (
     VOCAB_SIZE,
     corpus_node,
     engine_component_problems,
+    lightning_component_problems,
     locate,
     model_contract_problems,
     optimizer_problems,
@@ -54,7 +55,7 @@ def _model_problems(m: DictConfig, max_steps: int) -> tuple[list[str], int | Non
         cls, err = locate("model", target)
         if err:
             return [err], None
-        problems = signature_problems("model", cls, m, injected=("vocab_size",))
+        problems = signature_problems("model", cls, OmegaConf.to_container(m, resolve=True), injected=("vocab_size",))
         if isinstance(m.get("vocab_size"), int) and m.vocab_size < VOCAB_SIZE:
             problems.append(f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least {VOCAB_SIZE} "
                             "(256 bytes + BOS/EOS/PAD)")
@@ -155,6 +156,12 @@ def _open_trainer_problems(cfg: DictConfig) -> list[str]:
     fdr = t.get("fast_dev_run")
     if not (isinstance(fdr, bool) or (isinstance(fdr, int) and fdr >= 0)):
         p.append(f"trainer.fast_dev_run={fdr!r}: must be true, false or a number of steps >= 0")
+    elif fdr and t.get("accumulate_grad_batches", 1) != 1:
+        p.append(f"trainer.fast_dev_run={fdr!r}: Lightning counts micro-batches there, so with "
+                 f"trainer.accumulate_grad_batches={t['accumulate_grad_batches']} it would stop inside a step; "
+                 "use accumulate_grad_batches=1 for the quick check")
+    loggers, callbacks = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("logger", "callbacks"))
+    p += lightning_component_problems("logger", loggers) + lightning_component_problems("callbacks", callbacks)
     p += engine_component_problems("logger", cfg.logger, OWN_LOGGERS, cfg.engine)
     p += engine_component_problems("callbacks", cfg.callbacks, OWN_CALLBACKS, cfg.engine)
     return p

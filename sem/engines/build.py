@@ -118,9 +118,10 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
 def build_model(node: DictConfig) -> Any:
     """The model of ``node``, with ``vocab_size`` (the tokenizer's) passed when its constructor takes one
     and the config does not set it (``sem.contracts.model_kwargs``)."""
-    from hydra.utils import get_class
+    from sem.config.components import locate
 
-    extra = model_kwargs(get_class(node._target_), OmegaConf.to_container(node, resolve=True))
+    cls, _ = locate("model", node._target_)
+    extra = model_kwargs(cls, OmegaConf.to_container(node, resolve=True))
     return make(node, _convert_="all", **{k: v for k, v in extra.items() if k not in node})
 
 

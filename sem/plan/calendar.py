@@ -13,6 +13,7 @@ import copy
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -183,15 +184,15 @@ def multiplier_of(scheduler: Any, max_steps: int) -> Callable[[int], float]:
         return lambda step: 1.0
     if hasattr(scheduler, "multiplier"):
         return scheduler.multiplier
-    if hasattr(getattr(scheduler, "inner", None), "multiplier"):
-        return lambda step: scheduler.inner.multiplier(step) * float(scheduler.lr_scale(step))
     if max_steps > MAX_TRACED_STEPS:
         return lambda step: 1.0
-    base = scheduler.optimizer.param_groups[0].get("initial_lr") or scheduler.base_lrs[0]
+    base = scheduler.optimizer.defaults["lr"]  # the stand-in's lr: the configured optimizer.lr
     lrs = []
-    for _ in range(max_steps):
-        lrs.append(scheduler.optimizer.param_groups[0]["lr"] / base)
-        scheduler.step()
+    with warnings.catch_warnings():  # the stand-in optimizer never steps: torch's ordering warning is noise
+        warnings.simplefilter("ignore")
+        for _ in range(max_steps):
+            lrs.append(scheduler.optimizer.param_groups[0]["lr"] / base)
+            scheduler.step()
     return lambda step: lrs[min(step, len(lrs) - 1)] if lrs else 1.0
 
 

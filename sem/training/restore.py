@@ -9,6 +9,7 @@ holds no pickle at all.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,21 @@ def _locate(target: str) -> Any:
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
     """The model a ``model`` config node describes (``_target_`` + constructor arguments)."""
     cls = _locate(model_cfg["_target_"])
-    return cls(**model_kwargs(cls, model_cfg))
+    return cls(**{k: _built(v) for k, v in model_kwargs(cls, model_cfg).items()})
+
+
+def _built(value: Any) -> Any:
+    """A constructor argument as the run built it: nested ``_target_`` nodes instantiated (what
+    ``hydra.utils.instantiate`` does for the run; the core loads checkpoints without Hydra)."""
+    if isinstance(value, dict) and "_target_" in value:
+        args = {k: _built(v) for k, v in value.items() if not str(k).startswith("_")}
+        target = _locate(str(value["_target_"]))
+        return functools.partial(target, **args) if value.get("_partial_") else target(**args)
+    if isinstance(value, dict):
+        return {k: _built(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_built(v) for v in value]
+    return value
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

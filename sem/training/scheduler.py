@@ -242,6 +242,9 @@ class WSDScheduler(torch.optim.lr_scheduler.LambdaLR):
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "last_epoch" not in state_dict:
+            raise ValueError("the checkpoint's LR schedule is a torch scheduler; this run configures sem's WSD: "
+                             "resume with the scheduler it was trained with")
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
         # The optimizer's restored lr may come from a different config (or a different lr_scale
@@ -292,7 +295,16 @@ class ScaledSchedule(torch.optim.lr_scheduler.LRScheduler):
         return {"inner": self.inner.state_dict(), "unscaled": list(self._unscaled)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict["inner"])
+        """Restore the step (and the unscaled LRs a chainable schedule continues from) into the schedule
+        *as configured now*: like WSD, a resumed run follows its config (a longer ``total_steps`` or
+        ``T_max`` to train further), not the hyperparameters saved with the checkpoint."""
+        if "inner" not in state_dict:
+            raise ValueError(f"the checkpoint's LR schedule is sem's WSD; this run configures "
+                             f"{type(self.inner).__name__}: resume with the scheduler it was trained with")
+        saved = state_dict["inner"]
+        self.inner.last_epoch = int(saved.get("last_epoch", self.inner.last_epoch))
+        self.inner._step_count = int(saved.get("_step_count", self.inner.last_epoch + 1))
+        self.inner._last_lr = list(state_dict["unscaled"])
         self._unscaled = list(state_dict["unscaled"])
         self.last_epoch = self.inner.last_epoch
         self._apply()

@@ -74,3 +74,17 @@ def test_documents_are_pairs_of_name_and_bytes() -> None:
 
     with pytest.raises(TypeError, match="corpus contract"):
         list(documents_of(Bad()))
+
+
+def test_targets_go_only_to_a_parameter_named_targets() -> None:
+    """A second positional parameter of another name (a recurrent state, a mask) never gets the targets."""
+    seen = {}
+
+    class WithState(LogitsOnly):
+        def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+            seen["state"] = state
+            return self.embed(input_ids)
+
+    x, y = torch.randint(0, 259, (2, 5)), torch.randint(0, 259, (2, 5))
+    model_output(WithState(), x, y)
+    assert seen["state"] is None

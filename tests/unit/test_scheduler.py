@@ -220,3 +220,27 @@ def test_scaled_schedule_state_round_trip_resumes_mid_schedule() -> None:
         opt.step(), opt2.step()
         scaled.step(), resumed.step()
         assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_scaled_schedule_resumes_into_the_schedule_as_configured_now() -> None:
+    """OneCycleLR saved at step 10 of 10, resumed with total_steps=20: it follows the new config (the
+    checkpoint's total_steps would raise at the next step), as WSD does; WSD state is refused by name."""
+    from sem.training.scheduler import ScaledSchedule
+
+    def onecycle(total: int) -> tuple[torch.optim.Optimizer, ScaledSchedule]:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        inner = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, cycle_momentum=False)
+        return opt, ScaledSchedule(inner, lambda step: 1.0)
+
+    opt, sched = onecycle(10)
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    opt2, resumed = onecycle(20)
+    resumed.load_state_dict(sched.state_dict())
+    for _ in range(5):
+        opt2.step()
+        resumed.step()  # would raise "Tried to step 11 times" with the checkpoint's total_steps
+    assert resumed.last_epoch == 14
+    with pytest.raises(ValueError, match="sem's WSD"):
+        resumed.load_state_dict({"last_epoch": 3, "_step_count": 4})

@@ -49,7 +49,7 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
         callbacks.append(CheckpointCallback(checkpoints, signals))
     from sem.config.job import logger_kwargs
 
-    loggers = [make(node, save_dir=str(run_dir), **logger_kwargs(node, run_dir))
+    loggers = [make(node, **_save_dir(node, run_dir), **logger_kwargs(node, run_dir))
                for node in cfg.logger.values() if node]
     accelerator = make(without(cfg.accelerator, "name"))
     device_type = device_type_of(accelerator)
@@ -81,3 +81,11 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     return LightningEngine(trainer, module, datamodule, accumulate), precision_plugin.describe()
+
+
+def _save_dir(node: DictConfig, run_dir: Path) -> dict[str, str]:
+    """``save_dir=<run dir>`` for a logger that takes one (CSV, TensorBoard, wandb...), unless set."""
+    from sem.config.components import locate, takes
+
+    cls, _ = locate("logger", node.get("_target_"))
+    return {"save_dir": str(run_dir)} if cls is not None and takes(cls, "save_dir") and "save_dir" not in node else {}

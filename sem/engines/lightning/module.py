@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sem.contracts import set_step
+from sem.contracts import model_output, set_step
 from sem.engines.optim import build_optimizer, build_scheduler
 from sem.models.common import count_parameters
 from sem.training.checkpoint import CheckpointManager
@@ -64,15 +64,24 @@ class SEMLightningModule(pl.LightningModule):
         from sem.engines.instantiate import optimizer_factory, scheduler_factory
         from sem.training.restore import load
 
+        kwargs.pop("weights_only", None)  # always weights_only: sem's loader refuses pickled objects
         if hparams_file is not None or kwargs:
             raise TypeError("SEMLightningModule.load_from_checkpoint builds the module from the config inside "
                             f"the checkpoint; it takes no hparams_file or overrides (got {sorted(kwargs)})")
-        model, cfg = load(checkpoint_path, map_location or "cpu")
+        device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+        model, cfg = load(checkpoint_path, device)
         config = OmegaConf.to_container(cfg, resolve=True)
         policy = StepPolicy(model, seed=int(config.get("seed", 0)), config=config)
         module = cls(policy=policy, optimizer=optimizer_factory(cfg.optimizer),
                      scheduler=scheduler_factory(cfg.scheduler) if cfg.get("scheduler") else None)
         return module.eval()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of the model (``Trainer.predict`` on a loaded module, a user's own loop)."""
+        return model_output(self.model, input_ids).logits
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     # views of the policy's parts, for callbacks and the composition root
     curriculum = property(lambda self: self.policy.curriculum)
