@@ -8,11 +8,10 @@ cross-field checks.
 
 from __future__ import annotations
 
-from dataclasses import MISSING as NO_DEFAULT
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # ---------------------------------------------------------------------------------------- model
 
@@ -92,9 +91,7 @@ def _corpus(conf: type) -> Any:
     """The corpus node of a data option as a plain dict of ``conf``'s fields: untyped, so an option
     of one's own can extend the option (``defaults: [stdlib, _self_]``) and swap in its own corpus
     class with other arguments. The constructor's signature checks them (``sem.config.components``)."""
-    return field(default_factory=lambda: {k: ("???" if v is MISSING or v is NO_DEFAULT else v) for k, v in
-                                          ((f.name, f.default if f.default_factory is NO_DEFAULT else f.default_factory())
-                                           for f in fields(conf))})
+    return field(default_factory=lambda: OmegaConf.to_container(OmegaConf.structured(conf)))
 
 
 @dataclass
