@@ -33,6 +33,9 @@ class SEMModelConf:
     gradient_checkpointing: bool = False
     born_eps: float = 1e-6
     dropout: float = 0.0
+    # k > 0: a causal depthwise convolution of k taps + SiLU on each block's recurrence input (after
+    # in_proj; H3/Mamba's short conv, 3-4 is usual); decoding carries each block's last k-1 inputs.
+    conv_width: int = 0  # 0: off
 
 
 @dataclass

@@ -13,12 +13,12 @@ T = 512
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _model(recurrence: str, readout: str, seed: int = 0) -> SEMModel:
+def _model(recurrence: str, readout: str, seed: int = 0, conv_width: int = 0) -> SEMModel:
     torch.manual_seed(seed)
     # propagator_warmup_steps=10 at step 5: alpha = 0.5, so both the identity and the unitary part of
     # the blend (1 - alpha) I + alpha U are exercised.
     model = SEMModel(d_model=32, n_layers=2, recurrence=recurrence, readout=readout,
-                     propagator_warmup_steps=10).eval()
+                     propagator_warmup_steps=10, conv_width=conv_width).eval()
     model.set_step(5)
     return model
 
@@ -62,7 +62,7 @@ def test_prefill_then_step_equals_forward(recurrence: str) -> None:
     for t in range(prompt, x.shape[1]):
         logits, state = model.step(x[:, t], state)
         torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=2e-5)
-    # a prefill that continues a context (position > 0) goes on from the state, token by token
+    # a prefill that continues a context (position > 0) goes on from the state (in parallel too)
     first, state = model.prefill(x[:, :100])
     rest, state = model.prefill(x[:, 100:], state)
     assert state.position == x.shape[1]
@@ -70,12 +70,13 @@ def test_prefill_then_step_equals_forward(recurrence: str) -> None:
 
 
 def _state_bytes(state: DecodeState) -> int:
-    tensors = [*state.h, *(t for pair in state.decay for t in pair), state.readout]
+    tensors = [*state.h, *state.conv, *(t for pair in state.decay for t in pair), state.readout]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_decode_state_memory_is_constant_in_context_length() -> None:
-    model = _model("scan", "born")
+@pytest.mark.parametrize("conv_width", [0, 4])
+def test_decode_state_memory_is_constant_in_context_length(conv_width: int) -> None:
+    model = _model("scan", "born", conv_width=conv_width)
     short_logits, short = model.prefill(_tokens(1, 8))
     long_logits, long = model.prefill(_tokens(1, 4096))  # twice the model's max_seq_len of the forward
     assert short.position == 8 and long.position == 4096
@@ -107,3 +108,97 @@ def test_step_without_a_state_starts_a_fresh_one() -> None:
     logits, state = model.step(token, None)
     torch.testing.assert_close(logits, fresh)
     assert state.position == 1
+
+
+# ------------------------------------------------------------- carried state and the convolution
+
+
+@pytest.mark.parametrize("conv_width", [0, 4])
+@pytest.mark.parametrize("recurrence", ["fft", "scan"])
+def test_chunked_prefill_with_carried_state_equals_one_prefill(recurrence: str, conv_width: int) -> None:
+    """Streaming evaluation's path: prefill chunk after chunk, the state carried, gives every position's
+    logits as one prefill over the whole sequence (and as the forward), whatever the chunk lengths."""
+    model = _model(recurrence, "born", seed=4, conv_width=conv_width)
+    x = _tokens(2, 300, seed=5)
+    whole, whole_state = model.prefill(x, all_logits=True)  # [2, 300, V]
+    with torch.no_grad():
+        torch.testing.assert_close(whole, model(x).logits, atol=1e-4, rtol=2e-5)
+    for cuts in ([0, 128, 256, 300], [0, 1, 2, 3, 70, 299, 300]):  # chunks shorter than the conv too
+        state, pieces = None, []
+        for a, b in zip(cuts, cuts[1:]):
+            logits, state = model.prefill(x[:, a:b], state, all_logits=True)
+            pieces.append(logits)
+        chunked = torch.cat(pieces, 1)
+        assert state.position == 300
+        torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=2e-5)
+        torch.testing.assert_close(chunked.softmax(-1), whole.softmax(-1), atol=1e-6, rtol=0)
+        for h, h_whole in zip(state.h, whole_state.h):
+            torch.testing.assert_close(h, h_whole, atol=1e-5, rtol=1e-4)
+        for tail, tail_whole in zip(state.conv, whole_state.conv):
+            torch.testing.assert_close(tail, tail_whole)
+    # the last-position logits (the default) are the last of all_logits
+    last, _ = model.prefill(x)
+    torch.testing.assert_close(last, whole[:, -1])
+
+
+@pytest.mark.parametrize("readout", ["born", "linear"])
+@pytest.mark.parametrize("recurrence", ["fft", "scan"])
+def test_step_and_prefill_equal_the_forward_with_a_convolution(recurrence: str, readout: str) -> None:
+    model = _model(recurrence, readout, seed=6, conv_width=4)
+    assert all(b.conv is not None and b.conv.weight.shape == (64, 1, 4) for b in model.blocks)
+    x = _tokens(2, 160, seed=7)
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(2), []
+    assert [t.shape for t in state.conv] == [torch.Size([2, 3, 64])] * 2  # the last k-1 inputs, zeros
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=2e-5)
+    # prefill a prompt, then step: the tail handed over from the parallel pass is the right one
+    logits, state = model.prefill(x[:, :50])
+    torch.testing.assert_close(logits, full[:, 49], atol=1e-4, rtol=2e-5)
+    for t in range(50, x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("conv_width", [1, 3, 4])
+def test_the_convolution_is_causal(conv_width: int) -> None:
+    """A change of the recurrence input at t changes the convolution's output at t .. t+k-1 and
+    nowhere else; a change of token t changes no logit before t; the taps get gradients."""
+    model = _model("scan", "born", seed=8, conv_width=conv_width)
+    block = model.blocks[0]
+    u = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    v = u.clone()
+    v[0, 40] += 1.0
+    with torch.no_grad():
+        changed = (block.conv_input(u) - block.conv_input(v)).abs().amax(-1)[0]  # [T]
+    assert changed[40:40 + conv_width].min() > 0
+    assert changed[:40].max() == 0 and changed[40 + conv_width:].max() == 0
+    x = _tokens(1, 64, seed=9)
+    y = x.clone()
+    y[0, 40] = (y[0, 40] + 1) % 256
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :40], b[:, :40], atol=0, rtol=0)
+    model.train()
+    model(x, x).loss.backward()
+    for block in model.blocks:
+        assert block.conv.weight.grad is not None and block.conv.weight.grad.abs().sum() > 0
+
+
+def test_conv_width_zero_is_the_model_without_one() -> None:
+    """Off by default: no convolution parameters, the same weights and logits as before the option."""
+    plain, off = _model("scan", "born", seed=10), _model("scan", "born", seed=10, conv_width=0)
+    assert off.conv_width == 0 and all(b.conv is None for b in off.blocks)
+    assert not any("conv" in name for name, _ in off.named_parameters())
+    x = _tokens(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, off(x).logits, atol=0, rtol=0)
+    assert off.decode_state(1).conv == []
+    with_conv = _model("scan", "born", seed=10, conv_width=4)
+    extra = sum(p.numel() for p in with_conv.parameters()) - sum(p.numel() for p in off.parameters())
+    assert extra == 2 * (64 * 4 + 64)  # per block: [2D, 1, 4] taps + [2D] bias
+    with pytest.raises(ValueError, match="conv_width"):
+        SEMModel(d_model=8, n_layers=1, conv_width=-1)

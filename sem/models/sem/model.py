@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -35,9 +35,15 @@ ENERGY_CLAMP = 1e4
 
 
 class SEMModel(nn.Module):
-    """Encoder -> N SEMBlocks -> ComplexRMSNorm -> Cayley propagator -> Born (or linear) readout."""
+    """Encoder -> N SEMBlocks -> ComplexRMSNorm -> Cayley propagator -> Born (or linear) readout.
 
-    no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias", "gain", "log_A_mag", "theta", "skip_D")
+    ``conv_width`` k > 0 puts a causal depthwise convolution of k taps and a SiLU on each block's
+    recurrence input (after ``in_proj``; ``SEMBlock``); 0 (the default) leaves the block as it was.
+    """
+
+    # Per-channel parameters (the recurrence's, the convolution's taps): no weight decay, never Muon's.
+    no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias", "gain", "log_A_mag", "theta", "skip_D",
+                                                    "conv")
     # >=2-D weights that are not hidden matrices (kept out of Muon): the token table, the readout and
     # the propagator's h_real/h_imag (they parametrise H of U = Cayley(H), not a map on the state).
     non_matrix_keywords: ClassVar[tuple[str, ...]] = ("embed", "propagator", "readout")
@@ -56,6 +62,7 @@ class SEMModel(nn.Module):
         gradient_checkpointing: bool = False,
         born_eps: float = 1e-6,
         dropout: float = 0.0,
+        conv_width: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -71,6 +78,8 @@ class SEMModel(nn.Module):
              isinstance(propagator_warmup_steps, int) and propagator_warmup_steps >= 0),
             ("born_eps", born_eps, born_eps > 0),
             ("dropout", dropout, 0.0 <= dropout < 1.0),
+            ("conv_width", conv_width, isinstance(conv_width, int) and not isinstance(conv_width, bool)
+             and conv_width >= 0),
         )
         for name, value, ok in checks:
             if not ok:
@@ -79,6 +88,7 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
+        self.conv_width = conv_width
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
         # norm_f and the [2D, 2D] propagator map that the readout applied to it.
         self._last_energy: torch.Tensor | None = None
@@ -88,7 +98,7 @@ class SEMModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, 2 * d_model)
         nn.init.normal_(self.embed.weight, std=math.sqrt(0.5))
         self.blocks = nn.ModuleList(
-            SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers) for _ in range(n_layers)
+            SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width) for _ in range(n_layers)
         )
         self.norm_f = ComplexRMSNorm(d_model)
         self.propagator = CayleyPropagator(d_model)
@@ -197,7 +207,8 @@ class SEMModel(nn.Module):
         ref = self.embed.weight
         readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
         h = [torch.zeros(batch_size, self.d_model, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
-        return DecodeState(h, [b.decay() for b in self.blocks], readout)
+        tails = [b.empty_tail(batch_size, ref.device) for b in self.blocks] if self.conv_width else []
+        return DecodeState(h, [b.decay() for b in self.blocks], readout, conv=tails)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -207,41 +218,54 @@ class SEMModel(nn.Module):
         if state is None:
             state = self.decode_state(token.shape[0])
         psi = self.embed(token).float()  # [B, 2D]
-        hs = []
-        for block, h, (lam, gamma) in zip(self.blocks, state.h, state.decay):
-            psi, h = block.step(psi, h, lam, gamma)
+        hs, tails = [], []
+        for i, (block, h, (lam, gamma)) in enumerate(zip(self.blocks, state.h, state.decay)):
+            psi, h, tail = block.step(psi, h, lam, gamma, state.conv[i] if state.conv else None)
             hs.append(h)
-        state = DecodeState(hs, state.decay, state.readout, state.position + 1)
+            tails.append(tail)
+        state = DecodeState(hs, state.decay, state.readout, state.position + 1, tails if state.conv else [])
         return self._logits(self.norm_f(psi).float(), state.readout), state
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None
+    def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None, all_logits: bool = False
                 ) -> tuple[torch.Tensor, DecodeState]:
-        """Consume a prompt [B, T] in one parallel pass (the scan), returning the last position's
-        logits [B, V] and the state after it: the same as T calls of step(), much faster."""
-        if state is not None and state.position > 0:  # continue a context: token by token
-            logits = None
-            for t in range(input_ids.shape[1]):
-                logits, state = self.step(input_ids[:, t], state)
-            assert logits is not None
-            return logits, state
-        state = self.decode_state(input_ids.shape[0])
-        psi = self.embed(input_ids).float()
-        hs = []
-        for block in self.blocks:
-            psi, h = block._body(psi)
+        """Consume tokens [B, T] in one parallel pass (the scan), from ``state`` (None: a fresh one, a
+        document's start), returning the last position's logits [B, V] (``all_logits``: every
+        position's, [B, T, V]) and the state after it: the same as T calls of step(), much faster.
+
+        A carried state continues its context in parallel too (each block's recurrence adds
+        lambda^(t+1) h0; a convolution reads its input tail), so prefilling a sequence chunk by chunk
+        gives the same logits as one prefill over all of it, in memory bounded by the chunk: how
+        ``sem.models.stream`` scores documents of any length.
+        """
+        if state is None:
+            state = self.decode_state(input_ids.shape[0])
+        carried = state.position > 0  # a fresh state's h is zero: skip adding lambda^(t+1) * 0
+        psi = self.embed(input_ids).float()  # [B, T, 2D]
+        hs, tails = [], []
+        for i, block in enumerate(self.blocks):
+            tail = state.conv[i] if state.conv else None
+            psi, h, u = block._body(psi, state.h[i] if carried else None, tail)
             hs.append(torch.view_as_complex(h[:, -1].float().unflatten(-1, (-1, 2)).contiguous()))
-        state = DecodeState(hs, state.decay, state.readout, input_ids.shape[1])
-        return self._logits(self.norm_f(psi[:, -1]).float(), state.readout), state
+            if tail is not None:  # the last k-1 inputs of the convolution, reaching into the old tail
+                keep = tail.shape[1]  # k - 1
+                tails.append(torch.cat([tail, u.float()], 1)[:, -keep:] if keep else tail)
+        state = DecodeState(hs, state.decay, state.readout, state.position + input_ids.shape[1], tails)
+        psi = self.norm_f(psi if all_logits else psi[:, -1])
+        return self._logits(psi.float(), state.readout), state
 
 
 @dataclass
 class DecodeState:
-    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block (constant in the
-    context length), plus per-decode constants (lambda, gamma per block; the readout composed with
-    the propagator), so a step costs the same at token 10 and at token 10^6."""
+    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block (and, with
+    ``conv_width`` k, the block's last k-1 convolution inputs), constant in the context length, plus
+    per-decode constants (lambda, gamma per block; the readout composed with the propagator), so a
+    step costs the same at token 10 and at token 10^6."""
 
     h: list[torch.Tensor]
     decay: list[tuple[torch.Tensor, torch.Tensor]]
     readout: torch.Tensor  # SEMModel._readout_map: readout after (1 - alpha) I + alpha U, [2V (padded) or V, 2D]
     position: int = 0  # tokens consumed
+    # With model.conv_width k > 0: per block the last k-1 recurrence inputs before the convolution,
+    # [B, k-1, 2D] float32 (zeros at a document's start); empty without a convolution.
+    conv: list[torch.Tensor] = field(default_factory=list)
