@@ -328,6 +328,15 @@ class SamplesConf:
 
 
 @dataclass
+class EvalConf:
+    """Extra evaluations of the final checkpoint, for ``summary.json``."""
+
+    # stream_bpb: every held-out document scored whole, the recurrent state carried (models with
+    # prefill(..., all_logits); about the final validation's cost); false: skip it (null in summary.json)
+    stream: bool = True
+
+
+@dataclass
 class FaultsConf:
     nan_at_step: int | None = None  # the loss of this optimizer step becomes NaN
     inf_grad_at_step: int | None = None  # one gradient entry of this step becomes inf
@@ -358,6 +367,7 @@ class Config:
     dry_run: bool = False
     faults: FaultsConf = field(default_factory=FaultsConf)
     sample: SamplesConf = field(default_factory=SamplesConf)
+    eval: EvalConf = field(default_factory=EvalConf)
     # torch intra-op threads for this job; null: the cores split between the jobs a parallel sweep
     # runs at once (sem.sweeps.job.job_threads), torch's default for a single run
     threads: int | None = None
