@@ -3,6 +3,7 @@
     python -m sem.evaluate ckpt=outputs/base/checkpoints/last.ckpt          # its own held-out split
     python -m sem.evaluate ckpt=... data=text_files 'data.corpus.paths=[notes/*.md]'   # any text
     python -m sem.evaluate ckpt=... data.val_seq_len=512 device=cuda out=eval_512.json
+    python -m sem.evaluate ckpt=... mode=stream        # every held-out document whole, by position
 
 Without a ``data`` option it rebuilds the checkpoint's own corpus and train/val split from the config
 inside the checkpoint and scores every held-out window, exactly as the training run's final
@@ -14,6 +15,12 @@ Windows tile the token stream (each document ``BOS bytes EOS``, concatenated) in
 ``val_seq_len`` pieces, each token predicted from the window's earlier tokens only; the last partial
 window is left out, as in training. bpb = total cross-entropy in nats / ln 2 / byte targets (see
 ``sem.data.datamodule.byte_targets``). The console gets a table; ``eval.json`` gets the numbers.
+
+``mode=stream`` scores every document whole instead (``sem.models.stream``): a model that carries its
+recurrent state (SEM) reads each document in consecutive chunks, the state carried, so each token has
+all of its document before it; any other model gets a sliding window of ``val_seq_len`` tokens, stride
+half of it. Bits per byte overall and by position in the document (0-128, 128-512, 512-2k, 2k+ bytes)
+go to ``eval.json`` (``by_position``) and to ``<out stem>_context.png`` beside it.
 """
 
 from __future__ import annotations
@@ -44,13 +51,13 @@ from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
 from sem.data.user_corpus import as_corpus
+from sem.models.stream import StreamScore, stream_score
+from sem.tools.context_plot import COMPRESSORS, plot_context
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
 from sem.training.step import val_sums
 
 log = logging.getLogger("sem.evaluate")
-
-COMPRESSORS = (("gzip -9", "gzip_bpb"), ("bz2 -9", "bz2_bpb"), ("xz -9e", "xz_bpb"))
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Text:
     n_docs: int
     n_bytes: int  # bytes of the documents (what the compressors compress)
     n_tokens: int  # tokens in the stream (bytes + BOS/EOS per document)
+    tokens: np.ndarray  # uint16 [n_tokens]: the stream itself (mode=stream reads its documents)
 
 
 @torch.no_grad()
@@ -105,11 +113,11 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     return Score(nats, int(tokens), int(n_bytes), int(windows))
 
 
-def _progress(total: int) -> tuple[Any, Any]:
+def _progress(total: int, what: str = "windows") -> tuple[Any, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("scoring windows"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    progress = Progress(TextColumn(f"scoring {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
     return progress, progress.add_task("score", total=total)
 
@@ -159,14 +167,14 @@ def pack(corpus: Corpus, tokenizer: ByteTokenizer | None = None) -> Packed:
                   what, n_docs, n_bytes)
 
 
-def whole_corpus(packed: Packed, seq_len: int) -> Text:
-    """Every whole window of a packed corpus."""
-    if packed.tokens.size < seq_len + 1:
+def whole_corpus(packed: Packed, seq_len: int, windows: bool = True) -> Text:
+    """Every whole window of a packed corpus (``windows=False``: none, for mode=stream)."""
+    if windows and packed.tokens.size < seq_len + 1:
         raise CorpusError(f"the corpus has {packed.tokens.size} tokens, fewer than one window of "
                           f"val_seq_len+1 = {seq_len + 1}; use a shorter data.val_seq_len or more text")
-    x, y = tile(packed.tokens, seq_len)
+    x, y = tile(packed.tokens, seq_len) if windows else (torch.empty(0, seq_len, dtype=torch.long),) * 2
     return Text(x, y, packed.compressor_bpb, f"{packed.what}, all documents", "all", packed.n_docs,
-                packed.n_bytes, int(packed.tokens.size))
+                packed.n_bytes, int(packed.tokens.size), packed.tokens)
 
 
 def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str) -> Text:
@@ -186,17 +194,24 @@ def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str) -> Text:
     x, y = dm.val_windows(None)
     c = dm.cache
     return Text(x, y, dm.compressor_bpb, f"{corpus.describe()}, held-out split", "val", c.n_val_docs,
-                c.val_bytes, int(c.val.size))
+                c.val_bytes, int(c.val.size), c.val)
 
 
-def report(model_name: str, result: Score, text: Text, seq_len: int) -> None:
-    """The console table: the model's bpb beside the compressors' on the same bytes."""
+def report(model_name: str, result: Score | StreamScore, text: Text, seq_len: int) -> None:
+    """The console table: the model's bpb beside the compressors' on the same bytes (mode=stream: and
+    a second table, the model's bpb by position in the document)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
-    console.print(f"{text.what}: {result.windows:,} windows x {seq_len} tokens "
-                  f"({text.n_docs:,} documents, {text.n_bytes:,} bytes)", soft_wrap=True)
+    if isinstance(result, StreamScore):
+        how = (f"recurrent state carried across chunks of up to {result.chunk} tokens"
+               if result.method == "recurrent" else f"sliding window of {result.chunk} tokens, stride {result.stride}")
+        console.print(f"{text.what}: {result.documents:,} documents scored whole ({how}; "
+                      f"{text.n_bytes:,} bytes)", soft_wrap=True)
+    else:
+        console.print(f"{text.what}: {result.windows:,} windows x {seq_len} tokens "
+                      f"({text.n_docs:,} documents, {text.n_bytes:,} bytes)", soft_wrap=True)
     table = Table()
     table.add_column("model / compressor")
     table.add_column("bits per byte", justify="right")
@@ -204,6 +219,14 @@ def report(model_name: str, result: Score, text: Text, seq_len: int) -> None:
     for name, key in COMPRESSORS:
         table.add_row(name, f"{text.compressor_bpb[key]:.4f}")
     console.print(table)
+    if isinstance(result, StreamScore):
+        by_position = Table()
+        for column in ("bytes into the document", "byte targets", "bits per byte"):
+            by_position.add_column(column, justify="right")
+        for row in result.by_position():
+            by_position.add_row(row["position"], f"{row['byte_targets']:,}",
+                                "-" if row["bpb"] is None else f"{row['bpb']:.4f}")
+        console.print(by_position)
 
 
 # ---------------------------------------------------------------------------------------- entry
@@ -217,6 +240,7 @@ class EvaluateConf:
                                                "cache_dir": "${oc.env:SEM_CACHE_DIR,'~/.cache/sem'}"})
     batch_size: int | None = None  # windows per forward; null: the training run's validation batch
     device: str = "auto"  # auto | cpu | cuda
+    mode: str = "windows"  # windows (the training run's validation) | stream (every document whole)
     out: str = "eval.json"
     seed: int = 0  # not used by an evaluation: the data options interpolate ${seed}
 
@@ -237,8 +261,12 @@ def app(cfg: DictConfig) -> None:
     data = cfg.data
     problems = _positive_or_none("batch_size", cfg.batch_size) + _positive_or_none("data.val_seq_len",
                                                                                    data.get("val_seq_len"))
+    if cfg.mode not in ("windows", "stream"):
+        problems.append(f"mode={cfg.mode!r}: expected windows (fixed windows, as the training run "
+                        "validates) or stream (every document whole)")
     if problems:
         usage_error(*problems)
+    stream = cfg.mode == "stream"
     packed = None
     if "corpus" in data:  # a data option: its corpus, all of it (read before anything heavy is loaded)
         try:
@@ -265,14 +293,23 @@ def app(cfg: DictConfig) -> None:
 
     started = time.perf_counter()
     try:
-        text = whole_corpus(packed, seq_len) if packed is not None else held_out(ckpt_data, seq_len, data.cache_dir)
+        text = (whole_corpus(packed, seq_len, windows=not stream) if packed is not None
+                else held_out(ckpt_data, seq_len, data.cache_dir))
     except CorpusError as exc:
         usage_error(f"data.corpus: {exc}")
     log.info("loaded %s: %s, %s parameters", cfg.ckpt, type(model).__name__,
              f"{sum(p.numel() for p in model.parameters()):,}")
-    log.info("scoring %s windows of %d tokens (trained at %d), %d per batch, on %s",
-             f"{len(text.x):,}", seq_len, trained_at, batch_size, device)
-    result = score(model, text.x, text.y, batch_size, device)
+    if stream:
+        log.info("scoring %s documents whole (%s tokens), up to %s tokens per forward, on %s",
+                 f"{text.n_docs:,}", f"{text.n_tokens:,}", f"{batch_size * seq_len:,}", device)
+        progress, task = _progress(text.n_tokens - text.n_docs, "document tokens")
+        with progress:
+            result: Score | StreamScore = stream_score(model, text.tokens, seq_len, batch_size, device,
+                                                       advance=lambda n: progress.update(task, advance=n))
+    else:
+        log.info("scoring %s windows of %d tokens (trained at %d), %d per batch, on %s",
+                 f"{len(text.x):,}", seq_len, trained_at, batch_size, device)
+        result = score(model, text.x, text.y, batch_size, device)
     wall = time.perf_counter() - started
 
     name = f"{type(model).__name__} ({ckpt_cfg.model.get('d_model')}d x {ckpt_cfg.model.get('n_layers')})"
@@ -280,13 +317,13 @@ def app(cfg: DictConfig) -> None:
     record = {
         "checkpoint": str(cfg.ckpt),
         "model": ckpt_cfg.model["_target_"],
+        "mode": cfg.mode,
         "data": text.what,
         "split": text.split,
         "val_seq_len": seq_len,
         "trained_seq_len": trained_at,
-        "windows": result.windows,
-        "tokens": result.tokens,
-        "byte_targets": result.bytes,
+        **(_stream_fields(result) if isinstance(result, StreamScore) else
+           {"windows": result.windows, "tokens": result.tokens, "byte_targets": result.bytes}),
         "documents": text.n_docs,
         "bytes": text.n_bytes,
         "stream_tokens": text.n_tokens,
@@ -303,6 +340,19 @@ def app(cfg: DictConfig) -> None:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out)
     log.info("wrote %s", out)
+    if stream:
+        try:
+            log.info("wrote %s", plot_context(record, out.with_name(f"{out.stem}_context.png")))
+        except Exception as exc:  # a plot never fails an evaluation whose numbers are written
+            log.warning("could not draw %s_context.png: %s: %s", out.stem, type(exc).__name__, exc)
+
+
+def _stream_fields(result: StreamScore) -> dict[str, Any]:
+    """eval.json's mode=stream fields: how the documents were read, the sums, bpb by position."""
+    how = ({"method": "recurrent", "chunk_tokens": result.chunk} if result.method == "recurrent"
+           else {"method": "sliding_window", "context": result.chunk, "stride": result.stride})
+    return {**how, "tokens": sum(result.tokens), "byte_targets": sum(result.byte_targets),
+            "by_position": result.by_position()}
 
 
 def cli() -> None:
