@@ -1,5 +1,6 @@
 """The last stages of a run, the same for both engines: fit (a stop signal ends it saved, exit 75),
-the final validation written to ``summary.json``, and ``samples.txt`` from the final checkpoint."""
+the final validation written to ``summary.json`` (with ``stream_bpb``: the final checkpoint scoring
+every held-out document whole), and ``samples.txt`` from the final checkpoint."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sem.engines.build import Built
 from sem.errors import EXIT_PREEMPTED
+from sem.models.stream import carries_state, stream_score
 from sem.record.summary import RunSummary, is_global_zero
 
 log = logging.getLogger("sem.fit")
@@ -49,12 +51,14 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
     log.info("final validation on %s %d held-out windows",
              "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)
     val = engine.validate(dm.val_loader(max_windows=final_windows), final=True)
+    stream = stream_bpb(built)
     summary.finish(
         "completed",
         wall_s=time.time() - started,
         steps=engine.global_step,
         val_loss=val["val/loss"],
         val_bpb=val["val/bpb"],
+        stream_bpb=stream,
         **dm.compressor_bpb,
         tokens_per_s=engine.tokens_per_s,
         best_checkpoint=_str(checkpoints.best()),
@@ -65,8 +69,38 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
                         (("gzip -9", "gzip_bpb"), ("bz2 -9", "bz2_bpb"), ("xz -9e", "xz_bpb")))
     beaten = sum(bpb < v for v in dm.compressor_bpb.values())
     log.info("final: val/bpb %.4f vs %s on the same held-out bytes (below %d of 3); val/loss %.4f "
-             "nats/token, %d steps", bpb, anchors, beaten, val["val/loss"], engine.global_step)
+             "nats/token, %d steps%s", bpb, anchors, beaten, val["val/loss"], engine.global_step,
+             f"; stream_bpb {stream:.4f}" if stream is not None else "")
     return float(bpb) if math.isfinite(bpb) else float("inf")
+
+
+def stream_bpb(built: Built) -> float | None:
+    """``summary.json``'s ``stream_bpb``: the final checkpoint scores every held-out document whole, its
+    recurrent state carried across chunks (``sem.models.stream``), in fp32 on the run's device. Only
+    for a model that carries its state (about the cost of the final validation: the same tokens, once
+    each) and with the run's ``eval.stream`` on; None otherwise, or when it fails (it never fails the
+    run). A model without a state would need a sliding window, twice the work:
+    ``python -m sem.evaluate ckpt=... mode=stream`` does it."""
+    engine, dm = built.engine, built.datamodule
+    last = built.checkpoint.last()
+    if built.quick or last is None or not is_global_zero() or not carries_state(engine.model):
+        return None
+    try:
+        from sem.training.restore import load
+
+        device = getattr(engine, "device", "cpu")
+        model, cfg = load(last, device)
+        if not OmegaConf.select(cfg, "eval.stream", default=True):
+            return None
+        began = time.perf_counter()
+        result = stream_score(model, dm.cache.val, dm.val_seq_len, dm.val_batch_size, device)
+        log.info("stream_bpb %.4f (%s): %d held-out documents scored whole, the recurrent state carried "
+                 "across chunks of up to %d tokens, in %.1f s (eval.stream=false skips it)", result.bpb,
+                 last.name, result.documents, result.chunk, time.perf_counter() - began)
+        return result.bpb if math.isfinite(result.bpb) else None
+    except Exception as exc:  # an extra figure: it never turns a finished run into a failure
+        log.warning("could not compute stream_bpb: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def write_samples(cfg: DictConfig, checkpoints: Any, run_dir: Path) -> None:

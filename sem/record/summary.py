@@ -79,7 +79,7 @@ class RunSummary:
 
     def finish(self, status: Status, *, wall_s: float, steps: int | None = None,
                val_loss: float | None = None, val_bpb: float | None = None,
-               gzip_bpb: float | None = None, bz2_bpb: float | None = None,
+               stream_bpb: float | None = None, gzip_bpb: float | None = None, bz2_bpb: float | None = None,
                xz_bpb: float | None = None, tokens_per_s: float | None = None,
                best_checkpoint: str | None = None, last_checkpoint: str | None = None,
                error: str | None = None) -> dict[str, Any]:
@@ -88,6 +88,7 @@ class RunSummary:
             "steps": steps,
             "val_loss": val_loss,
             "val_bpb": val_bpb,
+            "stream_bpb": stream_bpb,  # held-out documents scored whole (sem.engines.fit.stream_bpb)
             "gzip_bpb": gzip_bpb,
             "bz2_bpb": bz2_bpb,
             "xz_bpb": xz_bpb,

@@ -163,6 +163,37 @@ def test_evaluate_a_text_corpus_scores_every_window_of_all_of_it(
         assert result[key] == pytest.approx(8 * len(packed) / len(data), rel=0.02), key
 
 
+def test_evaluate_stream_scores_every_held_out_document_whole(
+        trained: dict[str, Trained], model_name: str, tmp_path: Path, cache_dir: Path) -> None:
+    """mode=stream: the SEM carries its state through each document, the Transformer slides a window;
+    every byte of every held-out document is scored once, bpb by position, a plot; the SEM's figure is
+    the run's summary.json stream_bpb (same final checkpoint, chunks, device)."""
+    t = trained[model_name]
+    proc = run_entry("sem.evaluate", [f"ckpt={t.ckpt}", "mode=stream", "out=e/stream.json", "device=cpu"],
+                     tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    result = json.loads((tmp_path / "e" / "stream.json").read_text())
+    windows = run_entry("sem.evaluate", [f"ckpt={t.ckpt}", "out=e/windows.json", "device=cpu"], tmp_path, cache_dir)
+    assert windows.returncode == 0
+    by_windows = json.loads((tmp_path / "e" / "windows.json").read_text())
+    assert result["mode"] == "stream" and by_windows["mode"] == "windows"
+    assert result["method"] == {"sem": "recurrent", "transformer": "sliding_window"}[model_name]
+    assert result["documents"] == by_windows["documents"] and result["split"] == "val"
+    assert result["byte_targets"] == result["bytes"]  # every byte of every document, once
+    assert result["tokens"] == result["bytes"] + result["documents"]  # and each document's EOS
+    rows = result["by_position"]
+    assert [r["position"] for r in rows] == ["0-128", "128-512", "512-2k", "2k+"]
+    assert sum(r["byte_targets"] for r in rows) == result["bytes"]
+    # sane: a trained tiny model, the same ballpark as its windows figure
+    assert 0 < result["bpb"] < 8 and abs(result["bpb"] - by_windows["bpb"]) < 0.25 * by_windows["bpb"]
+    assert (tmp_path / "e" / "stream_context.png").stat().st_size > 10_000
+    assert "bytes into the document" in proc.stdout.decode()
+    if model_name == "sem":
+        assert t.summary["stream_bpb"] == pytest.approx(result["bpb"], rel=1e-6)
+    else:  # a sliding window is not "cheap": the summary leaves it to sem.evaluate
+        assert t.summary["stream_bpb"] is None
+
+
 # ---------------------------------------------------------------------------------------- sample
 
 

@@ -1,12 +1,13 @@
 """LightningEngine: the Lightning Trainer and SEMLightningModule behind the interface ``sem/recipe.py``
 drives (the standalone ``SEMTrainer`` has the same one): ``fit``, ``validate``, ``global_step``,
-``max_steps``, ``tokens_per_s``, ``model``."""
+``max_steps``, ``tokens_per_s``, ``model``, ``device``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from sem.engines.lightning.module import SEMLightningModule
@@ -22,6 +23,11 @@ class LightningEngine:
     @property
     def model(self) -> nn.Module:
         return self.module.model
+
+    @property
+    def device(self) -> torch.device:
+        """The device the run trains on (the module itself may sit on the CPU between Trainer calls)."""
+        return self.trainer.strategy.root_device
 
     @property
     def global_step(self) -> int:
