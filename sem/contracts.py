@@ -37,7 +37,9 @@ class LanguageModel(Protocol):
     """An ``nn.Module`` over byte tokens: ``forward(input_ids: LongTensor[B, T])`` returns logits
     ``[B, T, V]`` (V >= 259: 256 bytes + BOS/EOS/PAD), or a ``ModelOutput`` when it also takes
     ``targets``. Optional, used when present: ``set_step(step)`` (step-driven blends), ``probes() ->
-    dict`` (health diagnostics), ``decode_state/prefill/step`` (recurrent sampling), ``max_seq_len``
+    dict`` (health diagnostics), ``decode_state/prefill/step`` (recurrent sampling; ``prefill(input_ids,
+    state, all_logits=True)`` returning every position's logits and the state after them: streaming
+    evaluation carries the state through a document, ``sem.models.stream``), ``max_seq_len``
     (checked against ``data.seq_len``; sampling keeps the context within it), ``vocab_size`` (passed
     to the constructor when it takes one), ``no_decay_keywords`` (parameter groups)."""
 
