@@ -134,7 +134,7 @@ def stream_score(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size:
     """Score every document of ``tokens`` (a packed stream, uint16 or int) whole; see the module docstring.
 
     ``seq_len``: the sliding window's context (at most the model's ``max_seq_len``), and for a model that
-    carries its state the shortest chunk it reads (chunks hold up to ``batch_size * seq_len`` tokens
+    carries its state the shortest chunk it reads (a forward holds up to ``batch_size * seq_len`` tokens
     over the documents read side by side: the memory of ``batch_size`` windows). ``advance(n)`` is
     called as n more targets are scored (a progress bar). ``method``: auto = recurrent when the model
     carries its state (``carries_state``), else the sliding window.
@@ -158,15 +158,17 @@ def stream_score(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size:
     return StreamScore(*sums.values(), documents=len(docs), method=method, chunk=chunk, stride=stride)
 
 
-def _groups(docs: list[np.ndarray], batch_size: int) -> Iterator[list[np.ndarray]]:
-    """Documents read side by side, longest first: up to ``batch_size`` of them, each at least half as
-    long as the group's first (a shorter one waits for the next group), so padding stays under half."""
+def _groups(docs: list[np.ndarray], batch_size: int, budget: int) -> Iterator[list[np.ndarray]]:
+    """Documents read side by side, longest first, each at least 3/4 as long as the group's first (a
+    shorter one waits for the next group: padding stays under a quarter); up to ``batch_size`` of
+    them, or more while they all fit in one forward of ``budget`` tokens (many short documents)."""
     order = sorted(docs, key=len, reverse=True)
     i = 0
     while i < len(order):
         group = [order[i]]
         i += 1
-        while i < len(order) and len(group) < batch_size and 2 * len(order[i]) >= len(group[0]):
+        rows = max(batch_size, budget // len(group[0]))
+        while i < len(order) and len(group) < rows and 4 * len(order[i]) >= 3 * len(group[0]):
             group.append(order[i])
             i += 1
         yield group
@@ -187,7 +189,7 @@ def _recurrent(model: nn.Module, docs: list[np.ndarray], seq_len: int, batch_siz
                sums: _Sums, advance: Callable[[int], None] | None) -> int:
     """Each group of documents in chunks, the state carried; returns the longest chunk read."""
     budget, longest_chunk = batch_size * seq_len, 0
-    for group in _groups(docs, batch_size):
+    for group in _groups(docs, batch_size, budget):
         n = len(group[0]) - 1  # targets of the group's longest document
         chunk = max(seq_len, budget // len(group))
         x, y = _padded(group, n)
