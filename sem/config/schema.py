@@ -221,10 +221,20 @@ class DistillationLossConf:
 
 @dataclass
 class DistillationConf:
-    """``off`` leaves both null; ``ema_teacher`` sets both."""
+    """``off`` leaves both null; ``ema_teacher`` sets both (``EMADistillationConf``). Typed Any here
+    because OmegaConf cannot merge a dict into a null structured node: ``distillation.teacher={...}`` on
+    ``off`` raised AttributeError inside Hydra's composition; validation checks what it gets."""
 
-    teacher: EMATeacherConf | None = None
-    loss: DistillationLossConf | None = None
+    teacher: Any = None
+    loss: Any = None
+
+
+@dataclass
+class EMADistillationConf(DistillationConf):
+    """``distillation=ema_teacher``: both nodes typed, so a wrong type fails at compose time."""
+
+    teacher: EMATeacherConf | None = field(default_factory=EMATeacherConf)
+    loss: DistillationLossConf | None = field(default_factory=DistillationLossConf)
 
 
 # ------------------------------------------------------------------ hardware and the Trainer

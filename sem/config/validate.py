@@ -7,12 +7,14 @@ them and exits with code 2. Types and unknown keys are already caught by the sch
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sem.config.components import (
@@ -29,6 +31,7 @@ from sem.config.components import (
     trainer_problems,
 )
 from sem.config.hardware import hardware_problems, strategy_problems
+from sem.config.resources import core_problems, memory_problems
 from sem.data.user_corpus import as_corpus, corpus_contract_problems
 from sem.training.budget import length_problems
 
@@ -37,9 +40,50 @@ def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = F
               strict: bool = True) -> None:
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and (value > 0 if strict else value >= 0)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > 0 if strict else value >= 0))
     if not ok:
         problems.append(f"{key}={value!r}: must be {'> 0' if strict else '>= 0'}")
+
+
+MAX_TIMEOUT_S = 2**31 - 1  # a process group's timeout; a timedelta of more overflows a C int
+MAX_NS_STEPS = 100  # Muon's orthogonalisation: each iteration is 3 matmuls per matrix per step
+MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
+MAX_STEPS = 10**8  # far past any run this launcher is for (the default is 2800); the dry run lists steps
+
+
+def _one_line(exc: Exception) -> str:
+    """An unexpected error in a check, as one line (OmegaConf's messages run over several), with the
+    key it names where it names one."""
+    key = getattr(exc, "full_key", None)
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"{key}: {type(exc).__name__}: {first}" if key else f"{type(exc).__name__}: {first}"
+
+
+def _components(node: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, node) of every node with a ``_target_`` in a plain config, outermost first."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield key, node
+        for k, v in node.items():
+            yield from _components(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _components(v, f"{key}.{i}")
+
+
+def _target_problems(cfg: DictConfig) -> list[str]:
+    """Every ``_target_`` imports and names something to call: found here, one line naming the key,
+    not as a multi-line error of Hydra's ``instantiate`` once the run is being built."""
+    out = []
+    for key, node in _components(OmegaConf.to_container(cfg, resolve=True)):
+        obj, err = locate(key, node["_target_"])
+        if err:
+            out.append(err)
+        elif not callable(obj):
+            out.append(f"{key}._target_={node['_target_']!r}: names a {type(obj).__name__}, not a class or "
+                       "function to build")
+    return out
 
 
 OWN_MODELS = ("sem.models.sem.SEMModel", "sem.models.sem.model.SEMModel", "sem.models.transformer.TransformerLM")
@@ -70,6 +114,19 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
     for key in ("d_model", "n_layers", "max_seq_len", "vocab_size", "mlp_ratio"):
         _positive(p, f"model.{key}", m.get(key))
     _positive(p, "model.unitary_lambda", m.get("unitary_lambda"), strict=False)
+    for key in ("d_model", "max_seq_len", "vocab_size"):  # beyond, torch's sizes overflow before any memory check
+        if isinstance(m.get(key), int) and m[key] > MAX_DIM:
+            p.append(f"model.{key}={m[key]}: must be <= {MAX_DIM} (a tensor dimension)")
+    ratio, width = m.get("mlp_ratio"), m.get("d_model")
+    if isinstance(ratio, (int, float)) and isinstance(width, int) and 0 < width <= MAX_DIM \
+            and math.isfinite(ratio) and ratio * width > MAX_DIM:
+        p.append(f"model.mlp_ratio={ratio!r}: the MLP would be {ratio * width:.3g} wide (mlp_ratio x "
+                 f"model.d_model={width}); at most {MAX_DIM}")
+    if "born_eps" in m:
+        _positive(p, "model.born_eps", m.born_eps)
+    if "conv_width" in m and not 0 <= m.conv_width <= max(m.max_seq_len, 0):
+        p.append(f"model.conv_width={m.conv_width!r}: must be in [0, model.max_seq_len={m.max_seq_len}] "
+                 "(taps of the causal convolution; 0: none)")
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         p.append(f"model.dropout={m.dropout!r}: must be in [0, 1)")
     if isinstance(m.get("vocab_size"), int) and 0 < m.vocab_size < 259:
@@ -100,7 +157,23 @@ def _data_problems(cfg: DictConfig, corpus: Any, max_len: int | None) -> list[st
     for key in ("seq_len", "val_seq_len"):
         if max_len is not None and d[key] is not None and d[key] > max_len:
             p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
-    return p + corpus_contract_problems("data.corpus", corpus) + list(getattr(corpus, "problems", list)())
+    return (p + _cache_dir_problems(d.cache_dir) + corpus_contract_problems("data.corpus", corpus)
+            + list(getattr(corpus, "problems", list)()))
+
+
+def _cache_dir_problems(value: Any) -> list[str]:
+    """The token cache's folder can be made and written (checked without writing anything)."""
+    if not isinstance(value, str) or not value.strip():
+        return [f"data.cache_dir={value!r}: must name a folder (default: $SEM_CACHE_DIR or ~/.cache/sem)"]
+    path = Path(os.path.expanduser(value))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"data.cache_dir={value!r}: {existing} is not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"data.cache_dir={value!r}: {existing} is not writable"]
+    return []
 
 
 def _optimizer_problems(o: DictConfig) -> list[str]:
@@ -119,6 +192,9 @@ def _optimizer_problems(o: DictConfig) -> list[str]:
         _positive(p, "optimizer.adamw_lr", o.adamw_lr)
     if "momentum" in o and not 0.0 <= o.momentum < 1.0:
         p.append(f"optimizer.momentum={o.momentum!r}: must be in [0, 1)")
+    if "ns_steps" in o and not (isinstance(o.ns_steps, int) and 1 <= o.ns_steps <= MAX_NS_STEPS):
+        p.append(f"optimizer.ns_steps={o.ns_steps!r}: must be in [1, {MAX_NS_STEPS}] (Newton-Schulz iterations "
+                 "per step; 5 is usual)")
     if o.get("ns_dtype", "auto") not in ("auto", "float32", "bfloat16"):
         p.append(f"optimizer.ns_dtype={o.ns_dtype!r}: must be auto, float32 or bfloat16")
     return p
@@ -172,6 +248,9 @@ def _trainer_problems(t: DictConfig) -> list[str]:
     for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches",
                 "num_nodes"):
         _positive(p, f"trainer.{key}", t[key])
+    if isinstance(t.max_steps, int) and t.max_steps > MAX_STEPS:
+        p.append(f"trainer.max_steps={t.max_steps}: must be <= {MAX_STEPS:_} (optimizer steps; the dry run "
+                 "lays out every one)")
     _positive(p, "trainer.gradient_clip_val", t.gradient_clip_val, allow_none=True)
     return p
 
@@ -202,6 +281,15 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     return p
 
 
+def _strategy_value_problems(cfg: DictConfig) -> list[str]:
+    """The strategy's own numbers (what the machine allows is ``sem.config.hardware``'s)."""
+    timeout = cfg.strategy.get("timeout_s")
+    if timeout is not None and not (isinstance(timeout, int) and 0 < timeout <= MAX_TIMEOUT_S):
+        return [f"strategy.timeout_s={timeout!r}: must be in [1, {MAX_TIMEOUT_S}] (seconds a rank waits for "
+                "the others)"]
+    return []
+
+
 def _checkpoint_problems(cfg: DictConfig) -> list[str]:
     c, p = cfg.checkpoint, []
     if c.get("every_n_train_steps") is not None:
@@ -216,14 +304,10 @@ def _checkpoint_problems(cfg: DictConfig) -> list[str]:
 
 
 def _health_problems(cfg: DictConfig) -> list[str]:
-    from sem.training.health import HealthMonitor
+    from sem.training.health import settings_problems
 
     node = {k: v for k, v in OmegaConf.to_container(cfg.health, resolve=True).items() if not k.startswith("_")}
-    try:
-        HealthMonitor(**node)
-    except (TypeError, ValueError) as exc:
-        return [str(exc)]
-    return []
+    return settings_problems(**node)
 
 
 def validate(cfg: DictConfig, corpus: Any) -> list[str]:
@@ -236,8 +320,9 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
     try:
         problems, max_len = _model_problems(cfg.model, cfg.trainer.max_steps)
     except Exception as exc:  # an unexpected shape of config is still a config problem
-        problems, max_len = [f"model: {type(exc).__name__}: {exc}"], None
+        problems, max_len = [f"model: {_one_line(exc)}"], None
     checks = [
+        lambda: _target_problems(cfg),
         lambda: _data_problems(cfg, corpus, max_len),
         lambda: _optimizer_problems(cfg.optimizer),
         lambda: _scheduler_problems(cfg),
@@ -250,6 +335,8 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         lambda: hardware_problems(cfg),
         lambda: _run_problems(cfg),
         lambda: strategy_problems(cfg),
+        lambda: _strategy_value_problems(cfg),
+        lambda: core_problems(cfg),
         lambda: _checkpoint_problems(cfg),
         lambda: _health_problems(cfg),
     ]
@@ -257,12 +344,12 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
         try:
             problems.extend(check())
         except Exception as exc:  # an unexpected shape of config is still a config problem
-            problems.append(f"{type(exc).__name__}: {exc}")
+            problems.append(_one_line(exc))
     if not problems and not (cfg.optimizer.get("_target_") in OWN_OPTIMIZERS
                              and cfg.scheduler.get("_target_") in OWN_SCHEDULES):
         problems += optimizer_schedule_problems(OmegaConf.to_container(cfg.optimizer, resolve=True),
                                                 OmegaConf.to_container(cfg.scheduler, resolve=True))
-    return problems
+    return list(dict.fromkeys(problems))  # a bad _target_ is found by its group's check too: say it once
 
 
 def _curriculum_problems(cfg: DictConfig, max_len: int | None) -> list[str]:
@@ -296,6 +383,7 @@ def _logger_problems(cfg: DictConfig) -> list[str]:
 
 
 def _distillation_problems(cfg: DictConfig) -> list[str]:
+    from sem.config.schema import DistillationLossConf, EMATeacherConf
     from sem.training.distillation import distill_problems
 
     t, loss = cfg.distillation.teacher, cfg.distillation.loss
@@ -303,6 +391,16 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
         return ["distillation: teacher and loss must both be set or both be null"]
     if t is None:
         return []
+    p = []
+    for key, node in (("teacher", t), ("loss", loss)):  # distillation=off takes any value: it is typed Any
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            p.append(f"distillation.{key}={_plain(node)!r}: not a component (no _target_); choose "
+                     f"distillation=ema_teacher and override its keys (distillation.{key}.<name>=...)")
+    if p:
+        return p
+    # a node set by hand on distillation=off has only the keys it was given: the schema's defaults fill in
+    t = OmegaConf.merge(EMATeacherConf, t) if OmegaConf.get_type(t) is dict else t
+    loss = OmegaConf.merge(DistillationLossConf, loss) if OmegaConf.get_type(loss) is dict else loss
     n = cfg.trainer.max_steps
     return distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
                             decay_end=t.decay_end, start_stage=t.start_stage,
@@ -313,6 +411,10 @@ def _distillation_problems(cfg: DictConfig) -> list[str]:
                          "distillation.teacher.start_fraction", t.get("start_fraction"), n,
                          required=False, strictly_inside=True),
     ]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def validate_run(cfg: DictConfig) -> tuple[list[str], Any]:
@@ -334,7 +436,10 @@ def validate_run(cfg: DictConfig) -> tuple[list[str], Any]:
     except Exception as exc:
         cause = exc.__cause__ or exc
         return [f"data.corpus: cannot build {cfg.data.corpus.get('_target_')!r}: {cause}"], None
-    return validate(cfg, corpus), corpus
+    problems = validate(cfg, corpus)
+    if not problems:  # an estimate needs a config that builds
+        problems = memory_problems(cfg)[0]
+    return problems, corpus
 
 
 def run_dir_problems(run_dir: Path) -> list[str]:

@@ -78,6 +78,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     datamodule = make(without(cfg.data, "corpus"), corpus=corpus)
     datamodule.setup()
     log.info("data: %s", datamodule.describe())
+    _log_memory_estimate(cfg)
 
     model = build_model(cfg.model)
     curriculum = make(cfg.curriculum)
@@ -113,6 +114,16 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
                  quick=bool(cfg.trainer.get("fast_dev_run")),
                  precision_note=note, signals=signals)
+
+
+def _log_memory_estimate(cfg: DictConfig) -> None:
+    """The peak-memory estimate the validation checked (``sem.config.resources``), for the run's log."""
+    from sem.config.resources import estimate_memory
+
+    try:
+        log.info("%s", estimate_memory(cfg).line())
+    except Exception as exc:  # the estimate is advice: a model fake tensors cannot run still trains
+        log.info("peak memory estimate: not available (%s: %s)", type(exc).__name__, exc)
 
 
 def build_model(node: DictConfig) -> Any:

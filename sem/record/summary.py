@@ -40,6 +40,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, MiB (``getrusage``; Linux counts KiB)."""
+    try:
+        import resource
+        import sys
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(kib / (2**20 if sys.platform == "darwin" else 1024), 1)
+    except (ImportError, OSError):
+        return None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; ``{}`` if it is missing, unreadable or not an object."""
     try:
@@ -94,6 +106,7 @@ class RunSummary:
             "xz_bpb": xz_bpb,
             "tokens_per_s": tokens_per_s,
             "wall_s": round(wall_s, 2),
+            "peak_rss_mb": peak_rss_mb(),
             "best_checkpoint": best_checkpoint,
             "last_checkpoint": last_checkpoint,
         }

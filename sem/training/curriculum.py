@@ -71,10 +71,16 @@ def _as_stage(item: Stage | dict[str, Any]) -> Stage:
         raise ValueError(f"stage {item.get('name', '?')!r}: unknown keys {unknown}")
     fields = dict(item)
     gate = fields.get("gate")
+    if gate is not None and not isinstance(gate, (dict, Gate)):
+        raise ValueError(f"gate={gate!r}: must be a mapping (min_steps, window, threshold) or null")
     if isinstance(gate, dict):
         unknown = sorted(set(gate) - {f.name for f in dataclasses.fields(Gate)})
         if unknown:
             raise ValueError(f"gate: unknown keys {unknown} (known: min_steps, window, threshold)")
+        for key, value in gate.items():  # the schema types a gate Any: its values are checked here
+            whole = key != "threshold"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value != value:
+                raise ValueError(f"gate.{key}={value!r}: must be {'a whole number of steps' if whole else 'a number'}")
         fields["gate"] = Gate(**gate)
     return Stage(**fields)
 

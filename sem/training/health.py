@@ -27,6 +27,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,37 +105,21 @@ class HealthMonitor:
         max_rollbacks: int = 3,
         rollback_lr_scale: float = 1.0,
     ) -> None:
+        bad = settings_problems(nonfinite_loss=nonfinite_loss, nonfinite_grad=nonfinite_grad,
+                                grad_explosion=grad_explosion, loss_spike=loss_spike, plateau=plateau, stall=stall,
+                                probes=probes, escalate_after=escalate_after, max_rollbacks=max_rollbacks,
+                                rollback_lr_scale=rollback_lr_scale)
+        if bad:
+            raise ValueError("; ".join(bad))
         self.enabled = enabled
-        self.nonfinite_loss = _action("nonfinite_loss", nonfinite_loss)
-        self.nonfinite_grad = _action("nonfinite_grad", nonfinite_grad)
-        self.grad_explosion = _check("grad_explosion", grad_explosion,
-                                     {"action": "warn", "z": 10.0, "min_ratio": 20.0, "window": 100,
-                                      "min_history": 20})
+        self.nonfinite_loss, self.nonfinite_grad = nonfinite_loss, nonfinite_grad
+        self.grad_explosion = _settings("grad_explosion", grad_explosion)
         # extreme_ratio: before min_history steps are seen, a loss this many times the median of the
         # steps so far (from the 3rd step on) is a spike already (null: wait for min_history)
-        self.loss_spike = _check("loss_spike", loss_spike,
-                                 {"action": "skip", "z": 8.0, "min_ratio": 1.5, "window": 100,
-                                  "min_history": 20, "extreme_ratio": 20.0})
-        extreme = self.loss_spike["extreme_ratio"]
-        if extreme is not None and not (isinstance(extreme, (int, float)) and extreme > 1):
-            raise ValueError(f"health.loss_spike.extreme_ratio={extreme!r}: must be > 1 (a multiple of the "
-                             "median loss so far) or null")
-        self.plateau = _check("plateau", plateau, {"action": "warn", "window": 500, "min_improvement": 0.0})
-        self.stall = _check("stall", stall, {"action": "warn", "factor": 10.0, "window": 50, "min_history": 10})
-        self.probes = _check("probes", probes, {"action": "warn", "limits": {}})
-        for name, cfg in (("loss_spike", self.loss_spike), ("grad_explosion", self.grad_explosion),
-                          ("stall", self.stall)):
-            if int(cfg["window"]) < max(int(cfg["min_history"]), 2):
-                raise ValueError(f"health.{name}.window={cfg['window']}: must be >= health.{name}.min_history="
-                                 f"{cfg['min_history']} (and >= 2), or the check can never fire")
-        if int(self.plateau["window"]) < 2:
-            raise ValueError(f"health.plateau.window={self.plateau['window']}: must be >= 2")
-        if escalate_after < 1:
-            raise ValueError(f"health.escalate_after={escalate_after}: must be >= 1")
-        if max_rollbacks < 0:
-            raise ValueError(f"health.max_rollbacks={max_rollbacks}: must be >= 0")
-        if not 0 < rollback_lr_scale <= 1:
-            raise ValueError(f"health.rollback_lr_scale={rollback_lr_scale}: must be in (0, 1]")
+        self.loss_spike = _settings("loss_spike", loss_spike)
+        self.plateau = _settings("plateau", plateau)
+        self.stall = _settings("stall", stall)
+        self.probes = _settings("probes", probes)
         self.escalate_after = escalate_after
         self.max_rollbacks = max_rollbacks
         self.rollback_lr_scale = rollback_lr_scale
@@ -361,10 +346,10 @@ def _after_update(d: Decision) -> None:
     d.action = max((e.action for e in d.events), key=_SEVERITY.__getitem__, default="ok")
 
 
-def _action(name: str, value: str | None) -> str | None:
+def _action_problems(name: str, value: Any) -> list[str]:
     if value is not None and value not in ACTIONS:
-        raise ValueError(f"health.{name}={value!r}: must be one of {', '.join(ACTIONS)} or null")
-    return value
+        return [f"health.{name}={value!r}: must be one of {', '.join(ACTIONS)} or null"]
+    return []
 
 
 def _early_limit(cfg: dict[str, Any], history: deque[float]) -> float:
@@ -377,13 +362,87 @@ def _early_limit(cfg: dict[str, Any], history: deque[float]) -> float:
     return ratio * med if med > 0 else math.inf
 
 
-def _check(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**defaults, **(dict(given) if given else {})}
-    unknown = set(cfg) - set(defaults)
+DEFAULTS: dict[str, dict[str, Any]] = {  # each check's settings; a config sets some of them
+    "grad_explosion": {"action": "warn", "z": 10.0, "min_ratio": 20.0, "window": 100, "min_history": 20},
+    "loss_spike": {"action": "skip", "z": 8.0, "min_ratio": 1.5, "window": 100, "min_history": 20,
+                   "extreme_ratio": 20.0},
+    "plateau": {"action": "warn", "window": 500, "min_improvement": 0.0},
+    "stall": {"action": "warn", "factor": 10.0, "window": 50, "min_history": 10},
+    "probes": {"action": "warn", "limits": {}},
+}
+_STEP_COUNTS = ("window", "min_history")  # whole numbers of steps; every other threshold is a number
+
+
+def _settings(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check ``name``'s settings: its defaults, then what the config sets."""
+    return {**DEFAULTS[name], **(dict(given) if given else {})}
+
+
+def _is_number(value: Any) -> bool:
+    """A number, not NaN (an infinite threshold is one that never fires)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_problems(name: str, given: Any) -> list[str]:
+    """One line per bad setting of check ``name`` (``given``: the config's dict, or None)."""
+    if given is not None and not isinstance(given, Mapping):
+        return [f"health.{name}={given!r}: must be a mapping of settings ({', '.join(DEFAULTS[name])})"]
+    cfg = _settings(name, given)
+    unknown = set(cfg) - set(DEFAULTS[name])
     if unknown:
-        raise ValueError(f"health.{name}: unknown keys {sorted(unknown)} (known: {sorted(defaults)})")
-    _action(f"{name}.action", cfg["action"])
-    return cfg
+        return [f"health.{name}: unknown keys {sorted(unknown)} (known: {sorted(DEFAULTS[name])})"]
+    out = _action_problems(f"{name}.action", cfg["action"])
+    for key, value in cfg.items():
+        if key in ("action", "limits") or (key == "extreme_ratio" and value is None):
+            continue
+        if key in _STEP_COUNTS:
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                out.append(f"health.{name}.{key}={value!r}: must be a whole number of steps >= 0")
+        elif not (_is_number(value) and value >= 0):
+            out.append(f"health.{name}.{key}={value!r}: must be a number >= 0")
+    limits = cfg.get("limits")
+    if name == "probes":
+        if not isinstance(limits, Mapping):
+            out.append(f"health.probes.limits={limits!r}: must be a mapping of probe name to limit")
+        else:
+            out += [f"health.probes.limits.{k}={v!r}: must be a number" for k, v in limits.items()
+                    if not _is_number(v)]
+    return out
+
+
+def settings_problems(*, nonfinite_loss: Any = "skip", nonfinite_grad: Any = "skip", grad_explosion: Any = None,
+                      loss_spike: Any = None, plateau: Any = None, stall: Any = None, probes: Any = None,
+                      escalate_after: Any = 3, max_rollbacks: Any = 3, rollback_lr_scale: Any = 1.0,
+                      **_: Any) -> list[str]:
+    """Every problem with the health settings, one line each naming the key and the value."""
+    out = _action_problems("nonfinite_loss", nonfinite_loss) + _action_problems("nonfinite_grad", nonfinite_grad)
+    checks = {"grad_explosion": grad_explosion, "loss_spike": loss_spike, "plateau": plateau, "stall": stall,
+              "probes": probes}
+    bad_check = set()
+    for name, given in checks.items():
+        lines = _check_problems(name, given)
+        out += lines
+        if lines:
+            bad_check.add(name)
+    if "loss_spike" not in bad_check:
+        extreme = _settings("loss_spike", loss_spike)["extreme_ratio"]
+        if extreme is not None and not extreme > 1:
+            out.append(f"health.loss_spike.extreme_ratio={extreme!r}: must be > 1 (a multiple of the "
+                       "median loss so far) or null")
+    for name in ("loss_spike", "grad_explosion", "stall"):
+        cfg = _settings(name, checks[name])
+        if name not in bad_check and cfg["window"] < max(cfg["min_history"], 2):
+            out.append(f"health.{name}.window={cfg['window']}: must be >= health.{name}.min_history="
+                       f"{cfg['min_history']} (and >= 2), or the check can never fire")
+    if "plateau" not in bad_check and (window := _settings("plateau", plateau)["window"]) < 2:
+        out.append(f"health.plateau.window={window}: must be >= 2")
+    if not (isinstance(escalate_after, int) and escalate_after >= 1):
+        out.append(f"health.escalate_after={escalate_after!r}: must be >= 1")
+    if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
+        out.append(f"health.max_rollbacks={max_rollbacks!r}: must be >= 0")
+    if not (_is_number(rollback_lr_scale) and 0 < rollback_lr_scale <= 1):
+        out.append(f"health.rollback_lr_scale={rollback_lr_scale!r}: must be in (0, 1]")
+    return out
 
 
 @dataclass
