@@ -22,6 +22,7 @@ from sem.recipe import train
 from sem.record.lock import RunDirBusy, hold
 from sem.record.summary import is_global_zero
 from sem.sweeps.job import apply_job_threads, sweep_job
+from sem.training.preemption import after_run
 
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
@@ -37,6 +38,8 @@ def cli(app: Any) -> None:
         if exc.code == 1 and not _main_started and not isinstance(exc, SweepExit):
             raise SystemExit(EXIT_BAD_CONFIG) from None
         raise
+    finally:
+        after_run()  # a stop signal while the process exits: a flag, not an exception in its clean-up
 
 
 class ValidateFirst(HydraCallback):

@@ -1,7 +1,9 @@
 """Exit codes and the exceptions a run ends with. A leaf: every layer may import it.
 
 0 success; 1 training failure (``summary.json`` says why); 2 bad config or usage (one line per problem
-on stderr, no traceback); 75 preempted by a stop signal after saving (``resume=auto`` continues)."""
+on stderr, no traceback); 75 stopped by a signal (SIGTERM, SIGINT, SIGUSR1): during training after saving
+the step in flight, in any other phase at once, with nothing to save (``sem.training.preemption``);
+``resume=auto`` continues either way; 128 + the signal (130 for Ctrl-C) when a second one exits at once."""
 
 from __future__ import annotations
 

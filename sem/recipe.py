@@ -32,7 +32,7 @@ from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, Tr
 from sem.record.lock import RunDirBusy, hold
 from sem.record.summary import RunSummary, is_global_zero
 from sem.training.distributed import ddp_env, end_distributed
-from sem.training.preemption import StopSignals
+from sem.training.preemption import Stopped, StopSignals
 
 log = logging.getLogger("sem.recipe")
 
@@ -44,11 +44,12 @@ def train(cfg: DictConfig) -> float | None:
         if (done := already_finished(cfg, run.dir, resume)) is not None:
             return done
         built = prepare(run, resume)
-        run.summary.begin(run.cfg, parent_checkpoint=built.resume_from)
-        fit(built, run.summary, run.started)
+        with run.signals.deferred():  # the run's records are written whole
+            run.summary.begin(run.cfg, parent_checkpoint=built.resume_from)
+        fit(built, run.summary, run.started)  # the engine defers stop signals to its step boundary
         bpb = summarise(built, run.summary, run.started)
         if not built.quick:  # trainer.fast_dev_run saves no checkpoint to sample from
-            write_samples(run.cfg, built.checkpoint, run.dir)
+            write_samples(run.cfg, built.checkpoint, run.dir, run.signals)
         return bpb
     return None  # not reached: run_guard re-raises or exits
 
@@ -78,8 +79,9 @@ class Run:
 @contextmanager
 def run_guard(cfg: DictConfig) -> Iterator[Run]:
     """Validate (every problem at once, exit 2, nothing written), then hold the run: SIGTERM/SIGINT/
-    SIGUSR1 stop it at a step boundary, saved (exit 75); a failure is written to ``summary.json``
-    (exit 1; in a sweep, ``TrainingFailed`` so Hydra records the job)."""
+    SIGUSR1 stop it at once before training (nothing to save), at a step boundary during training,
+    saved; either way ``summary.json`` says preempted and the exit code is 75. A failure is written to
+    ``summary.json`` (exit 1; in a sweep, ``TrainingFailed`` so Hydra records the job)."""
     problems, corpus = validate_run(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     exit_if_invalid(problems or run_dir_problems(run_dir))
@@ -91,11 +93,23 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
     started, saved_env = time.time(), ddp_env()
     _quiet_other_ranks()
     signals = StopSignals()
-    signals.install()  # from here on, SIGTERM/SIGINT/SIGUSR1 end the run at a step boundary, saved
+    signals.install()
     summary = RunSummary(run_dir)
+    checkpoints = None
     try:
+        # Until training starts (the token cache, the build, the rendezvous, the sanity check) a stop
+        # abandons the run at once: nothing to save yet (the engine defers stops from its first step).
+        signals.abandon("the set-up before training")
         checkpoints = make(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
+        signals.last_words = lambda why: _stopped(summary, checkpoints, started, why)
         yield Run(cfg, run_dir, corpus, checkpoints, signals, summary, started)
+    except Stopped as stop:  # a phase with nothing to save: the newest checkpoint (if any) is the run
+        signals.defer()  # summary.json is written whole (a second signal still exits at once)
+        last = _stopped(summary, checkpoints, started, str(stop))
+        signals.release_ranks()  # (DDP) an extra rank still in a collective this one left: ended, not waited for
+        log.warning("%s: nothing lost%s; exit code %d", stop, f", `resume=auto` goes on from {last.name}"
+                    if last is not None else "", EXIT_PREEMPTED)
+        raise SystemExit(EXIT_PREEMPTED) from None
     except (CorpusError, ContractError) as exc:  # found when the corpus is read: still a problem with the input
         exit_if_invalid([f"data.corpus: {exc}"])
     except InstantiationException as exc:  # a value only its constructor could check
@@ -117,6 +131,16 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
         signals.restore()
         end_distributed(saved_env)  # the next job of a sweep in this process starts without a process group
         signals.hand_over()  # submitit's SIGUSR2, after the stop's checkpoint: submitit requeues (SystemExit)
+
+
+def _stopped(summary: RunSummary, checkpoints: Any, started: float, why: str) -> Path | None:
+    """``summary.json`` of a run stopped where there was nothing to save: preempted, at the newest
+    checkpoint's step (0 and none before the first). The newest checkpoint, if any."""
+    step = getattr(checkpoints, "last_saved_step", None)
+    last = checkpoints.last() if checkpoints is not None else None
+    summary.finish("preempted", wall_s=time.time() - started, steps=step if step is not None else 0,
+                   last_checkpoint=str(last) if last is not None else None, error=why)
+    return last
 
 
 def _quiet_other_ranks() -> None:

@@ -16,12 +16,13 @@ import logging
 import lzma
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -141,8 +142,8 @@ def _expand_paths(paths: list[str], field: str) -> tuple[list[tuple[str, Path]],
 def _as_str_list(paths: list[str] | str, field: str) -> list[str]:
     if isinstance(paths, str):  # a single path is accepted as a one-element list
         return [paths]
-    if paths is None:
-        raise ValueError(f"{field} must be a list of paths, got None")
+    if not isinstance(paths, Sequence):  # None, a number, a mapping (ListConfig is a Sequence)
+        raise ValueError(f"{field}={paths!r}: must be a list of paths (or one path)")
     return [str(p) for p in paths]  # also turns an OmegaConf ListConfig into plain str
 
 
@@ -333,9 +334,13 @@ def load_or_build_cache(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: 
         return cache
     if final.exists():  # incomplete or old-format leftovers under the final name
         shutil.rmtree(final, ignore_errors=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tokens-{key}-", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(cache_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tokens-{key}-{_builder()}-", dir=cache_dir))
+    except OSError as exc:  # validation finds most of these; a file system can still refuse (/proc, quota)
+        raise CorpusError(f"data.cache_dir={str(cache_dir)!r}: cannot hold the token cache "
+                          f"({exc.strerror or exc}); set data.cache_dir or $SEM_CACHE_DIR") from exc
     try:
         t0 = time.perf_counter()
         meta = _build(corpus, tokenizer, val_fraction, tmp)
@@ -360,14 +365,33 @@ def load_or_build_cache(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: 
     return cache
 
 
+def _builder() -> str:
+    """This process, as build dirs name their builder: ``<host>.<pid>``."""
+    return f"{socket.gethostname().replace('-', '_')}.{os.getpid()}"
+
+
 def _remove_stale_tmp(cache_dir: Path) -> None:
-    now = time.time()
+    """Build dirs left by a killed builder (a second Ctrl-C, SIGKILL): at once when it was a process of
+    this host that is gone, else when older than ``_STALE_TMP_S``."""
+    now, host = time.time(), socket.gethostname().replace("-", "_")
     for p in cache_dir.glob(".tmp-tokens-*"):
         try:
-            if now - p.stat().st_mtime > _STALE_TMP_S:
+            owner = p.name.split("-")[3] if p.name.count("-") >= 4 else ""
+            gone = owner.rpartition(".")[0] == host and not _alive(int(owner.rpartition(".")[2]))
+            if gone or now - p.stat().st_mtime > _STALE_TMP_S:
                 shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass  # another process removed it first
+        except (OSError, ValueError):
+            pass  # another process removed it first, or not a name of ours
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _build(corpus: Corpus, tokenizer: ByteTokenizer, val_fraction: float, out: Path) -> dict:

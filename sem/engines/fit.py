@@ -16,6 +16,7 @@ from sem.engines.build import Built
 from sem.errors import EXIT_PREEMPTED
 from sem.models.stream import carries_state, stream_score
 from sem.record.summary import RunSummary, is_global_zero
+from sem.training.preemption import Stopped, StopSignals, abandonable
 
 log = logging.getLogger("sem.fit")
 
@@ -50,8 +51,9 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
     n_windows = len(dm.val_windows(final_windows)[0])
     log.info("final validation on %s %d held-out windows",
              "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)
-    val = engine.validate(dm.val_loader(max_windows=final_windows), final=True)
-    stream = stream_bpb(built)
+    with abandonable(built.signals, "the final validation"):  # a stop: summary.json says preempted, exit 75
+        val = engine.validate(dm.val_loader(max_windows=final_windows), final=True)
+        stream = stream_bpb(built)
     summary.finish(
         "completed",
         wall_s=time.time() - started,
@@ -103,11 +105,23 @@ def stream_bpb(built: Built) -> float | None:
         return None
 
 
-def write_samples(cfg: DictConfig, checkpoints: Any, run_dir: Path) -> None:
-    """``samples.txt``: what the final checkpoint writes (rebuilt from the file alone, as a user would)."""
+def write_samples(cfg: DictConfig, checkpoints: Any, run_dir: Path, signals: StopSignals | None = None) -> None:
+    """``samples.txt``: what the final checkpoint writes (rebuilt from the file alone, as a user would).
+    A stop signal abandons it: the run is complete (``summary.json``), no samples, exit 75."""
     last = checkpoints.last()
     if cfg.sample.n == 0 or last is None or not is_global_zero():
         return
+    try:
+        with abandonable(signals, "sampling"):
+            _write_samples(cfg, last, run_dir)
+    except Stopped as stop:
+        (run_dir / "samples.txt.tmp").unlink(missing_ok=True)
+        log.warning("%s: samples.txt not written (the run is complete: summary.json); exit code %d",
+                    stop, EXIT_PREEMPTED)
+        raise SystemExit(EXIT_PREEMPTED) from None
+
+
+def _write_samples(cfg: DictConfig, last: Path, run_dir: Path) -> None:
     try:
         from sem.models.generate import write_samples as generate_samples
         from sem.training.restore import load

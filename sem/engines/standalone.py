@@ -71,6 +71,7 @@ class SEMTrainer:
         self.metrics.trim(self.global_step)
         if self.signals is not None:
             self.signals.install()
+            self.signals.defer()  # training: a stop finishes the step and saves it
         batches = self._prefetched(self.dm.train_loader(
             start_step=lambda: self.global_step,
             shape_at=self.policy.curriculum.shape_at if self.policy.curriculum is not None else None,

@@ -23,6 +23,7 @@ from sem.record.summary import RunSummary, is_global_zero
 from sem.record.units import fmt_duration
 from sem.sweeps.ledger import append_ledger, identity_conflict
 from sem.sweeps.records import job_record
+from sem.training.preemption import StopSignals
 
 log = logging.getLogger("sem.sweep")
 
@@ -78,7 +79,19 @@ def apply_job_threads(requested: int | None) -> int:
     return torch.get_num_threads()
 
 
-_stopped_by_signal = False  # a job of this process was preempted: the sweep launches no more here
+_between_jobs: StopSignals | None = None  # this process's sweep-level stop signals (``_sweep_signals``)
+
+
+def _sweep_signals() -> StopSignals:
+    """The stop signals of the sweep itself, installed at its first job and kept: a signal between two
+    jobs (the basic launcher making the next job's folder, the report after a job) is a flag, and the
+    jobs after it are not started; each job's own (``sem.recipe.run_guard``) sit on top of them."""
+    global _between_jobs
+    if _between_jobs is None:
+        _between_jobs = StopSignals(requeue=False)  # submitit's SIGUSR2 stays for each job to take over
+        _between_jobs.on_stop = f"no further job of this sweep starts; it exits with code {EXIT_PREEMPTED}"
+        _between_jobs.install()
+    return _between_jobs
 
 
 def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
@@ -92,15 +105,15 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
     ``not_started``): Ctrl-C or a scheduler's SIGTERM stops the sweep, saved; the same command with
     ``resume=auto`` carries on. A second signal (SystemExit) ends the process at once.
     """
-    global _stopped_by_signal
+    sweep = _sweep_signals()
     hc = HydraConfig.get()
     run_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)
     job, overrides = job_id(run_dir, sweep_dir), [str(o) for o in hc.overrides.task]
     started = time.time()
     error = identity_conflict(sweep_dir, job, overrides, run_dir)
     status = "failed" if error else None
-    if error is None and _stopped_by_signal:
-        status, error = "not_started", "not started: a stop signal ended an earlier job of this sweep"
+    if error is None and sweep.received is not None:
+        status, error = "not_started", f"not started: {sweep.received} stopped the sweep before this job"
     if error is None and is_global_zero():
         try:
             hold(run_dir)
@@ -114,7 +127,7 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
             value = run(cfg)
         except SystemExit as exc:
             if exc.code == EXIT_PREEMPTED:  # stopped by a signal, saved: summary.json says so
-                _stopped_by_signal = True
+                sweep.received = sweep.received or "a stop signal"  # (a second one exits at once)
                 return None
             if exc.code != EXIT_BAD_CONFIG:
                 raise

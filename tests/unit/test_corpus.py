@@ -1,8 +1,12 @@
 import gzip
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -221,6 +225,24 @@ def test_failed_build_leaves_no_partial_cache(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         load_or_build_cache(Dies(inner), tok, 0.2, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_build_dir_of_a_builder_that_died_is_removed_by_the_next_build(tmp_path):
+    """A second Ctrl-C exits at once, mid-build: its temporary dir (never the cache's name) is removed by
+    the next build at once when its builder is a process of this host that is gone; a live builder's stays."""
+    write_files(tmp_path / "src", 20)
+    c = TextFilesCorpus([str(tmp_path / "src")])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().replace("-", "_")
+    cache = tmp_path / "cache"
+    dead = cache / f".tmp-tokens-0123456789abcdef0123-{host}.{gone.stdout.strip()}-x1y2z3"
+    live = cache / f".tmp-tokens-0123456789abcdef0123-{host}.{os.getppid()}-a1b2c3"
+    other_host = cache / ".tmp-tokens-0123456789abcdef0123-elsewhere.1-q9w8e7"
+    for d in (dead, live, other_host):
+        d.mkdir(parents=True)
+        (d / "train.bin").write_bytes(b"\x00" * 10)
+    load_or_build_cache(c, tok, 0.2, cache)
+    assert not dead.exists() and live.exists() and other_host.exists()
 
 
 def test_leftovers_of_a_killed_build_are_never_loaded(tmp_path):

@@ -128,19 +128,32 @@ class CheckpointCallback(pl.Callback):
         self.manager = manager
         self.signals = signals
 
+    def _take_back_signals(self, trainer: pl.Trainer) -> None:
+        """Lightning installs its own SIGTERM handler when it starts fitting or validating (wrapping ours):
+        it would raise SIGTERMException at the next batch (exit 1, nothing saved), and in a multi-rank run
+        it broadcasts from inside the handler, a collective at an arbitrary point. Ours decides: a
+        SIGTERM Lightning caught before now becomes ours."""
+        if self.signals is None:
+            return
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:
+            self.signals.received = self.signals.received or "SIGTERM"
+            connector.received_sigterm = False
+        self.signals.install()
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_back_signals(trainer)  # still before training: a stop abandons the sanity check
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_back_signals(trainer)  # the final validation (trainer.validate) registers Lightning's again
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_back_signals(trainer)
         if self.signals is not None:
-            # Lightning installed its own SIGTERM handler at fit start (wrapping ours): a SIGTERM caught by
-            # it before now becomes ours, and ours decides from here on (a clean save and exit 75, where
-            # Lightning's would raise SIGTERMException at the next batch: exit 1, nothing saved).
-            connector = getattr(trainer, "_signal_connector", None)
-            if connector is not None and connector.received_sigterm:
-                self.signals.received = self.signals.received or "SIGTERM"
-                connector.received_sigterm = False
-            self.signals.install()
-            launcher = trainer.strategy.launcher
-            if getattr(launcher, "procs", None) and launcher.kill not in self.signals.forward:
-                self.signals.forward.append(launcher.kill)  # the ranks this process started stop too
+            # The first step starts: from here a stop finishes the step and saves it. (One received in the
+            # set-up was raised there already; the rendezvous is over, so every rank is here.)
+            self.signals.abandon("the set-up before training")
+            self.signals.defer()
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, milestone: str | None = None) -> None:
         # Lightning's own checkpoint dict (loops, optimizer, scheduler, precision, callbacks, and the

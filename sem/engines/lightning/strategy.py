@@ -31,6 +31,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from sem.training.distributed import at_job_end, backend_for, world_size
+from sem.training.preemption import forward_to
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
+            forward_to(self.procs)  # a stop signal reaches them from now on, even during the rendezvous
             observer = RankObserver(os.getpid(), self.procs)
             observer.start()
             at_job_end.append(observer.stop)
@@ -103,7 +105,9 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             command, cwd = rank_command(local_rank)
             log.info("starting rank %d: %s", local_rank, " ".join(command))
-            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
+            # Its own session: a Ctrl-C at the terminal reaches rank zero only, which passes it on
+            # (``forward_to``); the rank dies with rank zero (``sem.training.preemption``).
+            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd, start_new_session=True))
 
 
 def rank_command(local_rank: int) -> tuple[list[str], str | None]:
