@@ -19,7 +19,7 @@ from sem.config.validate import run_dir_problems, validate_run
 from sem.errors import EXIT_BAD_CONFIG, SweepExit, exit_if_invalid
 from sem.plan.dry_run import plan
 from sem.recipe import train
-from sem.record.lock import RunDirBusy, hold
+from sem.record.lock import RunDirBusy, busy, hold
 from sem.record.summary import is_global_zero
 from sem.sweeps.job import apply_job_threads, sweep_job
 from sem.training.preemption import after_run
@@ -52,6 +52,9 @@ class ValidateFirst(HydraCallback):
         with open_dict(job_cfg):
             del job_cfg["hydra"]  # what the job itself will see
         run_dir = Path(config.hydra.run.dir)
+        holder = busy(run_dir) if is_global_zero() else None  # at once, before the validation's imports
+        if holder:
+            exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: {holder}"])
         exit_if_invalid(validate_run(job_cfg)[0] + run_dir_problems(run_dir))
         try:  # what Hydra does next; a dir that cannot be made is a usage error, not a traceback
             run_dir.mkdir(parents=True, exist_ok=True)

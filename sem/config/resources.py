@@ -211,14 +211,17 @@ def _measure(plain: dict[str, Any], node: dict[str, Any], cfg: DictConfig, devic
 
     cls, _ = locate("model", node["_target_"])
     saved: dict[int, int] = {}
+    weights: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = _nbytes(t)  # by identity: a tensor saved by two ops is held once
+        if id(t) not in weights and id(getattr(t, "_base", None)) not in weights:  # (counted as params)
+            saved[id(t)] = _nbytes(t)  # by identity: a tensor saved by two ops is held once
         return t
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = cls(**model_kwargs(cls, node))
         model.train()
+        weights.update(id(p) for p in model.parameters())
         params = sum(_nbytes(p) for p in model.parameters())
         trainable = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
         ids = torch.zeros(batch, seq_len, dtype=torch.long)

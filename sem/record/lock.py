@@ -73,6 +73,29 @@ def _holder(fd: int) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: {command}"
 
 
+def busy(run_dir: str | Path) -> str | None:
+    """Who holds ``run_dir`` if another process does, else None; creates and writes nothing (a single
+    run asks this first, so a second process leaves at once, before the seconds its validation takes)."""
+    path = Path(run_dir) / LOCK_NAME
+    if Path(run_dir).resolve() in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file yet (or unreadable: ``acquire`` says so)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a read-only descriptor takes a shared lock)
+    except BlockingIOError:
+        return f"{path.parent} is in use by another run ({_holder(fd)})"
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 _held: dict[Path, RunLock] = {}  # the run dirs this process holds
 
 

@@ -30,6 +30,7 @@ import torch
 
 from sem.training.checkpoint_file import (
     FORMAT,
+    IN_FLIGHT,
     MODEL_PREFIX,
     CheckpointError,
     _fsync_dir,
@@ -159,6 +160,8 @@ class CheckpointManager:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            finally:
+                IN_FLIGHT.discard(tmp)
             _fsync_dir(self.dir)
             _point(self.dir / "last.ckpt", path)
         except OSError as exc:

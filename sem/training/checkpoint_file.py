@@ -18,7 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from sem.training.preemption import at_exit_now
+
 FORMAT = 1
+# Temporaries being written (checkpoints, sidecars, links): a process that exits at once on a second stop
+# signal removes them first (``sem.training.preemption.at_exit_now``), so no partial file is left behind.
+IN_FLIGHT: set[Path] = set()
+
+
+def remove_in_flight() -> None:
+    for tmp in list(IN_FLIGHT):
+        tmp.unlink(missing_ok=True)
+    IN_FLIGHT.clear()
+
+
+at_exit_now.append(remove_in_flight)
 
 
 class CheckpointError(RuntimeError):
@@ -104,6 +118,7 @@ def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
 def _mkstemp(path: Path) -> tuple[int, Path]:
     """A temp file beside ``path`` with the permissions a plain ``open`` would give (mkstemp: 0600)."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    IN_FLIGHT.add(Path(name))  # (the writer discards it once moved into place or removed)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
@@ -134,14 +149,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        IN_FLIGHT.discard(tmp)
 
 
 def _point(link: Path, target: Path) -> None:
     """Make ``link`` a relative symlink to ``target`` (same directory), atomically."""
     tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    os.symlink(target.name, tmp)
-    os.replace(tmp, link)
+    IN_FLIGHT.add(tmp)
+    try:
+        os.symlink(target.name, tmp)
+        os.replace(tmp, link)
+    finally:
+        IN_FLIGHT.discard(tmp)
 
 
 MODEL_PREFIX = "model."  # the model's keys inside a checkpoint's state_dict (the Lightning module's name)

@@ -48,6 +48,9 @@ SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGIN
 REQUEUE_SIGNAL = getattr(signal, "SIGUSR2", None)  # submitit's, taken over only where submitit handles it
 STUCK_S = 5.0  # a phase with nothing to save: seconds the main thread may stay deaf to a signal
 STUCK_TRAINING_S = 60.0  # training: a step or a checkpoint save may hold native code for a while
+# Called just before the process exits at once (a second signal, a main thread held in native code): a
+# writer registers here what it must not leave behind (``sem.training.checkpoint_file``: its temporaries).
+at_exit_now: list[Callable[[], None]] = []
 
 
 class Stopped(SystemExit):
@@ -245,6 +248,9 @@ class StopSignals:
     def _exit_now(self, code: int) -> None:
         for forward in self.forward:
             forward(signal.SIGKILL)  # no rank outlives its launcher
+        for clean_up in at_exit_now:
+            with contextlib.suppress(Exception):
+                clean_up()
         logging.shutdown()
         os._exit(code)
 

@@ -502,3 +502,19 @@ def test_a_payload_is_handed_on_only_when_kept(tmp_path: Path) -> None:
     kept = manager.load(path, keep=True)
     assert manager.load(path) is kept  # the engine's restore gets the resolved payload, once
     assert manager.load(path) is not kept
+
+
+def test_a_process_exiting_at_once_leaves_no_temporary(tmp_path):
+    """A second stop signal exits at once (os._exit): the temporaries being written are removed first."""
+    from sem.training import checkpoint_file
+    from sem.training.preemption import at_exit_now
+
+    assert checkpoint_file.remove_in_flight in at_exit_now
+    checkpoint_file._write_atomic(tmp_path / "done.json", b"{}")
+    assert not checkpoint_file.IN_FLIGHT  # moved into place: nothing to remove
+    fd, tmp = checkpoint_file._mkstemp(tmp_path / "step_0000001.ckpt")  # a save cut short mid-write
+    os.write(fd, b"half a checkpoint")
+    for clean_up in at_exit_now:
+        clean_up()
+    os.close(fd)
+    assert not tmp.exists() and (tmp_path / "done.json").exists()
