@@ -197,9 +197,24 @@ HELD = """
     print("rank", rank.pid, flush=True)
     # The main thread held in native code, as in gloo's rendezvous: SIGTERM is blocked on this thread,
     # so the kernel hands it to another (Python runs its handler on the main thread only, between bytecodes).
+    # The signal is sent once the main thread is asleep in C: sent before, the main thread could run the
+    # handler between the bytecodes leading to the call (a busy machine), which is not what is tested.
+    import threading, time
+    def kill_once_asleep():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                wchan = open(f"/proc/self/task/{os.getpid()}/wchan").read()
+            except OSError:
+                wchan = ""
+            if "nanosleep" in wchan:
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    os.kill(os.getpid(), signal.SIGTERM)
-    ctypes.CDLL(None).sleep(30)
+    sleep = ctypes.CDLL(None).sleep
+    threading.Thread(target=kill_once_asleep, daemon=True).start()
+    sleep(30)
     print("woke up", flush=True)
 """
 
@@ -209,7 +224,7 @@ def test_a_main_thread_held_in_native_code_still_stops() -> None:
     has not heard it STUCK_S later, after the run's last words (summary.json)."""
     proc, seconds = _run_script(HELD)
     assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
-    assert seconds < 10  # STUCK_S 1 s here, and Python's start-up
+    assert seconds < 15  # STUCK_S 1 s here, Python's start-up, and up to 5 s waiting for the sleep
     assert "last words: stopped by SIGTERM during the rendezvous" in proc.stdout
     assert "woke up" not in proc.stdout and "held in native code" in proc.stderr
     rank = int(proc.stdout.split("rank ")[1].split()[0])
