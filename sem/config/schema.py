@@ -36,6 +36,16 @@ class SEMModelConf:
     # k > 0: a causal depthwise convolution of k taps + SiLU on each block's recurrence input (after
     # in_proj; H3/Mamba's short conv, 3-4 is usual); decoding carries each block's last k-1 inputs.
     conv_width: int = 0  # 0: off
+    # Initial |lambda| per block, spread so that the timescales 1/(1-|lambda|) are log-uniform between
+    # the two moduli, and phases uniform in [0, max_phase]: today's defaults are timescales 1..1000 and
+    # phases [0, pi]; LRU's ring is r_min=0.9 r_max=0.999 max_phase=0.314 (pi/10).
+    r_min: float = 0.36787944117144233  # exp(-1): timescale 1 token
+    r_max: float = 0.9990004998333750  # exp(-1/1000): timescale 1000 tokens
+    max_phase: float = 3.141592653589793
+    # true: input-dependent decay and input gate per channel (Griffin's RG-LRU on the complex lambda:
+    # |a_t| = |lambda|^(8 r_t), phase theta, h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t, r and i sigmoids of v_t);
+    # a chunked scan of [16, 16] decay matrices instead of model.recurrence. Off until measured (issue 25).
+    selective: bool = False
 
 
 @dataclass
@@ -269,7 +279,7 @@ class StrategyConf:
 @dataclass
 class TrainerConf:
     _target_: str = "pytorch_lightning.Trainer"
-    max_steps: int = 2800
+    max_steps: int = 2450
     val_check_interval: int = 250  # in optimizer steps
     log_every_n_steps: int = 10  # a train row in metrics.jsonl every N optimizer steps
     devices: Any = 1

@@ -49,7 +49,7 @@ def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = F
 MAX_TIMEOUT_S = 2**31 - 1  # a process group's timeout; a timedelta of more overflows a C int
 MAX_NS_STEPS = 100  # Muon's orthogonalisation: each iteration is 3 matmuls per matrix per step
 MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
-MAX_STEPS = 10**8  # far past any run this launcher is for (the default is 2800); the dry run lists steps
+MAX_STEPS = 10**8  # far past any run this launcher is for (the default is 2450); the dry run lists steps
 
 
 def _one_line(exc: Exception) -> str:
@@ -127,6 +127,13 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
     if "conv_width" in m and not 0 <= m.conv_width <= max(m.max_seq_len, 0):
         p.append(f"model.conv_width={m.conv_width!r}: must be in [0, model.max_seq_len={m.max_seq_len}] "
                  "(taps of the causal convolution; 0: none)")
+    r_min, r_max = m.get("r_min"), m.get("r_max")
+    if isinstance(r_min, (int, float)) and isinstance(r_max, (int, float)) \
+            and not 0.0 < r_min <= r_max < 1.0:
+        p.append(f"model.r_min={r_min!r} model.r_max={r_max!r}: need 0 < r_min <= r_max < 1 "
+                 "(the initial moduli |lambda| of the recurrence)")
+    if isinstance(m.get("max_phase"), (int, float)) and not 0.0 <= m.max_phase <= 2 * math.pi:
+        p.append(f"model.max_phase={m.max_phase!r}: must be in [0, 2 pi] (the initial phases' range)")
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         p.append(f"model.dropout={m.dropout!r}: must be in [0, 1)")
     if isinstance(m.get("vocab_size"), int) and 0 < m.vocab_size < 259:

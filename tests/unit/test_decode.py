@@ -202,3 +202,52 @@ def test_conv_width_zero_is_the_model_without_one() -> None:
     assert extra == 2 * (64 * 4 + 64)  # per block: [2D, 1, 4] taps + [2D] bias
     with pytest.raises(ValueError, match="conv_width"):
         SEMModel(d_model=8, n_layers=1, conv_width=-1)
+
+
+def test_the_ring_initialisation_spans_its_moduli_and_decodes_exactly() -> None:
+    """model.r_min/r_max/max_phase: the initial |lambda| run from r_min to r_max (timescales log-uniform),
+    the phases lie in [0, max_phase]; the defaults are the spread the model had before the keys (the same
+    weights for the same seed); decoding still equals the forward; bad values are refused by name."""
+    torch.manual_seed(11)
+    ring = SEMModel(d_model=32, n_layers=2, recurrence="scan", r_min=0.9, r_max=0.999, max_phase=0.314).eval()
+    for block in ring.blocks:
+        modulus = torch.exp(-block.decay_rate())
+        torch.testing.assert_close(modulus.min(), torch.tensor(0.9), atol=1e-5, rtol=0)
+        torch.testing.assert_close(modulus.max(), torch.tensor(0.999), atol=1e-5, rtol=0)
+        tau = 1.0 / block.log_A_mag.exp()
+        torch.testing.assert_close(tau.log().diff(), torch.full((31,), tau.log().diff()[0].item()))
+        assert 0.0 <= block.theta.min() and block.theta.max() <= 0.314
+    torch.manual_seed(12)
+    spread = SEMModel(d_model=32, n_layers=2)
+    moduli = torch.exp(-spread.blocks[0].decay_rate())
+    torch.testing.assert_close(moduli.min(), torch.tensor(0.36788), atol=1e-5, rtol=0)
+    torch.testing.assert_close(moduli.max(), torch.tensor(0.999), atol=1e-5, rtol=0)
+    assert spread.blocks[0].theta.max() > 0.314  # phases over [0, pi]
+    _assert_decoding_equals_forward(ring, _tokens(2, 96, seed=13))
+    for bad, key in (({"r_min": 0.0}, "r_min"), ({"r_min": 0.99, "r_max": 0.9}, "r_max"),
+                     ({"r_max": 1.0}, "r_max"), ({"max_phase": -1.0}, "max_phase")):
+        with pytest.raises(ValueError, match=f"invalid {key}="):
+            SEMModel(d_model=8, n_layers=1, **bad)
+
+
+@pytest.mark.parametrize("conv_width", [0, 4])
+def test_a_selective_model_decodes_as_it_runs_forward(conv_width: int) -> None:
+    """model.selective: step() and chunked prefill() (a carried state) equal the parallel forward."""
+    torch.manual_seed(14)
+    model = SEMModel(d_model=32, n_layers=2, selective=True, conv_width=conv_width, propagator_warmup_steps=10).eval()
+    model.set_step(5)
+    _assert_decoding_equals_forward(model, _tokens(2, 100, seed=15))
+
+
+def _assert_decoding_equals_forward(model: SEMModel, x: torch.Tensor) -> None:
+    """step() token by token, and prefill() in two chunks (a carried state), give the forward's logits."""
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(x.shape[0]), []
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=2e-5)
+    first, state = model.prefill(x[:, :37], all_logits=True)
+    rest, _ = model.prefill(x[:, 37:], state, all_logits=True)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-4, rtol=2e-5)

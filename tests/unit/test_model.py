@@ -15,7 +15,7 @@ from sem.models.sem import SEMModel
 from sem.models.sem.kernels import _BornLogits, _GatedSiLU, _RMSNormFunction
 from sem.models.sem.model import ENERGY_CLAMP
 from sem.models.sem.propagator import CayleyPropagator
-from sem.models.sem.recurrence import recurrence_fft, recurrence_scan
+from sem.models.sem.recurrence import SELECTIVE_MAX_RATE, recurrence_fft, recurrence_scan, recurrence_selective
 from tests.conftest import losses_on_repeated_batch
 
 V = 259
@@ -45,6 +45,53 @@ def test_recurrence_matches_sequential_loop(fn, T: int) -> None:
     log_lam = torch.complex(-torch.rand(6) * 2, torch.rand(6) * 3)
     got = torch.view_as_complex(fn(torch.view_as_real(u), log_lam).contiguous())
     torch.testing.assert_close(got, reference_loop(u, log_lam), rtol=1e-4, atol=1e-4)
+
+
+def selective_loop(w: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + w_t one step at a time (test oracle only). [B, T, D] complex."""
+    h, out = (torch.zeros_like(w[:, 0]) if h0 is None else h0), []
+    for t in range(w.shape[1]):
+        h = torch.exp(torch.complex(log_a.real[:, t].clamp(min=-SELECTIVE_MAX_RATE), log_a.imag[:, t])) * h + w[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("carried", [False, True])
+def test_selective_recurrence_matches_sequential_loop(T: int, carried: bool) -> None:
+    """Values and gradients of the input-dependent scan are the loop's, with decays up to e^-40 per step
+    (the scan's floor, SELECTIVE_MAX_RATE, applies to the loop too): nothing overflows."""
+    torch.manual_seed(3)
+    leaves = [torch.randn(2, T, 6, dtype=torch.complex64), -torch.rand(2, T, 6) * 40, torch.randn(2, T, 6) * 3,
+              torch.randn(2, 6, dtype=torch.complex64)]
+    weight = torch.randn(2, T, 6, 2)
+    results = []
+    for fn in (recurrence_selective, selective_loop):
+        w, re, im, h0 = (t.clone().requires_grad_() for t in leaves)
+        h = torch.view_as_real(fn(w, torch.complex(re, im), h0 if carried else None))
+        results.append((h, torch.autograd.grad((h * weight).sum(), (w, re, im) + ((h0,) if carried else ()))))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w_ in zip(got_grads, want_grads):
+        assert torch.isfinite(torch.view_as_real(g) if g.is_complex() else g).all()
+        torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4)
+
+
+def test_a_selective_model_learns_and_is_causal() -> None:
+    model = tiny(selective=True, recurrence="scan")
+    assert all(b.gate is not None for b in model.blocks)
+    losses = losses_on_repeated_batch(model)
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    x = torch.randint(0, 256, (2, 40))
+    y = x.clone()
+    y[:, 23] = (y[:, 23] + 7) % 256
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert (a[:, :23] - b[:, :23]).abs().max().item() < 1e-5
+    assert (a[:, 23] - b[:, 23]).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="selective"):
+        tiny(selective="yes")
 
 
 @pytest.mark.parametrize("recurrence, tol", [("scan", 1e-5), ("fft", 1e-3)])

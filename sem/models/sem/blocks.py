@@ -1,5 +1,6 @@
 """SEM's residual block: ComplexRMSNorm -> [causal depthwise conv + SiLU] -> complex recurrence
-(``recurrence``) -> gated MLP. The convolution is optional (``conv_width``, 0 = off)."""
+(``recurrence``) -> gated MLP. The convolution is optional (``conv_width``, 0 = off), and so is an
+input-dependent decay and input gate (``selective``: Griffin's RG-LRU on SEM's complex lambda)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from sem.models.sem.kernels import _GatedSiLU, _no_autocast, _RMSNormFunction
-from sem.models.sem.recurrence import MIN_DECAY, recurrence_fft, recurrence_scan
+from sem.models.sem.recurrence import MIN_DECAY, SELECTIVE_MAX_RATE, recurrence_fft, recurrence_scan, recurrence_selective
+
+# Selective blocks: |a_t| = |lambda|^(SELECTIVE_C r_t), r_t in (0, 1) (Griffin's RG-LRU uses c = 8).
+SELECTIVE_C = 8.0
 
 
 class ComplexRMSNorm(nn.Module):
@@ -35,7 +39,8 @@ class SEMBlock(nn.Module):
     each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU)."""
 
     def __init__(self, d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int,
-                 conv_width: int = 0) -> None:
+                 conv_width: int = 0, init: tuple[float, float, float] = (math.exp(-1.0), math.exp(-1e-3), math.pi),
+                 selective: bool = False) -> None:
         super().__init__()
         d2 = 2 * d_model
         self.recurrence = recurrence
@@ -45,11 +50,19 @@ class SEMBlock(nn.Module):
         self.in_proj = nn.Linear(d2, d2, bias=False)
         # Depthwise: weight [2D, 1, k] (tap k-1 multiplies the current input), bias [2D]; torch's default init.
         self.conv = nn.Conv1d(d2, d2, conv_width, groups=d2) if conv_width > 0 else None
-        # Spread of timescales 1/(1-|lambda|) log-uniform in [1, 1000] and phases in [0, pi] (S4D/LRU-like).
-        tau = torch.exp(torch.linspace(0.0, math.log(1000.0), d_model))
+        # ``init`` (r_min, r_max, max_phase): timescales tau = -1/log|lambda| log-uniform between those of
+        # r_min and r_max, phases uniform in [0, max_phase] (S4D/LRU-like; the default: tau 1..1000, [0, pi]).
+        r_min, r_max, max_phase = init
+        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)), d_model))
         self.log_A_mag = nn.Parameter(torch.log(1.0 / tau))  # |lambda| = exp(-1/tau)
-        self.theta = nn.Parameter(torch.rand(d_model) * math.pi)
+        self.theta = nn.Parameter(torch.rand(d_model) * max_phase)
         self.skip_D = nn.Parameter(torch.ones(d2))
+        # Selective: from the recurrence input v_t, a decay gate r_t and an input gate i_t per channel
+        # (sigmoid; zero bias: 1/2 at init); h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t,
+        # a_t = |lambda|^(c r_t) e^(i theta).
+        self.gate = nn.Linear(d2, d2) if selective else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.bias)
         hidden = max(1, int(mlp_ratio * d2))
         self.mlp_in = nn.Linear(d2, 2 * hidden, bias=False)  # value and gate
         self.mlp_out = nn.Linear(hidden, d2, bias=False)
@@ -70,6 +83,8 @@ class SEMBlock(nn.Module):
         ``h0`` [B, D] complex64: the state before the first step (None: zero, a document's start);
         it contributes lambda^(t+1) h0 at step t, so consecutive chunks give one whole sequence's h.
         """
+        if self.gate is not None:
+            return self._mix_selective(u, h0)
         with _no_autocast(u):
             log_lam = self.log_lambda()
             # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
@@ -82,6 +97,22 @@ class SEMBlock(nn.Module):
                 carry = torch.exp(steps[:, None] * log_lam[None]) * h0[:, None]  # [B, T, D] lambda^(t+1) h0
                 h = h + torch.view_as_real(carry)
             return h.flatten(-2)
+
+    def _gated(self, v: torch.Tensor, log_lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log a_t, w_t) [..., D] complex64 of the selective recurrence from its input v [..., 2D]:
+        a_t = |lambda|^(c r_t) e^(i theta), w_t = sqrt(1 - |a_t|^2) i_t v_t (the LRU normalisation at
+        a_t's modulus). Only the modulus depends on the input: a phase of c r_t theta turned by up to
+        8 pi as r_t moves, and training diverged (grad norm 10 -> 2500 in 400 steps, 2026-12-04)."""
+        r, i = torch.sigmoid(self.gate(v).float()).chunk(2, dim=-1)  # [..., D] each
+        rate = (SELECTIVE_C * r * log_lam.real).clamp(min=-SELECTIVE_MAX_RATE)  # log |a_t| <= 0
+        scale = torch.sqrt(-torch.expm1(2.0 * rate)) * i
+        log_a = torch.complex(rate, log_lam.imag.expand_as(rate))
+        return log_a, torch.view_as_complex(v.float().unflatten(-1, (-1, 2)).contiguous()) * scale
+
+    def _mix_selective(self, v: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+        with _no_autocast(v):
+            log_a, w = self._gated(v, self.log_lambda())
+            return torch.view_as_real(recurrence_selective(w, log_a, h0)).flatten(-2)
 
     def conv_input(self, u: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(causal depthwise conv of u) [B, T, 2D]; ``tail`` [B, k-1, 2D]: the k-1 inputs before
@@ -128,7 +159,11 @@ class SEMBlock(nn.Module):
             conv = (window * self.conv.weight.float()[:, 0].t()).sum(1) + self.conv.bias.float()
             u, tail = F.silu(conv), window[:, 1:]
         with _no_autocast(u):
-            h = lam * h + torch.view_as_complex(u.float().unflatten(-1, (-1, 2)) * gamma[:, None])
+            if self.gate is not None:
+                log_a, w = self._gated(u, self.log_lambda())
+                h = torch.exp(log_a) * h + w
+            else:
+                h = lam * h + torch.view_as_complex(u.float().unflatten(-1, (-1, 2)) * gamma[:, None])
         value, gate = self.mlp_in(torch.view_as_real(h).flatten(-2) + self.skip_D * x).chunk(2, dim=-1)
         return psi + self.mlp_out(F.silu(gate) * value).float(), h, tail
 

@@ -63,6 +63,10 @@ class SEMModel(nn.Module):
         born_eps: float = 1e-6,
         dropout: float = 0.0,
         conv_width: int = 0,
+        r_min: float = math.exp(-1.0),
+        r_max: float = math.exp(-1.0 / 1000.0),
+        max_phase: float = math.pi,
+        selective: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -80,6 +84,10 @@ class SEMModel(nn.Module):
             ("dropout", dropout, 0.0 <= dropout < 1.0),
             ("conv_width", conv_width, isinstance(conv_width, int) and not isinstance(conv_width, bool)
              and conv_width >= 0),
+            ("r_min", r_min, 0.0 < r_min < 1.0),
+            ("r_max", r_max, r_min <= r_max < 1.0),  # (r_max < r_min: "invalid r_max")
+            ("max_phase", max_phase, 0.0 <= max_phase <= 2 * math.pi),
+            ("selective", selective, isinstance(selective, bool)),
         )
         for name, value, ok in checks:
             if not ok:
@@ -88,7 +96,7 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
-        self.conv_width = conv_width
+        self.conv_width, self.selective = conv_width, selective
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
         # norm_f and the [2D, 2D] propagator map that the readout applied to it.
         self._last_energy: torch.Tensor | None = None
@@ -98,7 +106,9 @@ class SEMModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, 2 * d_model)
         nn.init.normal_(self.embed.weight, std=math.sqrt(0.5))
         self.blocks = nn.ModuleList(
-            SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width) for _ in range(n_layers)
+            SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width, (r_min, r_max, max_phase),
+                     selective)
+            for _ in range(n_layers)
         )
         self.norm_f = ComplexRMSNorm(d_model)
         self.propagator = CayleyPropagator(d_model)

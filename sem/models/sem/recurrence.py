@@ -79,3 +79,49 @@ def recurrence_scan(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor 
         h = torch.baddbmm(h, carry, _right_real(p))
     h = torch.view_as_complex(h.view(D, B * N * C, 2)).t().contiguous()  # [(b, n, c), D] complex64
     return torch.view_as_real(h).view(B, N * C, D, 2)[:, :T]
+
+
+
+# The selective scan's per-step decay floor: |a_t| >= exp(-SELECTIVE_MAX_RATE) (0.7%: a state that fast is
+# forgotten within a token anyway), so that exp(-L) over a chunk of SCAN_CHUNK steps stays below e^80,
+# inside float32's range (e^88).
+SELECTIVE_MAX_RATE = 80.0 / SCAN_CHUNK
+
+
+def recurrence_selective(w: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """The input-dependent recurrence h_t = a_t h_{t-1} + w_t, a_t = exp(log_a_t), as a chunked scan.
+
+    Within a chunk of C = SCAN_CHUNK steps, with L the chunk's cumulative log a (Re(log a) clamped to
+    >= -SELECTIVE_MAX_RATE), h_t = exp(L_t) * sum_{s<=t} exp(-L_s) w_s: two cumulative sums, O(T D),
+    in real arithmetic (complex elementwise kernels are ~2.5x slower on CPU); the chunk-final states
+    are carried across the T/C chunks by a short loop. w, log_a [B, T, D] complex64, h0 [B, D]
+    complex64 or None (zero); returns h [B, T, D] complex64.
+    """
+    B, T, D = w.shape
+    C = min(SCAN_CHUNK, T)
+    N = -(-T // C)
+    ell, phi, x = log_a.real.clamp(min=-SELECTIVE_MAX_RATE), log_a.imag, torch.view_as_real(w)
+    if N * C != T:  # padding: a_t = 1, w_t = 0 after the end change nothing before it
+        ell, phi = (F.pad(t, (0, 0, 0, N * C - T)) for t in (ell, phi))
+        x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))
+    ell, phi = ell.view(B, N, C, D).cumsum(2), phi.view(B, N, C, D).cumsum(2)
+    wr, wi = x.view(B, N, C, D, 2).unbind(-1)
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    back = torch.exp(-ell)  # <= e^80
+    sr = (back * (wr * cos + wi * sin)).cumsum(2)  # sum_s exp(-L_s) w_s, real and imaginary parts
+    si = (back * (wi * cos - wr * sin)).cumsum(2)
+    mag = torch.exp(ell)
+    er, ei = mag * cos, mag * sin  # exp(L_t)
+    hr, hi = sr * er - si * ei, sr * ei + si * er
+    if N > 1 or h0 is not None:  # carry each chunk's final state into the next: + exp(L_t) h_in
+        rows_r, rows_i = [], []
+        cr, ci = (None, None) if h0 is None else (h0.real[:, None], h0.imag[:, None])
+        for n in range(N):
+            r, i = hr[:, n], hi[:, n]
+            if cr is not None:
+                r, i = r + er[:, n] * cr - ei[:, n] * ci, i + er[:, n] * ci + ei[:, n] * cr
+            rows_r.append(r)
+            rows_i.append(i)
+            cr, ci = r[:, -1:], i[:, -1:]
+        hr, hi = torch.stack(rows_r, 1), torch.stack(rows_i, 1)
+    return torch.complex(hr, hi).view(B, N * C, D)[:, :T]

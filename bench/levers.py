@@ -1,0 +1,89 @@
+"""Training tokens/s of SEM variants (``model.<key>`` levers) against the default model, side by side.
+
+    python -m bench.levers [--rounds 7] [--round-steps 3] [--variant NAME key=value ...]
+
+Each variant is the default run's model (conf/, ``model=sem_small``) with some keys changed; all of them
+step in turn, ``--round-steps`` steps each per round, in one process with the run's optimizer at the
+default ``data.batch_size`` x ``data.seq_len``, so a shared machine's drift hits them alike. Reports
+the median seconds per step and the per-round ratio of the default's time to the variant's (median
+and quartiles): a variant at ratio r trains r x the default's tokens per second, so an equal-wall-time
+comparison gives it r x the default's ``trainer.max_steps``. Writes bench/results/levers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from bench.common import command, machine, save
+from bench.profile_sem import Trainer, defaults
+from sem.models.common import param_groups
+from sem.models.sem import SEMModel
+
+VARIANTS = {  # the default has model.conv_width=4 since 2026-12-04
+    "default": {},
+    "conv_width=0 (the default before 2026-12-04)": {"conv_width": 0},
+    "ring init": {"r_min": 0.9, "r_max": 0.999, "max_phase": 0.314},
+    "selective": {"selective": True},
+    "selective, conv_width=0": {"selective": True, "conv_width": 0},
+}
+
+
+def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int) -> dict[str, Any]:
+    node, _, batch, seq_len, optimizer = defaults()
+    node.pop("_target_", None)
+    trainers = {}
+    for name, keys in variants.items():
+        torch.manual_seed(0)
+        trainers[name] = Trainer(SEMModel(**{**node, **keys}), batch, seq_len, optimizer, param_groups)
+        for _ in range(2):  # warm-up: allocator, first-call costs
+            trainers[name].step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(round_steps):
+                trainer.step()
+            times[name].append((time.perf_counter() - start) / round_steps)
+    base = times["default"]
+    out = {}
+    for name in variants:
+        ratios = sorted(b / t for b, t in zip(base, times[name]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = {"keys": variants[name], "s_per_step": statistics.median(times[name]),
+                     "tokens_per_s": batch * seq_len / statistics.median(times[name]),
+                     "speed_ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2],
+                     "parameters": sum(p.numel() for p in trainers[name].model.parameters())}
+    return {"batch": batch, "seq_len": seq_len, "rounds": rounds, "round_steps": round_steps, "variants": out}
+
+
+def table(record: dict[str, Any]) -> str:
+    lines = ["| variant | keys | parameters | s/step | tokens/s | speed vs default (median, quartiles) |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, v in record["variants"].items():
+        keys = " ".join(f"model.{k}={val}" for k, val in v["keys"].items()) or "-"
+        lines.append(f"| {name} | {keys} | {v['parameters']:,} | {v['s_per_step']:.3f} | {v['tokens_per_s']:,.0f} "
+                     f"| {v['speed_ratio']:.2f} ({v['ratio_q1']:.2f}-{v['ratio_q3']:.2f}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--round-steps", type=int, default=3)
+    parser.add_argument("--save", action="store_true", help="write bench/results/levers.json and BENCHMARKS.md")
+    args = parser.parse_args()
+    record = measure(VARIANTS, args.rounds, args.round_steps)
+    body = (f"Batch {record['batch']} x seq_len {record['seq_len']}, {args.rounds} rounds of {args.round_steps} "
+            f"steps per variant, in turn.\n\n" + table(record))
+    print(f"{machine()}: {command()}\n{body}")
+    if args.save:
+        save("levers", record, "SEM levers: training speed side by side", body)
+
+
+if __name__ == "__main__":
+    main()
