@@ -44,7 +44,7 @@ class SEMModelConf:
     max_phase: float = 3.141592653589793
     # true: input-dependent decay and input gate per channel (Griffin's RG-LRU on the complex lambda:
     # |a_t| = |lambda|^(8 r_t), phase theta, h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t, r and i sigmoids of v_t);
-    # a chunked scan of [16, 16] decay matrices instead of model.recurrence. Off until measured (issue 25).
+    # a chunked cumulative-sum scan instead of model.recurrence. Off: it lost at equal wall time (issue 25).
     selective: bool = False
 
 

@@ -39,8 +39,7 @@ class SEMBlock(nn.Module):
     each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU)."""
 
     def __init__(self, d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int,
-                 conv_width: int = 0, init: tuple[float, float, float] = (math.exp(-1.0), math.exp(-1e-3), math.pi),
-                 selective: bool = False) -> None:
+                 conv_width: int, init: tuple[float, float, float], selective: bool) -> None:
         super().__init__()
         d2 = 2 * d_model
         self.recurrence = recurrence

@@ -81,7 +81,6 @@ def recurrence_scan(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor 
     return torch.view_as_real(h).view(B, N * C, D, 2)[:, :T]
 
 
-
 # The selective scan's per-step decay floor: |a_t| >= exp(-SELECTIVE_MAX_RATE) (0.7%: a state that fast is
 # forgotten within a token anyway), so that exp(-L) over a chunk of SCAN_CHUNK steps stays below e^80,
 # inside float32's range (e^88).
@@ -107,7 +106,7 @@ def recurrence_selective(w: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor 
     ell, phi = ell.view(B, N, C, D).cumsum(2), phi.view(B, N, C, D).cumsum(2)
     wr, wi = x.view(B, N, C, D, 2).unbind(-1)
     cos, sin = torch.cos(phi), torch.sin(phi)
-    back = torch.exp(-ell)  # <= e^80
+    back = torch.exp(-ell)  # <= e^80 (not 1 / exp(L): its gradient, -1/exp(L)^2, overflows)
     sr = (back * (wr * cos + wi * sin)).cumsum(2)  # sum_s exp(-L_s) w_s, real and imaginary parts
     si = (back * (wi * cos - wr * sin)).cumsum(2)
     mag = torch.exp(ell)
