@@ -17,6 +17,14 @@ if TYPE_CHECKING:
 
 from sem.config.store import register_configs
 
+# Under `pytest -n 2` (the full suite) two workers share the 2 cores, and every launch.py they start
+# would spin up one torch thread per core: a parallel region then waits for a time slice at every op.
+# Measured here: the stream score of a smoke run took 40 s with 2 threads beside 2 busy processes,
+# 6 s with 1 (and the CI of 2026-12-04 timed out on it). One thread per worker, inherited by the
+# processes the tests start; a test that wants more says so (`threads=...`).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 register_configs()  # the conf/ options start from schemas in the ConfigStore: compose needs them
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -195,6 +195,8 @@ def _optimizer_problems(o: DictConfig) -> list[str]:
         for i, beta in enumerate(o.get(key) or []):
             if not 0.0 <= beta < 1.0:
                 p.append(f"optimizer.{key}[{i}]={beta!r}: must be in [0, 1)")
+    if "eps" in o:
+        _positive(p, "optimizer.eps", o.eps, strict=False)
     if "adamw_lr" in o:
         _positive(p, "optimizer.adamw_lr", o.adamw_lr)
     if "momentum" in o and not 0.0 <= o.momentum < 1.0:
@@ -352,8 +354,7 @@ def validate(cfg: DictConfig, corpus: Any) -> list[str]:
             problems.extend(check())
         except Exception as exc:  # an unexpected shape of config is still a config problem
             problems.append(_one_line(exc))
-    if not problems and not (cfg.optimizer.get("_target_") in OWN_OPTIMIZERS
-                             and cfg.scheduler.get("_target_") in OWN_SCHEDULES):
+    if not problems:  # our own optimizers too: what only a constructor checks (torch's AdamW's eps, ...)
         problems += optimizer_schedule_problems(OmegaConf.to_container(cfg.optimizer, resolve=True),
                                                 OmegaConf.to_container(cfg.scheduler, resolve=True))
     return list(dict.fromkeys(problems))  # a bad _target_ is found by its group's check too: say it once

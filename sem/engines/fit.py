@@ -76,6 +76,9 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
     return float(bpb) if math.isfinite(bpb) else float("inf")
 
 
+STREAM_TOKENS = 8192  # the least a forward of the summary's stream_bpb reads (sem_small: ~100 MB of activations)
+
+
 def stream_bpb(built: Built) -> float | None:
     """``summary.json``'s ``stream_bpb``: the final checkpoint scores every held-out document whole, its
     recurrent state carried across chunks (``sem.models.stream``), in fp32 on the run's device. Only
@@ -95,7 +98,11 @@ def stream_bpb(built: Built) -> float | None:
         if not OmegaConf.select(cfg, "eval.stream", default=True):
             return None
         began = time.perf_counter()
-        result = stream_score(model, dm.cache.val, dm.val_seq_len, dm.val_batch_size, device)
+        # at least STREAM_TOKENS per forward: a small run's validation batch (debug=smoke: 4 x 64) would read
+        # the held-out set in thousands of tiny forwards, each paying the per-layer overhead (100x slower
+        # than one of 8k tokens on a busy machine, where every parallel region waits for a time slice)
+        rows = max(dm.val_batch_size, STREAM_TOKENS // dm.val_seq_len)
+        result = stream_score(model, dm.cache.val, dm.val_seq_len, rows, device)
         log.info("stream_bpb %.4f (%s): %d held-out documents scored whole, the recurrent state carried "
                  "across chunks of up to %d tokens, in %.1f s (eval.stream=false skips it)", result.bpb,
                  last.name, result.documents, result.chunk, time.perf_counter() - began)

@@ -411,11 +411,17 @@ def test_fuzzed_overrides_end_in_success_or_one_line_per_problem(case: Case, inp
     check(case, *inputs)
 
 
+# The slow tier's 300 draws are a fixed set too, so CI passes or fails on the code alone (a new random
+# set each run once failed a CI on a bug found that day). To look for new failures, draw fresh cases:
+# SEM_FUZZ_RANDOM=1 python -m pytest -m slow tests/unit/test_fuzz_overrides.py -k many
+RANDOM_DRAWS = os.environ.get("SEM_FUZZ_RANDOM") == "1"
+
+
 @pytest.mark.slow
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=300, derandomize=not RANDOM_DRAWS)
 @given(case=cases())
 def test_fuzzed_overrides_many(case: Case, inputs: tuple[Path, Path, Path], one_thread: None) -> None:
-    """Random draws (a new set each run), the schedule plot drawn too."""
+    """300 draws (fixed; SEM_FUZZ_RANDOM=1: new ones each run), the schedule plot drawn too."""
     check(case, *inputs, plot=True)
 
 
@@ -425,6 +431,9 @@ CATALOGUE = [
     (["optimizer=muon", "optimizer.ns_steps=0"], "optimizer.ns_steps=0"),  # was: exit 1 at build
     (["threads=100000"], "threads=100000"),  # was: exit 1, MemoryError
     (["data.batch_size=100000000"], "data.batch_size=100000000"),  # was: exit 1, 103 GB asked of the allocator
+    # found by the slow tier's random draws later (CI of 2026-12-04): torch's own constructor checks
+    (["optimizer.eps=-1"], "optimizer.eps=-1"),  # was: exit 1 at build (AdamW: Invalid epsilon value)
+    (["optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"], "Nesterov"),  # was: exit 1 at build
 ]
 
 
