@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sem.engines.build import Built
 from sem.errors import EXIT_PREEMPTED
-from sem.models.stream import carries_state, stream_score
+from sem.models.stream import carries_state, stream_rows, stream_score
 from sem.record.summary import RunSummary, is_global_zero
 from sem.training.preemption import Stopped, StopSignals, abandonable
 
@@ -76,9 +76,6 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
     return float(bpb) if math.isfinite(bpb) else float("inf")
 
 
-STREAM_TOKENS = 8192  # the least a forward of the summary's stream_bpb reads (sem_small: ~100 MB of activations)
-
-
 def stream_bpb(built: Built) -> float | None:
     """``summary.json``'s ``stream_bpb``: the final checkpoint scores every held-out document whole, its
     recurrent state carried across chunks (``sem.models.stream``), in fp32 on the run's device. Only
@@ -98,10 +95,7 @@ def stream_bpb(built: Built) -> float | None:
         if not OmegaConf.select(cfg, "eval.stream", default=True):
             return None
         began = time.perf_counter()
-        # at least STREAM_TOKENS per forward: a small run's validation batch (debug=smoke: 4 x 64) would read
-        # the held-out set in thousands of tiny forwards, each paying the per-layer overhead (100x slower
-        # than one of 8k tokens on a busy machine, where every parallel region waits for a time slice)
-        rows = max(dm.val_batch_size, STREAM_TOKENS // dm.val_seq_len)
+        rows = stream_rows(dm.val_batch_size, dm.val_seq_len)  # what sem.evaluate mode=stream reads too
         result = stream_score(model, dm.cache.val, dm.val_seq_len, rows, device)
         log.info("stream_bpb %.4f (%s): %d held-out documents scored whole, the recurrent state carried "
                  "across chunks of up to %d tokens, in %.1f s (eval.stream=false skips it)", result.bpb,

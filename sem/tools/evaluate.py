@@ -51,7 +51,7 @@ from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
 from sem.data.user_corpus import as_corpus
-from sem.models.stream import StreamScore, stream_score
+from sem.models.stream import StreamScore, stream_rows, stream_score
 from sem.tools.context_plot import COMPRESSORS, plot_context
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
@@ -238,7 +238,8 @@ class EvaluateConf:
     # A data option (data=text_files ...) replaces this node; without one, the checkpoint's held-out split.
     data: Any = field(default_factory=lambda: {"val_seq_len": None,
                                                "cache_dir": "${oc.env:SEM_CACHE_DIR,'~/.cache/sem'}"})
-    batch_size: int | None = None  # windows per forward; null: the training run's validation batch
+    batch_size: int | None = None  # windows per forward; null: the training run's validation batch (mode=stream:
+    # at least 8192 tokens per forward, the chunks of the run's stream_bpb)
     device: str = "auto"  # auto | cpu | cuda
     mode: str = "windows"  # windows (the training run's validation) | stream (every document whole)
     out: str = "eval.json"
@@ -290,6 +291,8 @@ def app(cfg: DictConfig) -> None:
     if max_len is not None and seq_len > max_len:
         usage_error(f"data.val_seq_len={seq_len}: longer than the model's max_seq_len={max_len}")
     batch_size = cfg.batch_size or ckpt_data.get("val_batch_size") or ckpt_data["batch_size"]
+    if stream and not cfg.batch_size:  # the run's summary reads the same chunks (its stream_bpb)
+        batch_size = stream_rows(batch_size, seq_len)
 
     started = time.perf_counter()
     try:
