@@ -30,6 +30,8 @@ VARIANTS = {  # the default has model.conv_width=4 since 2026-12-04
     "ring init": {"r_min": 0.9, "r_max": 0.999, "max_phase": 0.314},
     "selective": {"selective": True},
     "selective, conv_width=0": {"selective": True, "conv_width": 0},
+    "modes=4": {"modes": 4},
+    "modes=8": {"modes": 8},
 }
 
 

@@ -30,6 +30,10 @@ class ModelOutput:
     loss: torch.Tensor | None  # ce_loss + the model's own terms (SEM: unitary_lambda * unitary_divergence)
     ce_loss: torch.Tensor | None  # mean nats/token over targets != -100
     unitary_divergence: torch.Tensor  # scalar float32; 0 for a model without the SEM's penalty
+    # A model that carries a recurrent state across training windows (its forward takes ``state``,
+    # ``carries_training_state``): the state after this window, detached, to hand to the next window
+    # of the same rows (truncated BPTT, ``data.tbptt``). Tensors in dicts/lists/tuples (checkpointed).
+    state: Any = None
 
 
 @runtime_checkable
@@ -39,7 +43,8 @@ class LanguageModel(Protocol):
     ``targets``. Optional, used when present: ``set_step(step)`` (step-driven blends), ``probes() ->
     dict`` (health diagnostics), ``decode_state/prefill/step`` (recurrent sampling; ``prefill(input_ids,
     state, all_logits=True)`` returning every position's logits and the state after them: streaming
-    evaluation carries the state through a document, ``sem.models.stream``), ``max_seq_len``
+    evaluation carries the state through a document, ``sem.models.stream``), a ``state`` parameter of
+    ``forward`` (the previous window's ``ModelOutput.state``: truncated BPTT, ``data.tbptt``), ``max_seq_len``
     (checked against ``data.seq_len``; sampling keeps the context within it), ``vocab_size`` (passed
     to the constructor when it takes one), ``no_decay_keywords`` (parameter groups)."""
 
@@ -107,16 +112,33 @@ def _takes_targets(forward: Callable[..., Any]) -> bool:
         p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None
-                 ) -> ModelOutput:
-    """Call ``model`` as sem does: with ``targets`` when its forward takes them, and turn bare logits
-    into a ``ModelOutput`` (sem's cross-entropy; no extra loss terms)."""
+def carries_training_state(model: Any) -> bool:
+    """Does ``model``'s forward take a ``state`` (by that name): the ``ModelOutput.state`` of the previous
+    window of the same rows? Then it can train with truncated BPTT (``data.tbptt``)."""
+    forward = getattr(model, "forward", None)
+    try:
+        named = inspect.signature(forward).parameters.get("state") if forward is not None else None
+    except (TypeError, ValueError):
+        return False
+    return named is not None and named.kind is not named.POSITIONAL_ONLY
+
+
+def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                 state: Any = None) -> ModelOutput:
+    """Call ``model`` as sem does: with ``targets`` when its forward takes them (and a carried ``state``
+    when given: only to a model that ``carries_training_state``), and turn bare logits into a
+    ``ModelOutput`` (sem's cross-entropy; no extra loss terms)."""
     forward = type(model).forward
-    out = model(input_ids, targets=targets) if targets is not None and _takes_targets(forward) else model(input_ids)
+    extra = {} if state is None else {"state": state}
+    if targets is not None and _takes_targets(forward):
+        out = model(input_ids, targets=targets, **extra)
+    else:
+        out = model(input_ids, **extra)
     if isinstance(out, ModelOutput):
         if targets is not None and out.ce_loss is None:
             ce = cross_entropy(out.logits, targets)
-            return ModelOutput(out.logits, ce if out.loss is None else out.loss, ce, out.unitary_divergence)
+            return ModelOutput(out.logits, ce if out.loss is None else out.loss, ce, out.unitary_divergence,
+                               out.state)
         return out
     logits = out.logits if hasattr(out, "logits") else out
     if not isinstance(logits, torch.Tensor):

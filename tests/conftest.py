@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,20 @@ def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def launch_ok(args: list[str], cwd: Path, cache_dir: Path, name: str, *extra: str) -> Path:
+    """launch.py ``args`` with run.name=``name`` and ``extra`` under ``cwd``; it must exit 0. The run dir."""
+    proc = run_launch([*args, f"run.name={name}", *extra], cwd=cwd, timeout=300,
+                      env={"SEM_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return cwd / "outputs" / name
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> train/loss of a run's metrics.jsonl."""
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def tiny_data_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:

@@ -46,6 +46,10 @@ class SEMModelConf:
     # |a_t| = |lambda|^(8 r_t), phase theta, h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t, r and i sigmoids of v_t);
     # a chunked cumulative-sum scan instead of model.recurrence. Off: it lost at equal wall time (issue 25).
     selective: bool = False
+    # N > 1: several timescales per channel, N complex modes read out by learned complex weights (S4D's
+    # state size; the FFT path folds them into one kernel, so training costs about what N = 1 does);
+    # decoding carries [B, D, N] per block. Not with selective.
+    modes: int = 1
 
 
 @dataclass
@@ -98,6 +102,9 @@ class DataConf:
     val_batch_size: int | None = None
     cache_dir: str = "${oc.env:SEM_CACHE_DIR,'~/.cache/sem'}"
     seed: int = "${seed}"  # type: ignore[assignment]
+    # Truncated BPTT: K >= 2 makes each batch row a lane of K consecutive windows, the model's recurrent
+    # state carried from one to the next (gradients stop at the window); 0 (or 1): independent windows.
+    tbptt: int = 0
 
 
 def _corpus(conf: type) -> Any:

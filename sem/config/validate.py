@@ -32,6 +32,7 @@ from sem.config.components import (
 )
 from sem.config.hardware import hardware_problems, strategy_problems
 from sem.config.resources import core_problems, memory_problems
+from sem.contracts import carries_training_state
 from sem.data.user_corpus import as_corpus, corpus_contract_problems
 from sem.training.budget import length_problems
 
@@ -87,6 +88,7 @@ def _target_problems(cfg: DictConfig) -> list[str]:
 
 
 OWN_MODELS = ("sem.models.sem.SEMModel", "sem.models.sem.model.SEMModel", "sem.models.transformer.TransformerLM")
+MAX_MODES = 256  # model.modes: beyond, the [D, N, T] kernel outgrows any use
 OWN_OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.SGD", "sem.training.optim.MuonAdamW")
 OWN_SCHEDULES = ("sem.training.scheduler.WSDScheduler",)
 
@@ -127,6 +129,12 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
     if "conv_width" in m and not 0 <= m.conv_width <= max(m.max_seq_len, 0):
         p.append(f"model.conv_width={m.conv_width!r}: must be in [0, model.max_seq_len={m.max_seq_len}] "
                  "(taps of the causal convolution; 0: none)")
+    modes = m.get("modes", 1)
+    if not isinstance(modes, int) or isinstance(modes, bool) or not 1 <= modes <= MAX_MODES:
+        p.append(f"model.modes={modes!r}: must be an integer in [1, {MAX_MODES}] (timescales per channel)")
+    elif modes > 1 and m.get("selective"):
+        p.append(f"model.modes={modes} with model.selective=true: the input-dependent recurrence has one "
+                 "mode per channel; use one of them")
     r_min, r_max = m.get("r_min"), m.get("r_max")
     if isinstance(r_min, (int, float)) and isinstance(r_max, (int, float)) \
             and not 0.0 < r_min <= r_max < 1.0:
@@ -164,8 +172,28 @@ def _data_problems(cfg: DictConfig, corpus: Any, max_len: int | None) -> list[st
     for key in ("seq_len", "val_seq_len"):
         if max_len is not None and d[key] is not None and d[key] > max_len:
             p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
+    p += _tbptt_problems(cfg)
     return (p + _cache_dir_problems(d.cache_dir) + corpus_contract_problems("data.corpus", corpus)
             + list(getattr(corpus, "problems", list)()))
+
+
+def _tbptt_problems(cfg: DictConfig) -> list[str]:
+    """data.tbptt K >= 2 carries the model's recurrent state across K consecutive windows: the model
+    must take one (``carries_training_state``) and nothing else may read the windows without it."""
+    k = cfg.data.get("tbptt", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        return [f"data.tbptt={k!r}: must be an integer >= 0 (K >= 2: lanes of K consecutive windows; 0: off)"]
+    if k < 2:
+        return []
+    p = []
+    cls, err = locate("model", cfg.model.get("_target_"))
+    if not err and not carries_training_state(cls):
+        p.append(f"data.tbptt={k}: model {cfg.model._target_} carries no recurrent state across windows "
+                 "(its forward takes no `state`); use data.tbptt=0 or a model that does (model=sem_small)")
+    if cfg.distillation.get("teacher"):
+        p.append(f"data.tbptt={k}: the distillation teacher reads each window from nothing, the student from "
+                 "its carried state; use one of data.tbptt and distillation")
+    return p
 
 
 def _cache_dir_problems(value: Any) -> list[str]:

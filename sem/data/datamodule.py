@@ -49,8 +49,11 @@ class SEMDataModule:
     def __init__(self, corpus: Corpus, batch_size: int = 32, seq_len: int = 256, val_seq_len: int | None = None,
                  val_fraction: float = 0.05, val_max_windows: int | None = 256,
                  final_val_max_windows: int | None = None, val_batch_size: int | None = None,
-                 cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None) -> None:
+                 cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None,
+                 tbptt: int = 0) -> None:
         _positive("data.batch_size", batch_size)
+        if isinstance(tbptt, bool) or not isinstance(tbptt, int) or tbptt < 0:
+            raise ValueError(f"data.tbptt must be an integer >= 0, got {tbptt!r}")
         _positive("data.seq_len", seq_len)
         _positive("data.val_seq_len", val_seq_len, allow_none=True)
         _positive("data.val_max_windows", val_max_windows, allow_none=True)
@@ -70,6 +73,7 @@ class SEMDataModule:
         self.val_batch_size = val_batch_size or batch_size
         self.cache_dir = str(cache_dir)
         self.seed = seed
+        self.tbptt = tbptt  # >= 2: lanes of that many consecutive windows (truncated BPTT); 0 or 1: off
         self.tokenizer = tokenizer or ByteTokenizer()
         self._cache: TokenCache | None = None
         self._val_windows: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -115,7 +119,9 @@ class SEMDataModule:
         return (f"{self.corpus.describe()}: train {c.n_train_docs} docs / {c.train_bytes / 1e6:.2f} MB, "
                 f"val {c.n_val_docs} docs / {c.val_bytes / 1e6:.3f} MB (gzip -9 {c.gzip_bpb:.3f}, bz2 -9 {c.bz2_bpb:.3f}, "
                 f"xz -9e {c.xz_bpb:.3f} bpb); "
-                f"batch {self.batch_size} x {self.seq_len}, val_seq_len {self.val_seq_len}; cache {c.path}")
+                f"batch {self.batch_size} x {self.seq_len}, val_seq_len {self.val_seq_len}"
+                f"{f', lanes of {self.tbptt} consecutive windows (data.tbptt)' if self.tbptt >= 2 else ''}; "
+                f"cache {c.path}")
 
     # ------------------------------------------------------------------------------------------ train
 
@@ -126,6 +132,11 @@ class SEMDataModule:
         The global batch of batch_size * world_size window starts is drawn from an rng seeded with
         (seed, step, micro); this rank takes rows [rank * batch_size, (rank + 1) * batch_size). Windows
         are uniform over every start whose seq_len + 1 tokens fit in the train array.
+
+        With ``tbptt`` K >= 2 each row is a lane reading K consecutive windows: the starts are drawn
+        once per segment of K steps, from (seed, step // K, micro), and step s reads the lane's window
+        s % K, right after the one step s - 1 read (``continues``). A lane that runs past the end of
+        the array wraps to its start (one more document boundary).
         """
         t = self.seq_len if seq_len is None else seq_len
         b = self.batch_size if batch_size is None else batch_size
@@ -140,11 +151,23 @@ class SEMDataModule:
         n_starts = train.size - t  # starts 0 .. N-T-1: the window [s, s+T] stays inside the array
         if n_starts < 1:
             raise CorpusError(f"train split has {train.size} tokens, fewer than one window of seq_len+1 = {t + 1}")
-        rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, n_starts, size=b * world_size)[rank * b:(rank + 1) * b]  # [B]
-        window = train[starts[:, None] + np.arange(t + 1)]  # [B, T+1] uint16, a copy out of the memmap
+        if self.tbptt >= 2:
+            rng = np.random.default_rng([self.seed, step // self.tbptt, micro, self.tbptt])
+            starts = rng.integers(0, train.size, size=b * world_size)[rank * b:(rank + 1) * b]  # [B]
+            positions = (starts[:, None] + (step % self.tbptt) * t + np.arange(t + 1)) % train.size
+            window = train[positions]  # [B, T+1]
+        else:
+            rng = np.random.default_rng([self.seed, step, micro])
+            starts = rng.integers(0, n_starts, size=b * world_size)[rank * b:(rank + 1) * b]  # [B]
+            window = train[starts[:, None] + np.arange(t + 1)]  # [B, T+1] uint16, a copy out of the memmap
         w = torch.from_numpy(window.astype(np.int64))
         return w[:, :-1], w[:, 1:]
+
+    def continues(self, step: int) -> bool:
+        """Does the batch of ``step`` continue the lanes of ``step - 1`` (the next window of each row, at
+        the same shape)? Then a model's recurrent state after step - 1 is the context of step's windows
+        (truncated BPTT, ``data.tbptt``); False at a segment's first step and whenever tbptt is off."""
+        return self.tbptt >= 2 and step % self.tbptt != 0
 
     def train_loader(self, start_step: Callable[[], int],
                      shape_at: Callable[[int], tuple[int, int]] | None = None, accumulate: int = 1) -> DataLoader:

@@ -101,7 +101,8 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
                         distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
-                        OmegaConf.to_container(cfg, resolve=True))
+                        OmegaConf.to_container(cfg, resolve=True),
+                        continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None)
     if cfg.engine == "standalone":
         engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
     else:

@@ -57,7 +57,8 @@ class StepPolicy:
     def __init__(self, model: nn.Module, curriculum: CurriculumManager | None = None,
                  teacher: EMATeacher | None = None, distill_loss: DistillationLoss | None = None,
                  faults: Faults | None = None, health: HealthMonitor | None = None, seed: int = 0,
-                 budget: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
+                 budget: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                 continues: Callable[[int], bool] | None = None) -> None:
         self.model = model
         self.curriculum = curriculum
         self.teacher = teacher
@@ -77,6 +78,11 @@ class StepPolicy:
         self._limits: tuple[float, float, bool, bool] | None = None  # fixed at the last flush
         self._limits_t: torch.Tensor | None = None
         self._unobserved = False  # a pending step the curriculum has not seen yet
+        # Truncated BPTT (data.tbptt): ``continues(step)`` says whether step's batch continues the lanes
+        # of step - 1 (SEMDataModule.continues); then each micro-batch's forward starts from the state
+        # its lanes ended step - 1 with: {micro index: (step, shape, state)}.
+        self.continues = continues
+        self.carried: dict[int, tuple[int, tuple[int, ...], Any]] = {}
 
     def lr_scale(self, step: int) -> float:
         """The factor on the schedule's LR at ``step``: the curriculum stage's ``lr_scale`` times the
@@ -95,7 +101,10 @@ class StepPolicy:
 
     def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The training loss of one micro-batch (x, y [B, T]) and its extra metrics (distillation)."""
-        out = model_output(self.model, x, y)
+        micro = len(self.micro)
+        out = model_output(self.model, x, y, state=self._carried_in(micro, step, tuple(x.shape)))
+        if self.continues is not None:
+            self.carried[micro] = (step, tuple(x.shape), _tree_map(_finite_or_zero, out.state))
         loss = out.loss
         metrics: dict[str, Any] = {}
         # The teacher distils once ready: its first update (at activation) copies the student.
@@ -114,6 +123,17 @@ class StepPolicy:
         self.tokens += x.numel()
         metrics.update({"train/ce_loss": out.ce_loss.detach(), "train/unitary_div": out.unitary_divergence.detach()})
         return loss, metrics
+
+    def _carried_in(self, micro: int, step: int, shape: tuple[int, ...]) -> Any:
+        """The state micro-batch ``micro`` of ``step`` starts from: what the same micro-batch of step - 1
+        left, when the batch continues its lanes at the same shape; None (fresh) otherwise: a segment's
+        first step, a curriculum's new shape, a rollback, a resume without the state."""
+        if self.continues is None or not self.continues(step):
+            return None
+        before = self.carried.get(micro)
+        if before is None or before[0] != step - 1 or before[1] != shape:
+            return None
+        return before[2]
 
     def step_means(self) -> torch.Tensor:
         """[loss, ce, unitary_div] averaged over this step's micro-batches (this rank)."""
@@ -291,6 +311,9 @@ class StepPolicy:
             "budget": self.budget,
             "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            # truncated BPTT: each micro-batch's lane state after the last step (this rank's)
+            "carried": {str(j): {"step": s, "shape": list(shape), "state": state}
+                        for j, (s, shape, state) in self.carried.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -302,6 +325,27 @@ class StepPolicy:
             self.health.load_state_dict(state["health"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+        device = next(self.model.parameters()).device
+        self.carried = {int(j): (int(c["step"]), tuple(c["shape"]), _tree_map(lambda t: t.to(device), c["state"]))
+                        for j, c in (state.get("carried") or {}).items()}
+
+
+def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """``fn`` on every tensor of a tree of dicts, lists and tuples (a model's carried state)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return tree
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """A carried state with a non-finite entry (a step the health policy held back) restarts at zero
+    there rather than poisoning the lane's next windows (on the device: no host sync)."""
+    t = t.detach()
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 # ------------------------------------------------------------------------------------ validation

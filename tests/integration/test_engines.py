@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_launch, tiny_data_overrides
+from tests.conftest import launch_ok, tiny_data_overrides, train_losses
 
 MAX_STEPS = 30
 BRANCH = 15  # a checkpoint inside the second stage (the gate ends the first around step 7)
@@ -26,18 +26,6 @@ def _args(corpus_dir: Path, cache_dir: Path) -> list[str]:
             "distillation=ema_teacher"]
 
 
-def _run(args: list[str], cwd: Path, cache_dir: Path, name: str, *extra: str) -> Path:
-    proc = run_launch([*args, f"run.name={name}", *extra], cwd=cwd, timeout=300,
-                      env={"SEM_CACHE_DIR": str(cache_dir)})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return cwd / "outputs" / name
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train/loss" in r}
-
-
 def _events(run: Path) -> list[tuple[int, str]]:
     return [(r["step"], r["event"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if "event" in r]
@@ -47,16 +35,16 @@ def _events(run: Path) -> list[tuple[int, str]]:
 def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> dict[str, Path]:
     cwd = tmp_path_factory.mktemp("engines")
     args = _args(corpus_dir, cache_dir)
-    out = {e: _run(args, cwd, cache_dir, e, f"engine={e}") for e in ("lightning", "standalone")}
+    out = {e: launch_ok(args, cwd, cache_dir, e, f"engine={e}") for e in ("lightning", "standalone")}
     for src, dst in (("lightning", "standalone"), ("standalone", "lightning")):
         ckpt = out[src] / "checkpoints" / f"step_{BRANCH:07d}.ckpt"
-        out[f"{src}->{dst}"] = _run(args, cwd, cache_dir, f"{src}_to_{dst}", f"engine={dst}", f"resume={ckpt}")
+        out[f"{src}->{dst}"] = launch_ok(args, cwd, cache_dir, f"{src}_to_{dst}", f"engine={dst}", f"resume={ckpt}")
     return out
 
 
 @pytest.mark.slow  # measured >= 5 s (--durations, 2026-12-03)
 def test_both_engines_give_the_same_losses_per_step(runs: dict[str, Path]) -> None:
-    lightning, standalone = _losses(runs["lightning"]), _losses(runs["standalone"])
+    lightning, standalone = train_losses(runs["lightning"]), train_losses(runs["standalone"])
     assert sorted(lightning) == sorted(standalone) == list(range(MAX_STEPS))
     for step in range(MAX_STEPS):
         assert standalone[step] == pytest.approx(lightning[step], abs=1e-5), step
@@ -76,8 +64,8 @@ def test_both_engines_give_the_same_losses_per_step(runs: dict[str, Path]) -> No
 
 @pytest.mark.parametrize("branch", ["lightning->standalone", "standalone->lightning"])
 def test_each_engine_resumes_the_others_checkpoint(runs: dict[str, Path], branch: str) -> None:
-    reference = _losses(runs["lightning"])
-    resumed = _losses(runs[branch])
+    reference = train_losses(runs["lightning"])
+    resumed = train_losses(runs[branch])
     assert sorted(resumed) == list(range(BRANCH, MAX_STEPS))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], abs=1e-5), step

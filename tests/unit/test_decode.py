@@ -251,3 +251,54 @@ def _assert_decoding_equals_forward(model: SEMModel, x: torch.Tensor) -> None:
     first, state = model.prefill(x[:, :37], all_logits=True)
     rest, _ = model.prefill(x[:, 37:], state, all_logits=True)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-4, rtol=2e-5)
+
+
+# ------------------------------------------------------------- several timescales per channel (modes)
+
+
+@pytest.mark.parametrize("conv_width", [0, 4])
+@pytest.mark.parametrize("recurrence", ["fft", "scan"])
+def test_modes_decode_and_chunked_prefill_equal_the_forward(recurrence: str, conv_width: int) -> None:
+    """model.modes N: each channel's N modes are carried by step() and prefill() ([B, D, N] per block)
+    and give the forward's logits, token by token and chunk by chunk."""
+    torch.manual_seed(11)
+    model = SEMModel(d_model=32, n_layers=2, recurrence=recurrence, propagator_warmup_steps=10,
+                     conv_width=conv_width, modes=4).eval()
+    model.set_step(5)
+    for block in model.blocks:  # a readout away from its init, so each mode's share matters
+        block.mode_c.data.normal_()
+    x = _tokens(2, 200, seed=12)
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(2), []
+    assert [h.shape for h in state.h] == [torch.Size([2, 32, 4])] * 2
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=2e-5)
+    pieces, chunk_state = [], None
+    for a, b in zip([0, 3, 90, 200], [3, 90, 200]):
+        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=2e-5)
+    for h, h_steps in zip(chunk_state.h, state.h):
+        torch.testing.assert_close(h, h_steps, atol=1e-5, rtol=1e-4)
+
+
+def test_modes_one_is_the_model_without_them() -> None:
+    """modes=1 (the default): the parameters and logits of the model before the option."""
+    torch.manual_seed(13)
+    plain = SEMModel(d_model=32, n_layers=2)
+    torch.manual_seed(13)
+    one = SEMModel(d_model=32, n_layers=2, modes=1)
+    assert not any("mode_c" in name for name, _ in one.named_parameters())
+    assert one.blocks[0].log_A_mag.shape == (32,)
+    x = _tokens(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, one(x).logits, atol=0, rtol=0)
+    torch.manual_seed(13)
+    four = SEMModel(d_model=32, n_layers=2, modes=4)
+    tau = 1.0 / torch.exp(four.blocks[0].log_A_mag.detach())  # [D, N]: each channel spans the range
+    assert tau.shape == (32, 4) and (tau[:, -1] / tau[:, 0]).min() > 100
+    with pytest.raises(ValueError, match="modes"):
+        SEMModel(d_model=32, n_layers=2, modes=2, selective=True)

@@ -157,7 +157,7 @@ def test_readout_applies_the_propagator(readout: str) -> None:
     with torch.no_grad():
         psi = model.embed(x)
         for block in model.blocks:
-            psi = block(psi)
+            psi = block(psi)[0]
         psi = model.propagator(model.norm_f(psi), model.propagator_alpha)  # [B, T, 2D]
         if readout == "born":
             amplitudes = torch.view_as_complex(psi.unflatten(-1, (-1, 2)).contiguous()) @ torch.complex(

@@ -39,7 +39,7 @@ class SEMBlock(nn.Module):
     each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU)."""
 
     def __init__(self, d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int,
-                 conv_width: int, init: tuple[float, float, float], selective: bool) -> None:
+                 conv_width: int, init: tuple[float, float, float], selective: bool, modes: int = 1) -> None:
         super().__init__()
         d2 = 2 * d_model
         self.recurrence = recurrence
@@ -51,10 +51,18 @@ class SEMBlock(nn.Module):
         self.conv = nn.Conv1d(d2, d2, conv_width, groups=d2) if conv_width > 0 else None
         # ``init`` (r_min, r_max, max_phase): timescales tau = -1/log|lambda| log-uniform between those of
         # r_min and r_max, phases uniform in [0, max_phase] (S4D/LRU-like; the default: tau 1..1000, [0, pi]).
+        # With ``modes`` N > 1 each channel has N modes whose timescales interleave over the same range
+        # (channel d: grid points d, D + d, ...), read out by complex weights c [D, N] (``mode_c``).
         r_min, r_max, max_phase = init
-        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)), d_model))
-        self.log_A_mag = nn.Parameter(torch.log(1.0 / tau))  # |lambda| = exp(-1/tau)
-        self.theta = nn.Parameter(torch.rand(d_model) * max_phase)
+        self.modes = modes
+        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)),
+                                       d_model * modes))
+        shape = (d_model,) if modes == 1 else (d_model, modes)
+        self.log_A_mag = nn.Parameter(torch.log(1.0 / tau).view(modes, d_model).t().reshape(shape))  # |lambda| = e^(-1/tau)
+        self.theta = nn.Parameter(torch.rand(shape) * max_phase)
+        # c_n = 1/N at init: the channel reads the mean of its modes (each of unit variance, by gamma)
+        self.mode_c = nn.Parameter(torch.stack([torch.full(shape, 1.0 / modes), torch.zeros(shape)], -1)) \
+            if modes > 1 else None
         self.skip_D = nn.Parameter(torch.ones(d2))
         # Selective: from the recurrence input v_t, a decay gate r_t and an input gate i_t per channel
         # (sigmoid; zero bias: 1/2 at init); h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t,
@@ -69,33 +77,71 @@ class SEMBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def log_lambda(self) -> torch.Tensor:
-        """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] complex64."""
+        """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] (or with
+        modes [D, N]) complex64."""
         return torch.complex(-self.decay_rate(), self.theta.float())
 
     def decay_rate(self) -> torch.Tensor:
         # MIN_DECAY keeps |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up to 1e6 tokens).
         return torch.exp(self.log_A_mag.float()) + MIN_DECAY
 
-    def mix(self, u: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-        """Diagonal complex recurrence over time. u [B, T, 2D] real -> [B, T, 2D] float32.
+    def c(self) -> torch.Tensor | None:
+        """The modes' complex readout weights [D, N] (None with one mode per channel)."""
+        return None if self.mode_c is None else torch.view_as_complex(self.mode_c.float())
 
-        ``h0`` [B, D] complex64: the state before the first step (None: zero, a document's start);
+    def mix(self, u: torch.Tensor, h0: torch.Tensor | None = None, keep: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diagonal complex recurrence over time. u [B, T, 2D] real -> (y [B, T, 2D] float32, the state
+        after the last step [B, D] (with modes [B, D, N]) complex64, detached).
+
+        ``h0`` (the state's shape): the state before the first step (None: zero, a document's start);
         it contributes lambda^(t+1) h0 at step t, so consecutive chunks give one whole sequence's h.
+        ``keep`` [B, T] bool: where that contribution counts (None: everywhere); training lanes drop a
+        carried state from a document's first token on (``SEMModel.forward``).
         """
         if self.gate is not None:
-            return self._mix_selective(u, h0)
+            return self._mix_selective(u, h0, keep)
         with _no_autocast(u):
             log_lam = self.log_lambda()
             # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
-            gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D]
+            gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D] or [D, N]
             x = u.float().unflatten(-1, (-1, 2))  # [B, T, D, 2]
-            recurrence = recurrence_fft if self.recurrence == "fft" else recurrence_scan
-            h = recurrence(x, log_lam, gamma)
+            c = self.c()
+            if self.recurrence == "fft":
+                h = recurrence_fft(x, log_lam, gamma, c)
+            elif c is None:
+                h = recurrence_scan(x, log_lam, gamma)
+            else:  # every mode scanned as a channel of its own, then read out
+                B, T, D, N = *x.shape[:3], c.shape[1]
+                modes = recurrence_scan(x[:, :, :, None].expand(B, T, D, N, 2).reshape(B, T, D * N, 2),
+                                        log_lam.reshape(-1), gamma.reshape(-1))
+                h = torch.view_as_real((torch.view_as_complex(modes.view(B, T, D, N, 2)) * c).sum(-1))
+            steps = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=torch.float32)
             if h0 is not None:
-                steps = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=torch.float32)
-                carry = torch.exp(steps[:, None] * log_lam[None]) * h0[:, None]  # [B, T, D] lambda^(t+1) h0
+                powers = torch.exp(steps.view(-1, *[1] * log_lam.ndim) * log_lam)  # [T, D(, N)] lambda^(t+1)
+                carry = powers * h0[:, None]  # [B, T, D(, N)]
+                if c is not None:
+                    carry = (carry * c).sum(-1)
+                if keep is not None:
+                    carry = carry * keep[..., None]
                 h = h + torch.view_as_real(carry)
-            return h.flatten(-2)
+            return h.flatten(-2), self._last_state(x, h, log_lam, gamma, h0, keep)
+
+    @torch.no_grad()
+    def _last_state(self, x: torch.Tensor, h: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor,
+                    h0: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """The recurrence state after the last step, detached: h's last row with one mode per channel;
+        with modes, each mode's own, sum_s lambda^(T-1-s) gamma u_s (+ lambda^T h0 where kept)."""
+        if self.mode_c is None:
+            return torch.view_as_complex(h[:, -1].float().contiguous())
+        T = x.shape[1]
+        back = torch.arange(T - 1, -1, -1, device=x.device, dtype=torch.float32)  # T-1-s
+        weights = torch.exp(back[:, None, None] * log_lam) * gamma  # [T, D, N]
+        state = torch.einsum("btd,tdn->bdn", torch.view_as_complex(x.contiguous()), weights)
+        if h0 is not None:
+            carry = torch.exp(T * log_lam) * h0  # [B, D, N]
+            state = state + (carry if keep is None else carry * keep[:, -1, None, None])
+        return state
 
     def _gated(self, v: torch.Tensor, log_lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log a_t, w_t) [..., D] complex64 of the selective recurrence from its input v [..., 2D]:
@@ -108,14 +154,22 @@ class SEMBlock(nn.Module):
         log_a = torch.complex(rate, log_lam.imag.expand_as(rate))
         return log_a, torch.view_as_complex(v.float().unflatten(-1, (-1, 2)).contiguous()) * scale
 
-    def _mix_selective(self, v: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    def _mix_selective(self, v: torch.Tensor, h0: torch.Tensor | None, keep: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         with _no_autocast(v):
             log_a, w = self._gated(v, self.log_lambda())
-            return torch.view_as_real(recurrence_selective(w, log_a, h0)).flatten(-2)
+            if keep is None or h0 is None:
+                h = recurrence_selective(w, log_a, h0)
+            else:  # the carried state's share, (a_1 ... a_t) h0, only where it is kept
+                decay = torch.exp(log_a.cumsum(1))  # [B, T, D]; Re(log a) is clamped in _gated
+                h = recurrence_selective(w, log_a) + decay * h0[:, None] * keep[..., None]
+            return torch.view_as_real(h).flatten(-2), h[:, -1].detach()
 
-    def conv_input(self, u: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    def conv_input(self, u: torch.Tensor, tail: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """SiLU(causal depthwise conv of u) [B, T, 2D]; ``tail`` [B, k-1, 2D]: the k-1 inputs before
-        u[:, 0] (None: zeros, a document's start). The identity when the block has no convolution."""
+        u[:, 0] (None: zeros, a document's start); ``keep`` [B, T] bool: where the tail may be read (as in
+        ``mix``). The identity when the block has no convolution."""
         if self.conv is None:
             return u
         with record_function("sem/conv"):
@@ -124,32 +178,37 @@ class SEMBlock(nn.Module):
                 x = F.pad(u.transpose(1, 2), (k - 1, 0))  # [B, 2D, k-1+T]: zeros before the start
             else:
                 x = torch.cat([tail.to(u.dtype), u], 1).transpose(1, 2)
-            return F.silu(F.conv1d(x, self.conv.weight, self.conv.bias, groups=x.shape[1]).transpose(1, 2))
+            pre = F.conv1d(x, self.conv.weight, self.conv.bias, groups=x.shape[1]).transpose(1, 2)
+            if tail is not None and keep is not None and k > 1:
+                # The tail reaches outputs 0..k-2 only: take its share back out where it is not kept.
+                n = min(k - 1, u.shape[1])
+                alone = F.pad(tail.to(u.dtype).transpose(1, 2), (0, k - 1))  # the tail, then zeros
+                share = F.conv1d(alone, self.conv.weight, None, groups=alone.shape[1]).transpose(1, 2)[:, :n]
+                pre = torch.cat([pre[:, :n] - share * ~keep[:, :n, None], pre[:, n:]], 1)
+            return F.silu(pre)
 
-    def forward(self, psi: torch.Tensor) -> torch.Tensor:  # psi [B, T, 2D] float32
-        return self._body(psi)[0]
-
-    def _body(self, psi: torch.Tensor, h0: torch.Tensor | None = None, tail: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(new residual [B, T, 2D], recurrence state h [B, T, 2D] float32 interleaved, recurrence input
-        before the convolution u [B, T, 2D]); ``h0``, ``tail``: a carried state (``mix``, ``conv_input``)."""
+    def forward(self, psi: torch.Tensor, h0: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """psi [B, T, 2D] float32 -> (new residual [B, T, 2D], the recurrence state after the last step
+        (``mix``), recurrence input before the convolution u [B, T, 2D]); ``h0``, ``tail``, ``keep``: a
+        carried state and where it counts (``mix``, ``conv_input``)."""
         # record_function labels name the parts for bench/profile_sem.py (a no-op unless profiling).
         with record_function("sem/norm"):
             x = self.norm(psi)
         with record_function("sem/in_proj"):
             u = self.in_proj(x)
         with record_function("sem/recurrence"):
-            h = self.mix(self.conv_input(u, tail), h0)
+            h, last = self.mix(self.conv_input(u, tail, keep), h0, keep)
         with record_function("sem/mlp"):
             hidden = _GatedSiLU.apply(self.mlp_in(h + self.skip_D * x))
-            return psi + self.drop(self.mlp_out(hidden)).float(), h, u
+            return psi + self.drop(self.mlp_out(hidden)).float(), last, u
 
     def step(self, psi: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
              tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One token: psi [B, 2D] float32, h [B, D] complex64 (this block's recurrence state),
-        lam [D] complex64 = lambda, gamma [D] = input scale, ``tail`` [B, k-1, 2D] float32: the last k-1
-        recurrence inputs before the convolution (None without one). Returns (psi', h', tail'):
-        h' = lambda h + gamma u."""
+        """One token: psi [B, 2D] float32, h [B, D] complex64 (this block's recurrence state; with modes
+        [B, D, N]), lam [D] complex64 = lambda, gamma [D] = input scale (with modes [D, N] each),
+        ``tail`` [B, k-1, 2D] float32: the last k-1 recurrence inputs before the convolution (None
+        without one). Returns (psi', h', tail'): h' = lambda h + gamma u."""
         x = self.norm(psi)
         u = self.in_proj(x)
         if self.conv is not None:
@@ -161,9 +220,15 @@ class SEMBlock(nn.Module):
             if self.gate is not None:
                 log_a, w = self._gated(u, self.log_lambda())
                 h = torch.exp(log_a) * h + w
+                y = h
+            elif self.mode_c is not None:
+                v = torch.view_as_complex(u.float().unflatten(-1, (-1, 2)).contiguous())  # [B, D]
+                h = lam * h + gamma * v[..., None]
+                y = (h * self.c()).sum(-1)
             else:
                 h = lam * h + torch.view_as_complex(u.float().unflatten(-1, (-1, 2)) * gamma[:, None])
-        value, gate = self.mlp_in(torch.view_as_real(h).flatten(-2) + self.skip_D * x).chunk(2, dim=-1)
+                y = h
+        value, gate = self.mlp_in(torch.view_as_real(y).flatten(-2) + self.skip_D * x).chunk(2, dim=-1)
         return psi + self.mlp_out(F.silu(gate) * value).float(), h, tail
 
     def empty_tail(self, batch_size: int, device: torch.device) -> torch.Tensor | None:

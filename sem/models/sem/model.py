@@ -21,6 +21,7 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from sem.contracts import ModelOutput, cross_entropy
+from sem.data.tokenizer import ByteTokenizer
 from sem.models.common import check_input_length
 from sem.models.sem.blocks import ComplexRMSNorm, SEMBlock
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 # before the log, so the per-token penalty log(e)^2 is bounded by log(ENERGY_CLAMP)^2 ~= 84.8 and its
 # gradient vanishes beyond the clamp.
 ENERGY_CLAMP = 1e4
+BOS_ID = ByteTokenizer.bos_id  # a document's first token: a carried state stops there
 
 
 class SEMModel(nn.Module):
@@ -39,11 +41,13 @@ class SEMModel(nn.Module):
 
     ``conv_width`` k > 0 puts a causal depthwise convolution of k taps and a SiLU on each block's
     recurrence input (after ``in_proj``; ``SEMBlock``); 0 (the default) leaves the block as it was.
+    ``modes`` N > 1 gives each recurrence channel N timescales (N complex modes read out by learned
+    complex weights: S4D's state size); 1 (the default) is one per channel.
     """
 
     # Per-channel parameters (the recurrence's, the convolution's taps): no weight decay, never Muon's.
     no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias", "gain", "log_A_mag", "theta", "skip_D",
-                                                    "conv")
+                                                    "conv", "mode_c")
     # >=2-D weights that are not hidden matrices (kept out of Muon): the token table, the readout and
     # the propagator's h_real/h_imag (they parametrise H of U = Cayley(H), not a map on the state).
     non_matrix_keywords: ClassVar[tuple[str, ...]] = ("embed", "propagator", "readout")
@@ -67,6 +71,7 @@ class SEMModel(nn.Module):
         r_max: float = math.exp(-1.0 / 1000.0),
         max_phase: float = math.pi,
         selective: bool = False,
+        modes: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -88,6 +93,8 @@ class SEMModel(nn.Module):
             ("r_max", r_max, r_min <= r_max < 1.0),  # (r_max < r_min: "invalid r_max")
             ("max_phase", max_phase, 0.0 <= max_phase <= 2 * math.pi),
             ("selective", selective, isinstance(selective, bool)),
+            ("modes", modes, isinstance(modes, int) and not isinstance(modes, bool) and modes >= 1
+             and not (selective and modes > 1)),
         )
         for name, value, ok in checks:
             if not ok:
@@ -96,7 +103,7 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
-        self.conv_width, self.selective = conv_width, selective
+        self.conv_width, self.selective, self.modes = conv_width, selective, modes
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
         # norm_f and the [2D, 2D] propagator map that the readout applied to it.
         self._last_energy: torch.Tensor | None = None
@@ -107,7 +114,7 @@ class SEMModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=math.sqrt(0.5))
         self.blocks = nn.ModuleList(
             SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width, (r_min, r_max, max_phase),
-                     selective)
+                     selective, modes)
             for _ in range(n_layers)
         )
         self.norm_f = ComplexRMSNorm(d_model)
@@ -179,16 +186,42 @@ class SEMModel(nn.Module):
         # z = W U psi as one real matmul (may run in bf16 under autocast); Born rule p_k ~ |z_k|^2.
         return _BornLogits.apply(F.linear(psi, readout).float(), self.vocab_size, self.born_eps)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                state: dict[str, list[torch.Tensor]] | None = None) -> ModelOutput:
+        """Logits (and with ``targets`` the loss) of windows ``input_ids`` [B, T].
+
+        ``state``: the ``ModelOutput.state`` of the previous window of the same rows (truncated BPTT,
+        ``data.tbptt``): each row continues that context, as ``prefill`` would; from the row's first BOS on
+        the carried state is no longer added (a row starting with BOS starts fresh, as a document does in
+        ``sem.models.stream``; after a BOS inside the window, the window's earlier tokens still reach it,
+        as in independent windows). None: every row starts fresh.
+        The output's ``state`` is the state after the window, ``{"h": [B, D] complex64 per block ([B, D, N]
+        with ``modes`` N),
+        "conv": [B, k-1, 2D] per block (empty without a convolution)}``, detached: gradients stop at
+        the window.
+        """
         check_input_length(input_ids, self.max_seq_len)
         with record_function("sem/embed"):
             psi = self.embed(input_ids).float()  # [B, T, 2D]
+        keep = None
+        if state is not None:  # the carried state counts before each row's first BOS
+            T = input_ids.shape[1]
+            bos = input_ids == BOS_ID
+            first = torch.where(bos.any(1), bos.int().argmax(1), T)  # [B]
+            keep = torch.arange(T, device=input_ids.device)[None] < first[:, None]  # [B, T]
+        hs, tails = [], []
         for i, block in enumerate(self.blocks):
+            h0 = state["h"][i] if state is not None else None
+            tail = state["conv"][i] if state is not None and state["conv"] else None
             with record_function(f"sem/block{i}"):
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    psi = checkpoint(block, psi, use_reentrant=False)
+                    psi, h, u = checkpoint(block, psi, h0, tail, keep, use_reentrant=False)
                 else:
-                    psi = block(psi)
+                    psi, h, u = block(psi, h0, tail, keep)
+            hs.append(h.detach())
+            if self.conv_width:
+                before = tail if tail is not None else block.empty_tail(input_ids.shape[0], input_ids.device)
+                tails.append(self._next_tail(before, u))
         # The penalty reads the residual state entering norm_f: after the norm (and the unitary
         # propagator) the energy is ~1 by construction and the term would be inert (~1e-11).
         # Not detached: its gradient reaches the blocks and the embedding that write the residual.
@@ -203,11 +236,18 @@ class SEMModel(nn.Module):
         self._last_energy, self._last_state = energy.detach(), (psi.detach(), propagator.detach())
         with record_function("sem/readout"):
             logits = self._logits(psi, self._readout_map(propagator))
+        after = {"h": hs, "conv": tails}
         if targets is None:
-            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div)
+            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div, state=after)
         with record_function("sem/cross_entropy"):
             ce = cross_entropy(logits, targets)
-        return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div)
+        return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div, state=after)
+
+    @staticmethod
+    def _next_tail(tail: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A convolution's last k-1 inputs after reading u [B, T, 2D] from ``tail`` [B, k-1, 2D]."""
+        keep = tail.shape[1]  # k - 1
+        return torch.cat([tail, u[:, -keep:].detach().float()], 1)[:, -keep:] if keep else tail
 
     # ------------------------------------------------------------------ recurrent decoding
 
@@ -216,7 +256,8 @@ class SEMModel(nn.Module):
         """A fresh (empty-context) decoding state on the model's device."""
         ref = self.embed.weight
         readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
-        h = [torch.zeros(batch_size, self.d_model, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
+        shape = (batch_size, self.d_model) if self.modes == 1 else (batch_size, self.d_model, self.modes)
+        h = [torch.zeros(shape, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
         tails = [b.empty_tail(batch_size, ref.device) for b in self.blocks] if self.conv_width else []
         return DecodeState(h, [b.decay() for b in self.blocks], readout, conv=tails)
 
@@ -255,11 +296,10 @@ class SEMModel(nn.Module):
         hs, tails = [], []
         for i, block in enumerate(self.blocks):
             tail = state.conv[i] if state.conv else None
-            psi, h, u = block._body(psi, state.h[i] if carried else None, tail)
-            hs.append(torch.view_as_complex(h[:, -1].float().unflatten(-1, (-1, 2)).contiguous()))
+            psi, h, u = block(psi, state.h[i] if carried else None, tail)
+            hs.append(h)
             if tail is not None:  # the last k-1 inputs of the convolution, reaching into the old tail
-                keep = tail.shape[1]  # k - 1
-                tails.append(torch.cat([tail, u.float()], 1)[:, -keep:] if keep else tail)
+                tails.append(self._next_tail(tail, u))
         state = DecodeState(hs, state.decay, state.readout, state.position + input_ids.shape[1], tails)
         psi = self.norm_f(psi if all_logits else psi[:, -1])
         return self._logits(psi.float(), state.readout), state
@@ -267,7 +307,8 @@ class SEMModel(nn.Module):
 
 @dataclass
 class DecodeState:
-    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block (and, with
+    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block ([B, D, N] with
+    ``modes`` N > 1; and, with
     ``conv_width`` k, the block's last k-1 convolution inputs), constant in the context length, plus
     per-decode constants (lambda, gamma per block; the readout composed with the propagator), so a
     step costs the same at token 10 and at token 10^6."""

@@ -12,18 +12,26 @@ SCAN_CHUNK = 16
 MIN_DECAY = 1e-6
 
 
-def recurrence_fft(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor:
+def recurrence_fft(x: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor | None = None,
+                   c: torch.Tensor | None = None) -> torch.Tensor:
     """h_t = gamma * sum_{s<=t} lambda^(t-s) u_s by FFT convolution. x [B, T, D, 2] float32 (interleaved
     Re/Im), gamma [D] real input scale (None: 1), returns [B, T, D, 2].
 
-    O(T log T) but leaks round-off across time (~1e-4 relative at fp32).
+    Several modes per channel: log_lam, gamma [D, N] and c [D, N] complex give y_t = sum_n c_n h_t^(n),
+    one mode h^(n) per timescale; the N modes fold into one [D, T] kernel (S4D's trick), so the
+    batch's FFTs cost what one mode's do. O(T log T) but leaks round-off across time (~1e-4 relative
+    at fp32).
     """
     u = torch.view_as_complex(x.contiguous())  # [B, T, D] complex64
     T = u.shape[1]
     n = 1 << (2 * T - 1).bit_length()  # >= 2T-1: linear, not circular, convolution
     k = torch.arange(T, device=u.device, dtype=torch.float32)
-    kernel = torch.exp(log_lam[:, None] * k[None, :])  # [D, T] lambda^k
-    if gamma is not None:  # folded into the [D, T] kernel: no pass over [B, T, D], no [B, T, D] grad reduction
+    if log_lam.ndim == 2:  # [D, N] modes: sum_n c_n gamma_n lambda_n^k
+        weight = c if gamma is None else c * gamma
+        kernel = (torch.exp(log_lam[..., None] * k) * weight[..., None]).sum(1)  # [D, T]
+    else:
+        kernel = torch.exp(log_lam[:, None] * k[None, :])  # [D, T] lambda^k
+    if gamma is not None and log_lam.ndim == 1:  # folded into the [D, T] kernel: no pass over [B, T, D]
         kernel = kernel * gamma[:, None]
     # Time as the last, contiguous dim: an FFT along dim 1 would transpose-copy internally each time.
     spec = torch.fft.fft(u.transpose(1, 2), n=n, dim=-1) * torch.fft.fft(kernel, n=n, dim=-1)  # [B, D, n]
