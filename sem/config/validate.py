@@ -34,7 +34,7 @@ from sem.config.hardware import hardware_problems, strategy_problems
 from sem.config.resources import core_problems, memory_problems
 from sem.contracts import carries_training_state
 from sem.data.user_corpus import as_corpus, corpus_contract_problems
-from sem.training.budget import length_problems
+from sem.training.budget import length_problems, resolve_budget
 
 
 def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = False,
@@ -101,13 +101,16 @@ def _model_problems(m: DictConfig, max_steps: int) -> tuple[list[str], int | Non
         cls, err = locate("model", target)
         if err:
             return [err], None
-        problems = signature_problems("model", cls, OmegaConf.to_container(m, resolve=True), injected=("vocab_size",))
+        # as the run builds it: lengths given as fractions of max_steps resolved first (sem.training.budget)
+        node = resolve_budget({"model": OmegaConf.to_container(m, resolve=True), "trainer": {"max_steps": max_steps}}
+                              )[0]["model"]
+        problems = signature_problems("model", cls, node, injected=("vocab_size",))
         if isinstance(m.get("vocab_size"), int) and m.vocab_size < VOCAB_SIZE:
             problems.append(f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least {VOCAB_SIZE} "
                             "(256 bytes + BOS/EOS/PAD)")
         if problems:
             return problems, None
-        return model_contract_problems("model", cls, OmegaConf.to_container(m, resolve=True))
+        return model_contract_problems("model", cls, node)
     return _own_model_problems(m, max_steps), m.max_seq_len
 
 

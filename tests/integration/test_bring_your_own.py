@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT, run_launch
 
@@ -64,12 +65,25 @@ class EmptyCorpus:
 '''
 
 
+# The most natural extension of our own model: a subclass taking whatever SEMModel takes (**kw).
+SUBCLASS_MODULE = '''
+from sem.models.sem import SEMModel
+
+
+class WiderReadout(SEMModel):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.touched = True
+'''
+
+
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package in a folder of its own (outside the repo), with a lines file to train on."""
     root = tmp_path_factory.mktemp("user")
     shutil.copytree(ROOT / "examples" / "ext", root / "ext")
     (root / "ext" / "userbad.py").write_text(BAD_MODULE)
+    (root / "ext" / "usersem.py").write_text(SUBCLASS_MODULE)
     lines = [f"def f{i}(x): return x * {i} + {i % 7}  # line {i}" for i in range(1500)]
     (root / "lines.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -281,3 +295,18 @@ def test_user_model_under_standalone_and_dry_run(ext: Path, cache_dir: Path) -> 
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert plan["model"] == "GRULM" and plan["flops_per_token"] and plan["flops_per_token"] > 0
+
+
+def test_a_subclass_of_our_model_takes_every_key_of_its_preset(ext: Path, cache_dir: Path) -> None:
+    """``model._target_`` on a preset keeps the preset's keys, lengths given as fractions of
+    trainer.max_steps included (``model.propagator_warmup_fraction``): they reach the subclass resolved,
+    as they reach ours. The subclass inherits the carried state of truncated BPTT too."""
+    run_dir = ext / "runs" / "subclass"
+    proc = _launch(ext, cache_dir, "model=sem_tiny", "model._target_=usersem.WiderReadout",
+                   "model.propagator_warmup_fraction=0.5", "data=lines", "data.tbptt=3", "sample.n=0", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["_target_"] == "usersem.WiderReadout"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    log = (run_dir / "launch.log").read_text()
+    assert "Instantiating <usersem.WiderReadout>" in log and "lanes of 3 consecutive windows (data.tbptt)" in log
