@@ -261,7 +261,8 @@ class EMADistillationConf(DistillationConf):
 class PrecisionConf:
     _target_: str = "sem.engines.lightning.precision.make_precision_plugin"
     _partial_: bool = True
-    precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed | bf16-true
+    # auto (bf16-mixed on CUDA, XPU and CPUs with bf16 instructions, else fp32) | 32-true | bf16-mixed | 16-mixed | bf16-true
+    precision: str = "auto"
 
 
 @dataclass
@@ -286,7 +287,7 @@ class StrategyConf:
 @dataclass
 class TrainerConf:
     _target_: str = "pytorch_lightning.Trainer"
-    max_steps: int = 2450
+    max_steps: int = 3900
     val_check_interval: int = 250  # in optimizer steps
     log_every_n_steps: int = 10  # a train row in metrics.jsonl every N optimizer steps
     devices: Any = 1

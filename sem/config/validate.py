@@ -50,7 +50,7 @@ def _positive(problems: list[str], key: str, value: Any, *, allow_none: bool = F
 MAX_TIMEOUT_S = 2**31 - 1  # a process group's timeout; a timedelta of more overflows a C int
 MAX_NS_STEPS = 100  # Muon's orthogonalisation: each iteration is 3 matmuls per matrix per step
 MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
-MAX_STEPS = 10**8  # far past any run this launcher is for (the default is 2450); the dry run lists steps
+MAX_STEPS = 10**8  # far past any run this launcher is for (the default is 3900); the dry run lists steps
 
 
 def _one_line(exc: Exception) -> str:

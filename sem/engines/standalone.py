@@ -172,7 +172,8 @@ class SEMTrainer:
         self.model.eval()
         set_step(self.model, self.global_step)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with torch.inference_mode(), self.precision.autocast():
+        # the final validation without mixed precision, as the Lightning engine (its validation_step)
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False) if final else self.precision.autocast():
             for x, y in loader:
                 sums += val_sums(self.model, x.to(self.device), y.to(self.device))
         self.model.train(was_training)

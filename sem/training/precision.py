@@ -11,10 +11,22 @@ import torch
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16: AMD Zen 4 on, Intel Cooper Lake and
+    Sapphire Rapids on; torch's own check)? There bf16 autocast trains the default SEM 1.6x as fast
+    as fp32 (README "Measured"); without it torch emulates bf16 and autocast is slower than fp32."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # a torch without the check, a platform it does not know: fp32
+        return False
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
-    """``auto`` is fp32 on CPU and bf16-mixed on CUDA/XPU."""
+    """``auto`` is bf16-mixed on CUDA/XPU and on a CPU with bf16 instructions (``cpu_has_bf16``),
+    fp32 on any other CPU."""
     if precision == "auto":
-        return "32-true" if device_type == "cpu" else "bf16-mixed"
+        return "bf16-mixed" if device_type != "cpu" or cpu_has_bf16() else "32-true"
     return precision
 
 

@@ -189,7 +189,11 @@ class SEMLightningModule(pl.LightningModule):
         set_step(self.model, self.global_step)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._val_sums += val_sums(self.model, *batch)
+        # The final validation (summary.json's val_bpb) without mixed precision: the model's own figure,
+        # what `sem.evaluate` gives, whatever precision trained it (bf16 autocast moves it ~1e-4).
+        x = batch[0]
+        with torch.autocast(x.device.type, enabled=not self.final_validation):
+            self._val_sums += val_sums(self.model, *batch)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
