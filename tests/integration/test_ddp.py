@@ -157,8 +157,8 @@ def single_and_ddp(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, c
 
 @pytest.fixture(scope="module")
 def fault_on_one_rank(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> Launch:
-    """B again, with step 3's loss NaN on rank 1 only."""
-    args = [*_base(corpus_dir, cache_dir), "trainer.log_every_n_steps=1", *DDP, "data.batch_size=2",
+    """B again (fp32), with step 3's loss NaN on rank 1 only."""
+    args = [*_base(corpus_dir, cache_dir), "trainer.log_every_n_steps=1", "precision=fp32", *DDP, "data.batch_size=2",
             "faults.nan_at_step=3", "faults.on_rank=1"]
     run = Launch.start(tmp_path_factory.mktemp("fault"), args, cache_dir)
     yield run.wait()

@@ -381,3 +381,19 @@ def test_ipex_that_imports_is_used_and_named_with_its_version(fake_xpu: FakeXPU,
     monkeypatch.setitem(sys.modules, IPEX, fake_ipex)
     _set_up_twice()
     assert _ipex_lines(fresh_process) == [f"{IPEX} 2.8.10+xpu used"]
+
+
+@pytest.mark.parametrize("check,expected", [(lambda: True, "bf16-mixed"), (lambda: False, "32-true"),
+                                            (None, "32-true"), (lambda: 1 / 0, "32-true")])
+def test_auto_precision_on_cpu_follows_its_bf16_instructions(monkeypatch: pytest.MonkeyPatch, check: object,
+                                                             expected: str) -> None:
+    """precision=auto: bf16-mixed on a CPU with bf16 instructions (torch's AVX512-BF16 check), fp32 on
+    one without, and fp32 when torch has no such check or it fails; CUDA/XPU are bf16-mixed either way."""
+    from sem.training import precision
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    if check is not None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", check, raising=False)
+    assert precision.resolve_precision("auto", "cpu") == expected
+    assert precision.resolve_precision("auto", "cuda") == precision.resolve_precision("auto", "xpu") == "bf16-mixed"
+    assert precision.resolve_precision("32-true", "cpu") == "32-true"
