@@ -191,8 +191,11 @@ class SEMLightningModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         # The final validation (summary.json's val_bpb) without mixed precision: the model's own figure,
         # what `sem.evaluate` gives, whatever precision trained it (bf16 autocast moves it ~1e-4).
-        x = batch[0]
-        with torch.autocast(x.device.type, enabled=not self.final_validation):
+        # (Only then a context of its own: an enabled torch.autocast would impose its default dtype.)
+        if not self.final_validation:
+            self._val_sums += val_sums(self.model, *batch)
+            return
+        with torch.autocast(batch[0].device.type, enabled=False):
             self._val_sums += val_sums(self.model, *batch)
 
     def on_validation_epoch_end(self) -> None:
