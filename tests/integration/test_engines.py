@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launch_ok, tiny_data_overrides, train_losses
+from tests.conftest import launch_ok, run_launch, tiny_data_overrides, train_losses
 
 MAX_STEPS = 30
 BRANCH = 15  # a checkpoint inside the second stage (the gate ends the first around step 7)
@@ -73,3 +73,44 @@ def test_each_engine_resumes_the_others_checkpoint(runs: dict[str, Path], branch
     expected = torch.load(runs["lightning"] / "checkpoints" / f"step_{MAX_STEPS:07d}.ckpt", weights_only=True)
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, atol=1e-6, rtol=1e-5)
+
+
+PROBE = '''
+import json, os, torch
+from sem.models.sem import SEMModel
+
+class AutocastProbe(SEMModel):
+    """Writes [step, autocast on] for every forward in eval mode (the validations)."""
+    step_seen = None
+
+    def set_step(self, step):
+        super().set_step(step)
+        self.step_seen = step
+
+    def forward(self, input_ids, targets=None, state=None):
+        if not self.training:
+            with open(os.environ["AUTOCAST_LOG"], "a") as f:
+                f.write(json.dumps([self.step_seen, torch.is_autocast_enabled("cpu")]) + "\\n")
+        return super().forward(input_ids, targets, state)
+'''
+
+
+@pytest.mark.slow  # measured 12-15 s each (2026-12-04)
+@pytest.mark.parametrize("engine", ["lightning", "standalone"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_mixed"])
+def test_validations_run_under_the_runs_precision_and_the_final_one_in_fp32(
+        engine: str, precision: str, tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None:
+    """Periodic validations autocast exactly when training does (never on an fp32 run: an enabled
+    torch.autocast imposes the device's default dtype); the final one (summary.json's val_bpb) never."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "autocastprobe.py").write_text(PROBE)
+    log = tmp_path / "autocast.jsonl"
+    proc = run_launch([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=6", "trainer.val_check_interval=4",
+                       "model._target_=autocastprobe.AutocastProbe", f"engine={engine}", f"precision={precision}",
+                       "sample.n=0", "eval.stream=false", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                      env={"SEM_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(tmp_path / "probe"),
+                           "AUTOCAST_LOG": str(log)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    seen = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+    by_step = {step: {on for s, on in seen if s == step} for step, _ in seen if step is not None}
+    assert by_step == {4: {precision == "bf16_mixed"}, 6: {False}}, seen  # periodic at 4, final at 6
