@@ -107,15 +107,17 @@ class SEMBlock(nn.Module):
             gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D] or [D, N]
             x = u.float().unflatten(-1, (-1, 2))  # [B, T, D, 2]
             c = self.c()
+            modes = None  # every mode's own state [B, T, D, N] complex64 when the scan computed it
             if self.recurrence == "fft":
                 h = recurrence_fft(x, log_lam, gamma, c)
             elif c is None:
                 h = recurrence_scan(x, log_lam, gamma)
             else:  # every mode scanned as a channel of its own, then read out
                 B, T, D, N = *x.shape[:3], c.shape[1]
-                modes = recurrence_scan(x[:, :, :, None].expand(B, T, D, N, 2).reshape(B, T, D * N, 2),
-                                        log_lam.reshape(-1), gamma.reshape(-1))
-                h = torch.view_as_real((torch.view_as_complex(modes.view(B, T, D, N, 2)) * c).sum(-1))
+                modes = torch.view_as_complex(recurrence_scan(
+                    x[:, :, :, None].expand(B, T, D, N, 2).reshape(B, T, D * N, 2), log_lam.reshape(-1),
+                    gamma.reshape(-1)).view(B, T, D, N, 2))
+                h = torch.view_as_real((modes * c).sum(-1))
             steps = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=torch.float32)
             if h0 is not None:
                 powers = torch.exp(steps.view(-1, *[1] * log_lam.ndim) * log_lam)  # [T, D(, N)] lambda^(t+1)
@@ -125,19 +127,24 @@ class SEMBlock(nn.Module):
                 if keep is not None:
                     carry = carry * keep[..., None]
                 h = h + torch.view_as_real(carry)
-            return h.flatten(-2), self._last_state(x, h, log_lam, gamma, h0, keep)
+            return h.flatten(-2), self._last_state(x, h, log_lam, gamma, h0, keep, modes)
 
     @torch.no_grad()
     def _last_state(self, x: torch.Tensor, h: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor,
-                    h0: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+                    h0: torch.Tensor | None, keep: torch.Tensor | None, modes: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """The recurrence state after the last step, detached: h's last row with one mode per channel;
-        with modes, each mode's own, sum_s lambda^(T-1-s) gamma u_s (+ lambda^T h0 where kept)."""
+        with modes, each mode's own: the scan's last row (``modes``), or after the FFT path (which only
+        has their read-out sum) sum_s lambda^(T-1-s) gamma u_s; + lambda^T h0 where kept."""
         if self.mode_c is None:
             return torch.view_as_complex(h[:, -1].float().contiguous())
         T = x.shape[1]
-        back = torch.arange(T - 1, -1, -1, device=x.device, dtype=torch.float32)  # T-1-s
-        weights = torch.exp(back[:, None, None] * log_lam) * gamma  # [T, D, N]
-        state = torch.einsum("btd,tdn->bdn", torch.view_as_complex(x.contiguous()), weights)
+        if modes is not None:
+            state = modes[:, -1].detach().clone()
+        else:
+            back = torch.arange(T - 1, -1, -1, device=x.device, dtype=torch.float32)  # T-1-s
+            weights = torch.exp(back[:, None, None] * log_lam) * gamma  # [T, D, N]
+            state = torch.einsum("btd,tdn->bdn", torch.view_as_complex(x.contiguous()), weights)
         if h0 is not None:
             carry = torch.exp(T * log_lam) * h0  # [B, D, N]
             state = state + (carry if keep is None else carry * keep[:, -1, None, None])
