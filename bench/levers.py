@@ -32,10 +32,16 @@ VARIANTS = {  # the default has model.conv_width=4 since 2026-12-04
     "selective, conv_width=0": {"selective": True, "conv_width": 0},
     "modes=4": {"modes": 4},
     "modes=8": {"modes": 8},
+    "heads=4": {"heads": 4},
+    "heads=8": {"heads": 8},
+    "heads=16": {"heads": 16},
+    "attention_every=4": {"attention_every": 4},
+    "attention_every=2": {"attention_every": 2},
+    "attention_every=1": {"attention_every": 1},
 }
 
 
-def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int) -> dict[str, Any]:
+def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int, bf16: bool = False) -> dict[str, Any]:
     node, _, batch, seq_len, optimizer = defaults()
     node.pop("_target_", None)
     trainers = {}
@@ -43,13 +49,15 @@ def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int) 
         torch.manual_seed(0)
         trainers[name] = Trainer(SEMModel(**{**node, **keys}), batch, seq_len, optimizer, param_groups)
         for _ in range(2):  # warm-up: allocator, first-call costs
-            trainers[name].step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                trainers[name].step()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, trainer in trainers.items():
             start = time.perf_counter()
-            for _ in range(round_steps):
-                trainer.step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for _ in range(round_steps):
+                    trainer.step()
             times[name].append((time.perf_counter() - start) / round_steps)
     base = times["default"]
     out = {}
@@ -60,7 +68,8 @@ def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int) 
                      "tokens_per_s": batch * seq_len / statistics.median(times[name]),
                      "speed_ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2],
                      "parameters": sum(p.numel() for p in trainers[name].model.parameters())}
-    return {"batch": batch, "seq_len": seq_len, "rounds": rounds, "round_steps": round_steps, "variants": out}
+    return {"batch": batch, "seq_len": seq_len, "rounds": rounds, "round_steps": round_steps,
+            "precision": "bf16 autocast" if bf16 else "fp32", "variants": out}
 
 
 def table(record: dict[str, Any]) -> str:
@@ -77,11 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--round-steps", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="every variant under bf16 autocast (precision=auto here)")
+    parser.add_argument("--only", nargs="*", help="these variants (and the default) only")
     parser.add_argument("--save", action="store_true", help="write bench/results/levers.json and BENCHMARKS.md")
     args = parser.parse_args()
-    record = measure(VARIANTS, args.rounds, args.round_steps)
-    body = (f"Batch {record['batch']} x seq_len {record['seq_len']}, {args.rounds} rounds of {args.round_steps} "
-            f"steps per variant, in turn.\n\n" + table(record))
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k == "default" or k in args.only}
+    record = measure(variants, args.rounds, args.round_steps, args.bf16)
+    body = (f"Batch {record['batch']} x seq_len {record['seq_len']}, {record['precision']}, {args.rounds} rounds of "
+            f"{args.round_steps} steps per variant, in turn.\n\n" + table(record))
     print(f"{machine()}: {command()}\n{body}")
     if args.save:
         save("levers", record, "SEM levers: training speed side by side", body)

@@ -50,6 +50,16 @@ class SEMModelConf:
     # state size; the FFT path folds them into one kernel, so training costs about what N = 1 does);
     # decoding carries [B, D, N] per block. Not with selective.
     modes: int = 1
+    # H > 0: each block's state is a [K, K] complex matrix per head (K = d_model / H), written by keys and
+    # read by queries computed from the recurrence input (retention: RetNet's, as SEM's complex
+    # recurrence with one modulus per head and one phase per key channel); 0: the diagonal state.
+    # Not with selective or modes.
+    heads: int = 0
+    # k > 0: causal softmax attention over the last attention_window positions (its own residual
+    # sub-layer, no positional encoding: the recurrence orders the tokens) before every k-th block,
+    # Griffin's recurrence + local attention; its state is the last window - 1 keys and values. 0: none.
+    attention_every: int = 0
+    attention_window: int = 128
 
 
 @dataclass

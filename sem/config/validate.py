@@ -138,6 +138,22 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
     elif modes > 1 and m.get("selective"):
         p.append(f"model.modes={modes} with model.selective=true: the input-dependent recurrence has one "
                  "mode per channel; use one of them")
+    heads, width = m.get("heads", 0), m.get("d_model")
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 0:
+        p.append(f"model.heads={heads!r}: must be an integer >= 0 (0: the diagonal state)")
+    elif heads and isinstance(width, int) and width > 0 and width % heads:
+        p.append(f"model.heads={heads}: must divide model.d_model={width} (each head holds d_model / heads channels)")
+    elif heads and (m.get("selective") or (isinstance(modes, int) and modes > 1)):
+        p.append(f"model.heads={heads} with model.selective={m.get('selective')} model.modes={modes}: the "
+                 "matrix state is neither; use one of them")
+    every, layers = m.get("attention_every", 0), m.get("n_layers")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0 \
+            or (isinstance(layers, int) and every > layers):
+        p.append(f"model.attention_every={every!r}: must be an integer in [0, model.n_layers={layers}] "
+                 "(local attention before every k-th block; 0: none)")
+    window = m.get("attention_window", 128)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        p.append(f"model.attention_window={window!r}: must be an integer >= 1 (positions a query sees, itself included)")
     r_min, r_max = m.get("r_min"), m.get("r_max")
     if isinstance(r_min, (int, float)) and isinstance(r_max, (int, float)) \
             and not 0.0 < r_min <= r_max < 1.0:

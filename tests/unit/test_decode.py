@@ -285,6 +285,121 @@ def test_modes_decode_and_chunked_prefill_equal_the_forward(recurrence: str, con
         torch.testing.assert_close(h, h_steps, atol=1e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------- a matrix state per head (heads)
+
+
+@pytest.mark.parametrize("conv_width", [0, 4])
+def test_heads_decode_and_chunked_prefill_equal_the_forward(conv_width: int) -> None:
+    """model.heads H: each block's [H, K, K] state is carried by step() and prefill() and gives the
+    forward's logits, token by token and chunk by chunk, across more than one retention chunk."""
+    torch.manual_seed(14)
+    model = SEMModel(d_model=32, n_layers=2, heads=4, propagator_warmup_steps=10, conv_width=conv_width).eval()
+    model.set_step(5)
+    x = _tokens(2, 300, seed=15)  # > RETENTION_CHUNK: the forward loops over chunks
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(2), []
+    assert [h.shape for h in state.h] == [torch.Size([2, 4, 8, 8])] * 2
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-4)
+    pieces, chunk_state = [], None
+    for a, b in zip([0, 3, 140, 300], [3, 140, 300]):
+        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-4, rtol=1e-4)
+    for h, h_steps in zip(chunk_state.h, state.h):
+        torch.testing.assert_close(h, h_steps, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_retention_is_the_recurrence_it_states(chunk: int) -> None:
+    """retention() against its definition, S_t = diag(lambda) S_{t-1} + k_t v_t^T, y_t = S_t^T conj(q_t),
+    step by step from a carried S_0 that counts only where ``keep``; gradients reach every input."""
+    from sem.models.sem.recurrence import retention
+
+    torch.manual_seed(16)
+    B, T, H, K, V = 2, 37, 3, 4, 5
+    pair = lambda *shape: (torch.randn(*shape, requires_grad=True), torch.randn(*shape, requires_grad=True))  # noqa: E731
+    q, k, v = pair(B, T, H, K), pair(B, T, H, K), pair(B, T, H, V)
+    log_gamma = (-torch.rand(H) - 0.01).requires_grad_()
+    theta = (torch.rand(H, K) * 3).requires_grad_()
+    s0 = torch.randn(B, H, K, V, dtype=torch.complex64)
+    keep = torch.arange(T)[None] < torch.tensor([[T], [20]])  # row 1: a document starts at 20
+    (yr, yi), last = retention(q, k, v, log_gamma, theta, s0, keep, chunk=chunk)
+    with torch.no_grad():
+        lam = torch.exp(torch.complex(log_gamma[:, None].expand(H, K), theta))[..., None]
+        qc, kc, vc = (torch.complex(*x) for x in (q, k, v))
+        own, carried, ys = torch.zeros_like(s0), s0.clone(), []
+        for t in range(T):
+            own = lam * own + kc[:, t, :, :, None] * vc[:, t, :, None, :]
+            carried = lam * carried
+            ys.append((qc[:, t].conj()[..., None] * (own + carried * keep[:, t, None, None, None])).sum(-2))
+        ref = torch.stack(ys, 1)
+    torch.testing.assert_close(torch.complex(yr, yi).detach(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, own + carried * keep[:, -1, None, None, None], atol=1e-4, rtol=1e-4)
+    (yr.sum() + yi.square().sum()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (*q, *k, *v, log_gamma, theta))
+
+
+def test_heads_validation() -> None:
+    for bad in ({"heads": 5}, {"heads": -1}, {"heads": 4, "modes": 2}, {"heads": 4, "selective": True}):
+        with pytest.raises(ValueError, match="heads"):
+            SEMModel(d_model=32, n_layers=1, **bad)
+
+
+# ------------------------------------------------------------- local attention (attention_every)
+
+
+@pytest.mark.parametrize("window", [1, 16, 500])
+def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: int) -> None:
+    """model.attention_every: the attention layers' last window - 1 keys and values are carried by step()
+    and prefill() and give the forward's logits, token by token and chunk by chunk."""
+    torch.manual_seed(17)
+    model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=window,
+                     propagator_warmup_steps=0).eval()
+    for layer in model.attention.values():  # away from the small init, so the attention matters
+        layer.out.weight.data.normal_(0, 0.3)
+    x = _tokens(2, 300, seed=18)
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(2), []
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-4)
+    assert [kv.shape for kv in state.kv] == [torch.Size([2, min(window - 1, 300), 128])] * 2
+    pieces, chunk_state = [], None
+    for a, b in zip([0, 3, 140, 300], [3, 140, 300]):
+        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-4, rtol=1e-4)
+
+
+def test_local_attention_sees_only_its_window() -> None:
+    """A query at t reads keys t - window < s <= t: changing the input outside that band changes nothing."""
+    from sem.models.sem.attention import LocalAttention
+
+    torch.manual_seed(19)
+    layer = LocalAttention(d_model=32, window=8, n_layers=1)
+    layer.out.weight.data.normal_(0, 0.3)
+    psi = torch.randn(1, 40, 64)
+    moved = psi.clone()
+    moved[:, 10] += 5.0  # seen by queries 10..17 only
+    with torch.no_grad():
+        diff = (layer(psi)[0] - layer(moved)[0]).abs().amax(-1)[0]
+    assert diff[:10].max() == 0 and diff[18:].max() == 0 and diff[10:18].min() > 1e-3
+    with torch.no_grad():  # a carried context is read where ``keep``, and only there
+        _, kv = layer(psi[:, :20])
+        fresh, whole = layer(psi[:, 20:])[0], layer(psi)[0][:, 20:]
+        keep = torch.arange(20)[None] < 3  # a document starts at 3
+        carried = layer(psi[:, 20:], kv, keep)[0]
+    torch.testing.assert_close(carried[:, 3:], fresh[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(carried[:, :3], whole[:, :3], atol=1e-5, rtol=1e-5)
+    assert (fresh[:, :3] - whole[:, :3]).abs().max() > 1e-3
+
+
 def test_modes_one_is_the_model_without_them() -> None:
     """modes=1 (the default): the parameters and logits of the model before the option."""
     torch.manual_seed(13)

@@ -38,7 +38,9 @@ def _model(**kw: object) -> SEMModel:
 
 LEVERS = [{"recurrence": "scan"}, {"recurrence": "fft"}, {"recurrence": "scan", "conv_width": 4},
           {"recurrence": "fft", "conv_width": 3}, {"recurrence": "scan", "conv_width": 4, "selective": True},
-          {"recurrence": "fft", "modes": 4}, {"recurrence": "scan", "conv_width": 4, "modes": 3}]
+          {"recurrence": "fft", "modes": 4}, {"recurrence": "scan", "conv_width": 4, "modes": 3},
+          {"heads": 4}, {"heads": 8, "conv_width": 4}, {"attention_every": 1, "attention_window": 16},
+          {"attention_every": 2, "attention_window": 200, "conv_width": 4}]
 
 
 @pytest.mark.parametrize("kw", LEVERS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
@@ -54,6 +56,8 @@ def test_windows_with_a_carried_state_equal_one_forward_over_all_of_them(kw: dic
             state = out.state
     torch.testing.assert_close(torch.cat(parts, 1), whole, atol=2e-4, rtol=1e-4)
     shape = (3, 32) if kw.get("modes", 1) == 1 else (3, 32, kw["modes"])
+    if kw.get("heads"):
+        shape = (3, kw["heads"], 32 // kw["heads"], 32 // kw["heads"])
     assert len(state["h"]) == 2 and state["h"][0].shape == shape and state["h"][0].dtype == torch.complex64
     assert len(state["conv"]) == (2 if kw.get("conv_width") else 0)
 

@@ -12,10 +12,18 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from sem.models.sem.kernels import _GatedSiLU, _no_autocast, _RMSNormFunction
-from sem.models.sem.recurrence import MIN_DECAY, SELECTIVE_MAX_RATE, recurrence_fft, recurrence_scan, recurrence_selective
+from sem.models.sem.recurrence import (
+    MIN_DECAY,
+    SELECTIVE_MAX_RATE,
+    recurrence_fft,
+    recurrence_scan,
+    recurrence_selective,
+    retention,
+)
 
 # Selective blocks: |a_t| = |lambda|^(SELECTIVE_C r_t), r_t in (0, 1) (Griffin's RG-LRU uses c = 8).
 SELECTIVE_C = 8.0
+HEAD_NORM_EPS = 1e-6  # retention's per-head RMS norm
 
 
 class ComplexRMSNorm(nn.Module):
@@ -39,7 +47,8 @@ class SEMBlock(nn.Module):
     each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU)."""
 
     def __init__(self, d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int,
-                 conv_width: int, init: tuple[float, float, float], selective: bool, modes: int = 1) -> None:
+                 conv_width: int, init: tuple[float, float, float], selective: bool, modes: int = 1,
+                 heads: int = 0) -> None:
         super().__init__()
         d2 = 2 * d_model
         self.recurrence = recurrence
@@ -53,13 +62,21 @@ class SEMBlock(nn.Module):
         # r_min and r_max, phases uniform in [0, max_phase] (S4D/LRU-like; the default: tau 1..1000, [0, pi]).
         # With ``modes`` N > 1 each channel has N modes whose timescales interleave over the same range
         # (channel d: grid points d, D + d, ...), read out by complex weights c [D, N] (``mode_c``).
+        # With ``heads`` H > 0 the state is a [K, K] matrix per head (K = D / H; ``retention``): one
+        # timescale per head (the same range over the heads), one phase per key channel.
         r_min, r_max, max_phase = init
-        self.modes = modes
-        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)),
-                                       d_model * modes))
+        self.modes, self.heads = modes, heads
+        n = heads or d_model * modes
+        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)), n))
         shape = (d_model,) if modes == 1 else (d_model, modes)
-        self.log_A_mag = nn.Parameter(torch.log(1.0 / tau).view(modes, d_model).t().reshape(shape))  # |lambda| = e^(-1/tau)
-        self.theta = nn.Parameter(torch.rand(shape) * max_phase)
+        if heads:
+            self.log_A_mag = nn.Parameter(torch.log(1.0 / tau))  # [H]
+            self.theta = nn.Parameter(torch.rand(heads, d_model // heads) * max_phase)  # [H, K]
+        else:
+            self.log_A_mag = nn.Parameter(torch.log(1.0 / tau).view(modes, d_model).t().reshape(shape))  # |lambda| = e^(-1/tau)
+            self.theta = nn.Parameter(torch.rand(shape) * max_phase)
+        # Retention's queries and keys, from the recurrence input (as Mamba's B and C): [2D] -> [2D | 2D].
+        self.qk = nn.Linear(d2, 2 * d2, bias=False) if heads else None
         # c_n = 1/N at init: the channel reads the mean of its modes (each of unit variance, by gamma)
         self.mode_c = nn.Parameter(torch.stack([torch.full(shape, 1.0 / modes), torch.zeros(shape)], -1)) \
             if modes > 1 else None
@@ -78,8 +95,10 @@ class SEMBlock(nn.Module):
 
     def log_lambda(self) -> torch.Tensor:
         """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] (or with
-        modes [D, N]) complex64."""
-        return torch.complex(-self.decay_rate(), self.theta.float())
+        modes [D, N], with heads [H, K]) complex64."""
+        theta = self.theta.float()
+        return torch.complex(-self.decay_rate().view(*self.log_A_mag.shape, *[1] * (theta.ndim - 1)).expand_as(theta),
+                             theta)
 
     def decay_rate(self) -> torch.Tensor:
         # MIN_DECAY keeps |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up to 1e6 tokens).
@@ -101,6 +120,8 @@ class SEMBlock(nn.Module):
         """
         if self.gate is not None:
             return self._mix_selective(u, h0, keep)
+        if self.qk is not None:
+            return self._mix_retention(u, h0, keep)
         with _no_autocast(u):
             log_lam = self.log_lambda()
             # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
@@ -172,6 +193,45 @@ class SEMBlock(nn.Module):
                 h = recurrence_selective(w, log_a) + decay * h0[:, None] * keep[..., None]
             return torch.view_as_real(h).flatten(-2), h[:, -1].detach()
 
+    def _mix_retention(self, u: torch.Tensor, h0: torch.Tensor | None, keep: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``heads``: retention over the heads (values: u; queries and keys: ``qk(u)``), each head's output
+        RMS-normalised (RetNet's group norm); the state [B, H, K, K] complex64."""
+        B, T, _ = u.shape
+        H = self.heads
+        qk = self.qk(u)
+        with _no_autocast(u):
+            qr, qi, kr, ki = qk.float().unflatten(-1, (4, H, -1)).unbind(2)  # [B, T, H, K] each
+            vr, vi = u.float().unflatten(-1, (H, -1, 2)).unbind(-1)
+            scale = self.theta.shape[1] ** -0.5
+            (yr, yi), state = retention((qr * scale, qi * scale), (kr, ki), (vr, vi), -self.decay_rate(),
+                                        self.theta.float(), h0, keep)
+            norm = torch.rsqrt(yr.square().add(yi.square()).mean(-1, keepdim=True) + HEAD_NORM_EPS)
+            return torch.stack([yr * norm, yi * norm], -1).reshape(B, T, -1), state
+
+    def _heads(self, qk: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token's (q, k, v) [B, H, K] complex64 from ``qk(u)`` [B, 4D] ((Re q | Im q | Re k | Im k))
+        and u [B, 2D] (interleaved), as ``_mix_retention`` reads them."""
+        qr, qi, kr, ki = qk.float().unflatten(-1, (4, self.heads, -1)).unbind(1)
+        scale = self.theta.shape[1] ** -0.5
+        v = torch.view_as_complex(u.float().unflatten(-1, (self.heads, -1, 2)).contiguous())
+        return torch.complex(qr, qi) * scale, torch.complex(kr, ki), v
+
+    @staticmethod
+    def _head_norm(y: torch.Tensor) -> torch.Tensor:
+        """Each head's output [..., H, K] to unit mean |y|^2 (RetNet's group norm, without a gain)."""
+        return y * torch.rsqrt(y.real.square().add(y.imag.square()).mean(-1, keepdim=True) + HEAD_NORM_EPS)
+
+    def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The recurrence state at a document's start: zeros, [B, D] complex64 ([B, D, N] with modes,
+        [B, H, K, K] with heads)."""
+        if self.heads:
+            k = self.theta.shape[1]
+            shape = (batch_size, self.heads, k, k)
+        else:
+            shape = (batch_size, *self.theta.shape)
+        return torch.zeros(shape, dtype=torch.complex64, device=device)
+
     def conv_input(self, u: torch.Tensor, tail: torch.Tensor | None = None, keep: torch.Tensor | None = None
                    ) -> torch.Tensor:
         """SiLU(causal depthwise conv of u) [B, T, 2D]; ``tail`` [B, k-1, 2D]: the k-1 inputs before
@@ -223,11 +283,16 @@ class SEMBlock(nn.Module):
             window = torch.cat([tail, u.float()[:, None]], 1)  # [B, k, 2D], oldest first
             conv = (window * self.conv.weight.float()[:, 0].t()).sum(1) + self.conv.bias.float()
             u, tail = F.silu(conv), window[:, 1:]
+        qk = self.qk(u) if self.qk is not None else None
         with _no_autocast(u):
             if self.gate is not None:
                 log_a, w = self._gated(u, self.log_lambda())
                 h = torch.exp(log_a) * h + w
                 y = h
+            elif qk is not None:
+                q, k, v = self._heads(qk, u)  # [B, H, K]
+                h = lam[..., None] * h + k[..., None] * v[..., None, :]
+                y = self._head_norm((q.conj()[..., None] * h).sum(-2)).flatten(1)
             elif self.mode_c is not None:
                 v = torch.view_as_complex(u.float().unflatten(-1, (-1, 2)).contiguous())  # [B, D]
                 h = lam * h + gamma * v[..., None]

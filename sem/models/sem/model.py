@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from sem.contracts import ModelOutput, cross_entropy
 from sem.data.tokenizer import ByteTokenizer
 from sem.models.common import check_input_length
+from sem.models.sem.attention import LocalAttention
 from sem.models.sem.blocks import ComplexRMSNorm, SEMBlock
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
 from sem.models.sem.propagator import CayleyPropagator
@@ -43,6 +44,12 @@ class SEMModel(nn.Module):
     recurrence input (after ``in_proj``; ``SEMBlock``); 0 (the default) leaves the block as it was.
     ``modes`` N > 1 gives each recurrence channel N timescales (N complex modes read out by learned
     complex weights: S4D's state size); 1 (the default) is one per channel.
+    ``heads`` H > 0 makes each block's state a [K, K] complex matrix per head (K = D / H) written by
+    input-dependent keys and read by queries (``retention``: RetNet's retention as SEM's complex
+    recurrence, one modulus per head and one phase per key channel); 0 (the default) is the diagonal state.
+    ``attention_every`` k > 0 puts causal softmax attention over the last ``attention_window`` positions
+    (``LocalAttention``, its own residual sub-layer) before every k-th block (Griffin's recurrence +
+    local attention); 0 (the default): none.
     """
 
     # Per-channel parameters (the recurrence's, the convolution's taps): no weight decay, never Muon's.
@@ -72,6 +79,9 @@ class SEMModel(nn.Module):
         max_phase: float = math.pi,
         selective: bool = False,
         modes: int = 1,
+        heads: int = 0,
+        attention_every: int = 0,
+        attention_window: int = 128,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -95,6 +105,12 @@ class SEMModel(nn.Module):
             ("selective", selective, isinstance(selective, bool)),
             ("modes", modes, isinstance(modes, int) and not isinstance(modes, bool) and modes >= 1
              and not (selective and modes > 1)),
+            ("attention_every", attention_every, isinstance(attention_every, int)
+             and not isinstance(attention_every, bool) and 0 <= attention_every <= n_layers),
+            ("attention_window", attention_window, isinstance(attention_window, int)
+             and not isinstance(attention_window, bool) and attention_window >= 1),
+            ("heads", heads, isinstance(heads, int) and not isinstance(heads, bool) and heads >= 0
+             and (heads == 0 or (d_model % heads == 0 and not selective and modes == 1))),
         )
         for name, value, ok in checks:
             if not ok:
@@ -103,7 +119,7 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
-        self.conv_width, self.selective, self.modes = conv_width, selective, modes
+        self.conv_width, self.selective, self.modes, self.heads = conv_width, selective, modes, heads
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
         # norm_f and the [2D, 2D] propagator map that the readout applied to it.
         self._last_energy: torch.Tensor | None = None
@@ -114,9 +130,13 @@ class SEMModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=math.sqrt(0.5))
         self.blocks = nn.ModuleList(
             SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width, (r_min, r_max, max_phase),
-                     selective, modes)
+                     selective, modes, heads)
             for _ in range(n_layers)
         )
+        # Local attention before every attention_every-th block (Griffin's pattern), keyed by block index.
+        self.attention = nn.ModuleDict({
+            str(i): LocalAttention(d_model, attention_window, n_layers)
+            for i in range(n_layers) if attention_every and (i + 1) % attention_every == 0})
         self.norm_f = ComplexRMSNorm(d_model)
         self.propagator = CayleyPropagator(d_model)
         # Persistent so a loaded checkpoint runs with the alpha it was saved at.
@@ -209,8 +229,13 @@ class SEMModel(nn.Module):
             bos = input_ids == BOS_ID
             first = torch.where(bos.any(1), bos.int().argmax(1), T)  # [B]
             keep = torch.arange(T, device=input_ids.device)[None] < first[:, None]  # [B, T]
-        hs, tails = [], []
+        hs, tails, kvs = [], [], []
+        carried_kv = (state or {}).get("kv") or []
         for i, block in enumerate(self.blocks):
+            if str(i) in self.attention:
+                kv = carried_kv[len(kvs)] if len(carried_kv) > len(kvs) else None
+                psi, kv = self.attention[str(i)](psi, kv, keep)
+                kvs.append(kv)
             h0 = state["h"][i] if state is not None else None
             tail = state["conv"][i] if state is not None and state["conv"] else None
             with record_function(f"sem/block{i}"):
@@ -236,7 +261,7 @@ class SEMModel(nn.Module):
         self._last_energy, self._last_state = energy.detach(), (psi.detach(), propagator.detach())
         with record_function("sem/readout"):
             logits = self._logits(psi, self._readout_map(propagator))
-        after = {"h": hs, "conv": tails}
+        after = {"h": hs, "conv": tails, "kv": kvs}
         if targets is None:
             return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div, state=after)
         with record_function("sem/cross_entropy"):
@@ -256,10 +281,10 @@ class SEMModel(nn.Module):
         """A fresh (empty-context) decoding state on the model's device."""
         ref = self.embed.weight
         readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
-        shape = (batch_size, self.d_model) if self.modes == 1 else (batch_size, self.d_model, self.modes)
-        h = [torch.zeros(shape, dtype=torch.complex64, device=ref.device) for _ in self.blocks]
+        h = [b.empty_state(batch_size, ref.device) for b in self.blocks]
         tails = [b.empty_tail(batch_size, ref.device) for b in self.blocks] if self.conv_width else []
-        return DecodeState(h, [b.decay() for b in self.blocks], readout, conv=tails)
+        kv = [a.empty(batch_size, ref.device) for a in self.attention.values()]
+        return DecodeState(h, [b.decay() for b in self.blocks], readout, conv=tails, kv=kv)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -269,12 +294,16 @@ class SEMModel(nn.Module):
         if state is None:
             state = self.decode_state(token.shape[0])
         psi = self.embed(token).float()  # [B, 2D]
-        hs, tails = [], []
+        hs, tails, kvs = [], [], []
         for i, (block, h, (lam, gamma)) in enumerate(zip(self.blocks, state.h, state.decay)):
+            if str(i) in self.attention:
+                one, kv = self.attention[str(i)](psi[:, None], state.kv[len(kvs)])
+                psi = one[:, 0]
+                kvs.append(kv)
             psi, h, tail = block.step(psi, h, lam, gamma, state.conv[i] if state.conv else None)
             hs.append(h)
             tails.append(tail)
-        state = DecodeState(hs, state.decay, state.readout, state.position + 1, tails if state.conv else [])
+        state = DecodeState(hs, state.decay, state.readout, state.position + 1, tails if state.conv else [], kvs)
         return self._logits(self.norm_f(psi).float(), state.readout), state
 
     @torch.no_grad()
@@ -293,14 +322,17 @@ class SEMModel(nn.Module):
             state = self.decode_state(input_ids.shape[0])
         carried = state.position > 0  # a fresh state's h is zero: skip adding lambda^(t+1) * 0
         psi = self.embed(input_ids).float()  # [B, T, 2D]
-        hs, tails = [], []
+        hs, tails, kvs = [], [], []
         for i, block in enumerate(self.blocks):
+            if str(i) in self.attention:
+                psi, kv = self.attention[str(i)](psi, state.kv[len(kvs)] if carried else None)
+                kvs.append(kv)
             tail = state.conv[i] if state.conv else None
             psi, h, u = block(psi, state.h[i] if carried else None, tail)
             hs.append(h)
             if tail is not None:  # the last k-1 inputs of the convolution, reaching into the old tail
                 tails.append(self._next_tail(tail, u))
-        state = DecodeState(hs, state.decay, state.readout, state.position + input_ids.shape[1], tails)
+        state = DecodeState(hs, state.decay, state.readout, state.position + input_ids.shape[1], tails, kvs)
         psi = self.norm_f(psi if all_logits else psi[:, -1])
         return self._logits(psi.float(), state.readout), state
 
@@ -320,3 +352,6 @@ class DecodeState:
     # With model.conv_width k > 0: per block the last k-1 recurrence inputs before the convolution,
     # [B, k-1, 2D] float32 (zeros at a document's start); empty without a convolution.
     conv: list[torch.Tensor] = field(default_factory=list)
+    # With model.attention_every: per attention layer the keys and values of the last
+    # attention_window - 1 positions, [B, <= W-1, 4D] float32 ([B, 0, 4D] at a document's start).
+    kv: list[torch.Tensor] = field(default_factory=list)

@@ -132,3 +132,97 @@ def recurrence_selective(w: torch.Tensor, log_a: torch.Tensor, h0: torch.Tensor 
             cr, ci = r[:, -1:], i[:, -1:]
         hr, hi = torch.stack(rows_r, 1), torch.stack(rows_i, 1)
     return torch.complex(hr, hi).view(B, N * C, D)[:, :T]
+
+
+# Chunk length of the retention: one chunk covers a training window of 128 tokens (no loop), longer
+# inputs (streaming) loop over chunks carrying the [H, K, V] state.
+RETENTION_CHUNK = 128
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # a complex tensor as contiguous real (Re, Im) parts
+
+
+def _turn(x: Pair, cos: torch.Tensor, sin: torch.Tensor) -> Pair:
+    """x e^(-i phi) for cos phi, sin phi."""
+    return x[0] * cos + x[1] * sin, x[1] * cos - x[0] * sin
+
+
+def _conj_mm(a: Pair, b: Pair) -> Pair:
+    """conj(a) @ b in real matmuls."""
+    return a[0] @ b[0] + a[1] @ b[1], a[0] @ b[1] - a[1] @ b[0]
+
+
+def retention(q: Pair, k: Pair, v: Pair, log_gamma: torch.Tensor, theta: torch.Tensor,
+              s0: torch.Tensor | None = None, keep: torch.Tensor | None = None, chunk: int = RETENTION_CHUNK
+              ) -> tuple[Pair, torch.Tensor]:
+    """The diagonal complex recurrence with a matrix state per head: S_t = diag(lambda) S_{t-1} + k_t v_t^T,
+    y_t = S_t^T conj(q_t), i.e. y_t = sum_{s<=t} sum_i conj(q_ti) lambda_i^(t-s) k_si v_s, with
+    lambda_i = exp(log_gamma_h + i theta_i) (one modulus per head, one phase per key channel: RetNet's
+    retention, written as SEM's complex recurrence; SEM's own is the case K = V = 1 with q = k = 1).
+
+    q, k (Re, Im) [B, T, H, K] and v [B, T, H, V] float32; log_gamma [H] (< 0), theta [H, K]. ``s0``
+    [B, H, K, V] complex64: the state before the first step (None: zero); it adds conj(q_t) lambda^(t+1) s0
+    at step t where ``keep`` [B, T] (None: everywhere). Returns (y (Re, Im) [B, T, H, V], the state after
+    the last step [B, H, K, V] complex64, detached). Within a chunk of C steps the phases turn q and k
+    (q~_c = q_c e^(-i theta c)) so that the scores conj(q~) k~ take a real decay mask gamma^(c-s):
+    attention's two matmuls, in real arithmetic (complex bmm and the backward of .real/.imag views
+    are slow on CPU); a loop over the T / C chunks carries the state.
+    """
+    B, T, H, K = q[0].shape
+    V = v[0].shape[-1]
+    C = min(chunk, T)
+    N = -(-T // C)
+    pad = N * C - T
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, *] -> [B, H, N, C, *], zeros before the start
+        x = x.transpose(1, 2)
+        return (F.pad(x, (0, 0, pad, 0)) if pad else x).reshape(B, H, N, C, x.shape[-1])
+
+    qc, kc, vc = ((chunks(x[0]), chunks(x[1])) for x in (q, k, v))
+    pos = torch.arange(C, device=theta.device, dtype=torch.float32)
+    angle = theta[:, None, :] * pos[:, None]  # [H, C, K]
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]  # [H, 1, C, K]
+    qt, kt = _turn(qc, cos, sin), _turn(kc, cos, sin)
+    diff = pos[:, None] - pos[None, :]  # c - s
+    mask = torch.where(diff >= 0, torch.exp(diff.clamp(min=0) * log_gamma[:, None, None]), 0.0)[:, None]  # [H, 1, C, C]
+    # [Re | Im] of conj(q~) k~^T, then of (scores * mask) @ v: two real matmuls.
+    scores = torch.cat(qt, -1) @ torch.cat([torch.cat(kt, -1), torch.cat([kt[1], -kt[0]], -1)], -2).transpose(-1, -2)
+    y = (scores * mask.repeat(1, 1, 1, 2)) @ torch.cat([torch.cat(vc, -1), torch.cat([-vc[1], vc[0]], -1)], -2)
+    yr, yi = y[..., :V].float(), y[..., V:].float()  # [B, H, N, C, V]
+
+    # Chunk j's own state after its last step: e^(i theta (C-1)) sum_s gamma^(C-1-s) k~_s v_s^T [B, H, N, K, V].
+    # Only a later chunk reads it with gradients; the state after the window is detached.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and N > 1):
+        w = torch.exp((C - 1 - pos) * log_gamma[:, None])[:, None, :, None]  # [H, 1, C, 1]
+        kw = [(x * w).transpose(-1, -2).contiguous() for x in kt]  # [B, H, N, K, C]
+        own = torch.complex(*(t.float() for t in _conj_mm((kw[0], -kw[1]), vc)))
+        own = own * torch.exp(1j * theta * (C - 1))[:, None, :, None]
+    lam_log = torch.complex(log_gamma[:, None].expand_as(theta), theta)  # [H, K] log lambda
+    lam_c = torch.exp(C * lam_log)[..., None]  # [H, K, 1] lambda^C
+    last = own[:, :, 0]
+    if N > 1:  # chunk j reads the state entering it as conj(q_c) lambda^(c+1) = gamma^(c+1) conj(q~_c e^(-i theta))
+        ahead = torch.exp((pos + 1) * log_gamma[:, None])[:, None, :, None]  # [H, 1, C, 1]
+        reads = _turn(qt, theta.cos()[:, None, None], theta.sin()[:, None, None])
+        reads = reads[0] * ahead, reads[1] * ahead
+        outs_r, outs_i = [yr[:, :, 0]], [yi[:, :, 0]]
+        for j in range(1, N):
+            r, i = _conj_mm((reads[0][:, :, j], reads[1][:, :, j]), (last.real.contiguous(), last.imag.contiguous()))
+            outs_r.append(yr[:, :, j] + r.float())
+            outs_i.append(yi[:, :, j] + i.float())
+            last = lam_c * last + own[:, :, j]
+        yr, yi = torch.stack(outs_r, 2), torch.stack(outs_i, 2)
+    yr, yi = (t.reshape(B, H, N * C, V)[:, :, pad:].transpose(1, 2) for t in (yr, yi))  # [B, T, H, V]
+    last = last.detach()
+    if s0 is not None:
+        t1 = torch.arange(1, T + 1, device=theta.device, dtype=torch.float32)[:, None, None]  # [T, 1, 1]
+        ahead = torch.exp(t1 * log_gamma[:, None])  # [T, H, 1]
+        a = _turn(q, torch.cos(t1 * theta), torch.sin(t1 * theta))  # q e^(-i theta (t+1)), [B, T, H, K]
+        a = (a[0] * ahead).transpose(1, 2), (a[1] * ahead).transpose(1, 2)  # [B, H, T, K]
+        r, i = _conj_mm(a, (s0.real.contiguous(), s0.imag.contiguous()))  # [B, H, T, V]
+        r, i = r.float().transpose(1, 2), i.float().transpose(1, 2)
+        if keep is not None:
+            r, i = r * keep[:, :, None, None], i * keep[:, :, None, None]
+        yr, yi = yr + r, yi + i
+        carry = torch.exp(T * lam_log.detach())[..., None] * s0
+        last = last + (carry if keep is None else carry * keep[:, -1, None, None, None])
+    return (yr, yi), last

@@ -1,0 +1,81 @@
+"""Local attention for SEM (``model.attention_every``): causal softmax attention over the last
+``window`` positions of the residual state, as Griffin interleaves local attention with its
+recurrence. The SEM's recurrence, before it, gives it the order of the tokens, so it takes no positional
+encoding (as Jamba's attention layers). Its state is the keys and values of the last ``window - 1``
+positions: constant in the context length, like the recurrence's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from sem.models.sem.blocks import ComplexRMSNorm
+
+HEAD_DIM = 64  # real features per head (32 complex channels)
+
+
+class LocalAttention(nn.Module):
+    """psi + out(attention(norm(psi))) on psi [B, T, 2D] (interleaved Re, Im as real features: R-linear
+    maps, as the blocks' projections). ``kv`` [B, L, 4D]: the keys and values of the L <= window - 1
+    positions before psi[:, 0] (None or L = 0: a document's start); ``keep`` [B, T] bool: where those
+    may be read (a row's carried context stops at its first BOS, as the recurrence's state does)."""
+
+    def __init__(self, d_model: int, window: int, n_layers: int) -> None:
+        super().__init__()
+        d2 = 2 * d_model
+        self.window = window
+        self.heads = max(1, d2 // HEAD_DIM)
+        if d2 % self.heads:
+            raise ValueError(f"2 * d_model={d2} must be a multiple of the {self.heads} attention heads")
+        self.norm = ComplexRMSNorm(d_model)
+        self.qkv = nn.Linear(d2, 3 * d2, bias=False)
+        self.out = nn.Linear(d2, d2, bias=False)
+        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, psi: torch.Tensor, kv: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(psi + attention [B, T, 2D], the keys and values of the last window - 1 positions [B, <= W-1, 4D],
+        float32, detached: the next window's ``kv``)."""
+        B, T, d2 = psi.shape
+        with record_function("sem/attention"):
+            q, k, v = self.qkv(self.norm(psi)).chunk(3, dim=-1)
+            L = 0 if kv is None else kv.shape[1]
+            if L:
+                k = torch.cat([kv[..., :d2].to(k.dtype), k], 1)
+                v = torch.cat([kv[..., d2:].to(v.dtype), v], 1)
+            split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, h, n, dh]
+            if L == 0 and T <= self.window:
+                y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+            else:
+                y = self._banded(split(q), split(k), split(v), L, keep)
+            out = psi + self.out(y.transpose(1, 2).reshape(B, T, d2)).float()
+            after = torch.cat([k, v], -1)[:, -(self.window - 1):] if self.window > 1 else k[:, :0].repeat(1, 1, 2)
+            return out, after.detach().float()
+
+    def _banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, keep: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Queries in blocks of ``window``, each against the keys it may see: memory bounded by the window
+        whatever the length (a carried context, a long document). Key j (position j - L) is seen by
+        query t when t - window < j - L <= t, and, for a carried key (j < L), where ``keep``."""
+        T, W = q.shape[2], self.window
+        outs = []
+        for a in range(0, T, W):
+            b = min(a + W, T)
+            lo = max(0, a - W + 1 + L)  # the first key any query of the block sees (index into k)
+            t = torch.arange(a, b, device=q.device)[:, None]
+            pos = torch.arange(lo, b + L, device=q.device)[None] - L  # key positions
+            mask = (pos <= t) & (pos > t - W)  # [nq, nk]
+            if keep is not None and L:
+                mask = mask & ((pos >= 0) | keep[:, a:b, None])  # [B, nq, nk]
+                mask = mask[:, None]
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:b + L], v[:, :, lo:b + L],
+                                                       attn_mask=mask))
+        return torch.cat(outs, 2)
+
+    def empty(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """No context: [B, 0, 4D]."""
+        return torch.zeros(batch_size, 0, 2 * self.qkv.in_features, device=device)
