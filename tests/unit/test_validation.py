@@ -64,6 +64,10 @@ SINGLE = {
     "fast_dev_run_negative": (["trainer.fast_dev_run=-1"], ["trainer.fast_dev_run=-1"]),
     "standalone_profiler": (["engine=standalone", "trainer.profiler=simple"], ["trainer.profiler", "engine=standalone"]),
     "standalone_tensorboard": (["engine=standalone", "logger=tensorboard"], ["logger.tensorboard", "engine=standalone"]),
+    "heads_not_dividing_d_model": (["model.heads=5"], ["model.heads=5", "model.d_model="]),
+    "heads_with_modes": (["model.heads=2", "model.modes=2"], ["model.heads=2", "model.modes=2"]),
+    "attention_every_over_n_layers": (["model.attention_every=9"], ["model.attention_every=9", "model.n_layers="]),
+    "attention_window_zero": (["model.attention_window=0"], ["model.attention_window=0"]),
 }
 
 
