@@ -96,9 +96,8 @@ class SEMBlock(nn.Module):
     def log_lambda(self) -> torch.Tensor:
         """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] (or with
         modes [D, N], with heads [H, K]) complex64."""
-        theta = self.theta.float()
-        return torch.complex(-self.decay_rate().view(*self.log_A_mag.shape, *[1] * (theta.ndim - 1)).expand_as(theta),
-                             theta)
+        theta, rate = self.theta.float(), self.decay_rate()
+        return torch.complex(-(rate[:, None].expand_as(theta) if self.heads else rate), theta)
 
     def decay_rate(self) -> torch.Tensor:
         # MIN_DECAY keeps |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up to 1e6 tokens).
