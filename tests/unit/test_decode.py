@@ -256,6 +256,27 @@ def _assert_decoding_equals_forward(model: SEMModel, x: torch.Tensor) -> None:
 # ------------------------------------------------------------- several timescales per channel (modes)
 
 
+def _decodes_as_the_forward(model: SEMModel, x: torch.Tensor, cuts: list[int], atol: float, rtol: float,
+                            state_atol: float, state_rtol: float) -> DecodeState:
+    """Token-by-token step() and prefill() in chunks cut at ``cuts`` give the forward's logits, and the
+    two paths end in the same recurrent state; returns step()'s final state."""
+    with torch.no_grad():
+        full = model(x).logits
+    state, steps = model.decode_state(x.shape[0]), []
+    for t in range(x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=atol, rtol=rtol)
+    pieces, chunk_state = [], None
+    for a, b in zip([0, *cuts], [*cuts, x.shape[1]]):
+        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=atol, rtol=rtol)
+    for h, h_steps in zip(chunk_state.h, state.h):
+        torch.testing.assert_close(h, h_steps, atol=state_atol, rtol=state_rtol)
+    return state
+
+
 @pytest.mark.parametrize("conv_width", [0, 4])
 @pytest.mark.parametrize("recurrence", ["fft", "scan"])
 def test_modes_decode_and_chunked_prefill_equal_the_forward(recurrence: str, conv_width: int) -> None:
@@ -267,22 +288,8 @@ def test_modes_decode_and_chunked_prefill_equal_the_forward(recurrence: str, con
     model.set_step(5)
     for block in model.blocks:  # a readout away from its init, so each mode's share matters
         block.mode_c.data.normal_()
-    x = _tokens(2, 200, seed=12)
-    with torch.no_grad():
-        full = model(x).logits
-    state, steps = model.decode_state(2), []
-    assert [h.shape for h in state.h] == [torch.Size([2, 32, 4])] * 2
-    for t in range(x.shape[1]):
-        logits, state = model.step(x[:, t], state)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=2e-5)
-    pieces, chunk_state = [], None
-    for a, b in zip([0, 3, 90, 200], [3, 90, 200]):
-        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
-        pieces.append(logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=2e-5)
-    for h, h_steps in zip(chunk_state.h, state.h):
-        torch.testing.assert_close(h, h_steps, atol=1e-5, rtol=1e-4)
+    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 32, 4])] * 2
+    _decodes_as_the_forward(model, _tokens(2, 200, seed=12), [3, 90], 1e-4, 2e-5, 1e-5, 1e-4)
 
 
 # ------------------------------------------------------------- a matrix state per head (heads)
@@ -295,22 +302,9 @@ def test_heads_decode_and_chunked_prefill_equal_the_forward(conv_width: int) -> 
     torch.manual_seed(14)
     model = SEMModel(d_model=32, n_layers=2, heads=4, propagator_warmup_steps=10, conv_width=conv_width).eval()
     model.set_step(5)
-    x = _tokens(2, 300, seed=15)  # > RETENTION_CHUNK: the forward loops over chunks
-    with torch.no_grad():
-        full = model(x).logits
-    state, steps = model.decode_state(2), []
-    assert [h.shape for h in state.h] == [torch.Size([2, 4, 8, 8])] * 2
-    for t in range(x.shape[1]):
-        logits, state = model.step(x[:, t], state)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-4)
-    pieces, chunk_state = [], None
-    for a, b in zip([0, 3, 140, 300], [3, 140, 300]):
-        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
-        pieces.append(logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-4, rtol=1e-4)
-    for h, h_steps in zip(chunk_state.h, state.h):
-        torch.testing.assert_close(h, h_steps, atol=1e-4, rtol=1e-4)
+    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 4, 8, 8])] * 2
+    # 300 tokens > RETENTION_CHUNK: the forward loops over chunks
+    _decodes_as_the_forward(model, _tokens(2, 300, seed=15), [3, 140], 2e-4, 1e-4, 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize("chunk", [5, 16, 64])
@@ -361,20 +355,8 @@ def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: in
                      propagator_warmup_steps=0).eval()
     for layer in model.attention.values():  # away from the small init, so the attention matters
         layer.out.weight.data.normal_(0, 0.3)
-    x = _tokens(2, 300, seed=18)
-    with torch.no_grad():
-        full = model(x).logits
-    state, steps = model.decode_state(2), []
-    for t in range(x.shape[1]):
-        logits, state = model.step(x[:, t], state)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-4)
+    state = _decodes_as_the_forward(model, _tokens(2, 300, seed=18), [3, 140], 2e-4, 1e-4, 1e-4, 1e-4)
     assert [kv.shape for kv in state.kv] == [torch.Size([2, min(window - 1, 300), 128])] * 2
-    pieces, chunk_state = [], None
-    for a, b in zip([0, 3, 140, 300], [3, 140, 300]):
-        logits, chunk_state = model.prefill(x[:, a:b], chunk_state, all_logits=True)
-        pieces.append(logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-4, rtol=1e-4)
 
 
 def test_local_attention_sees_only_its_window() -> None:
@@ -417,3 +399,19 @@ def test_modes_one_is_the_model_without_them() -> None:
     assert tau.shape == (32, 4) and (tau[:, -1] / tau[:, 0]).min() > 100
     with pytest.raises(ValueError, match="modes"):
         SEMModel(d_model=32, n_layers=2, modes=2, selective=True)
+
+
+def test_heads_and_attention_keys_reach_the_model() -> None:
+    """model.heads / attention_every / attention_window, composed and built as a run builds them."""
+    from hydra.utils import instantiate
+
+    from sem.engines.build import resolve_lengths
+    from tests.conftest import compose_cfg
+
+    cfg, _ = resolve_lengths(compose_cfg(["model=sem_tiny", "model.heads=4", "model.attention_every=1",
+                                          "model.attention_window=24"]))
+    model = instantiate(cfg.model)
+    assert [b.theta.shape for b in model.blocks] == [torch.Size([4, 8])] * 2 and model.blocks[0].qk is not None
+    assert sorted(model.attention) == ["0", "1"] and {a.window for a in model.attention.values()} == {24}
+    plain = instantiate(resolve_lengths(compose_cfg(["model=sem_tiny"]))[0].model)
+    assert plain.blocks[0].qk is None and len(plain.attention) == 0
