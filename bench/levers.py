@@ -24,9 +24,10 @@ from bench.profile_sem import Trainer, defaults
 from sem.models.common import param_groups
 from sem.models.sem import SEMModel
 
-VARIANTS = {  # the default has model.conv_width=4 since 2026-12-04
+VARIANTS = {  # the default has model.conv_width=4 and model.attention_every=2 since 2026-12-04
     "default": {},
-    "conv_width=0 (the default before 2026-12-04)": {"conv_width": 0},
+    "attention_every=0 (the default before the fourth session of 2026-12-04)": {"attention_every": 0},
+    "attention_every=0, conv_width=0 (the default before 2026-12-04)": {"attention_every": 0, "conv_width": 0},
     "ring init": {"r_min": 0.9, "r_max": 0.999, "max_phase": 0.314},
     "selective": {"selective": True},
     "selective, conv_width=0": {"selective": True, "conv_width": 0},
@@ -36,8 +37,8 @@ VARIANTS = {  # the default has model.conv_width=4 since 2026-12-04
     "heads=8": {"heads": 8},
     "heads=16": {"heads": 16},
     "attention_every=4": {"attention_every": 4},
-    "attention_every=2": {"attention_every": 2},
     "attention_every=1": {"attention_every": 1},
+    "attention_window=64": {"attention_window": 64},
 }
 
 
@@ -47,17 +48,15 @@ def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int, 
     trainers = {}
     for name, keys in variants.items():
         torch.manual_seed(0)
-        trainers[name] = Trainer(SEMModel(**{**node, **keys}), batch, seq_len, optimizer, param_groups)
+        trainers[name] = Trainer(SEMModel(**{**node, **keys}), batch, seq_len, optimizer, param_groups, bf16)
         for _ in range(2):  # warm-up: allocator, first-call costs
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                trainers[name].step()
+            trainers[name].step()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, trainer in trainers.items():
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                for _ in range(round_steps):
-                    trainer.step()
+            for _ in range(round_steps):
+                trainer.step()
             times[name].append((time.perf_counter() - start) / round_steps)
     base = times["default"]
     out = {}

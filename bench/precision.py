@@ -30,26 +30,21 @@ def measure(rounds: int, round_steps: int) -> dict[str, Any]:
     for n in (node, tnode):
         n.pop("_target_", None)
         n.pop("propagator_warmup_fraction", None)
-    runs: dict[str, tuple[Trainer, bool]] = {}
+    runs: dict[str, Trainer] = {}
     for name, cls, kwargs in (("sem_small", SEMModel, node), ("transformer_small", TransformerLM, tnode)):
         for bf16 in (False, True):
             torch.manual_seed(0)
-            runs[f"{name} {'bf16' if bf16 else 'fp32'}"] = (Trainer(cls(**kwargs), batch, seq_len, optimizer,
-                                                                    param_groups), bf16)
-
-    def step(trainer: Trainer, bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            trainer.step()
-
-    for trainer, bf16 in runs.values():
+            runs[f"{name} {'bf16' if bf16 else 'fp32'}"] = Trainer(cls(**kwargs), batch, seq_len, optimizer,
+                                                                   param_groups, bf16)
+    for trainer in runs.values():
         for _ in range(2):  # warm-up: allocator, first-call costs
-            step(trainer, bf16)
+            trainer.step()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (trainer, bf16) in runs.items():
+        for name, trainer in runs.items():
             start = time.perf_counter()
             for _ in range(round_steps):
-                step(trainer, bf16)
+                trainer.step()
             times[name].append((time.perf_counter() - start) / round_steps)
     out = {name: {"s_per_step": statistics.median(t), "tokens_per_s": batch * seq_len / statistics.median(t)}
            for name, t in times.items()}
