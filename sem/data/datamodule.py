@@ -39,7 +39,8 @@ def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size: (0, 1) without a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -224,7 +225,7 @@ class _StepStream(IterableDataset):
         self.dm, self.start_step, self.shape_at, self.accumulate = dm, start_step, shape_at, accumulate
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         step = int(self.start_step())
         while True:
             t, b = self.shape_at(step) if self.shape_at is not None else (self.dm.seq_len, self.dm.batch_size)
@@ -246,7 +247,7 @@ class _ValShard(IterableDataset):
         self.x, self.y, self.batch_size = x, y, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         x, y = self.x[rank::world], self.y[rank::world]
         share = -(-len(self.x) // world)
         if len(x) < share:

@@ -65,5 +65,15 @@ def end_distributed(saved_env: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
+def every_rank(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order: a collective (every rank must call it, as every rank builds
+    a checkpoint's dict); ``[obj]`` without a process group. Tensors should be on the CPU (pickled)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def ddp_env() -> dict[str, str | None]:
     return {key: os.environ.get(key) for key in DDP_ENV}

@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from sem.contracts import model_output, set_step
+from sem.data.datamodule import rank_world
 from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from sem.training.curriculum import CurriculumManager
 from sem.training.distillation import DistillationLoss, EMATeacher
+from sem.training.distributed import every_rank
 from sem.training.health import _SEVERITY, Decision, Faults, HealthMonitor, HealthStop
 
 log = logging.getLogger(__name__)
@@ -311,10 +313,19 @@ class StepPolicy:
             "budget": self.budget,
             "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-            # truncated BPTT: each micro-batch's lane state after the last step (this rank's)
-            "carried": {str(j): {"step": s, "shape": list(shape), "state": state}
-                        for j, (s, shape, state) in self.carried.items()},
+            # truncated BPTT: each micro-batch's lane state after the last step, of every rank (each
+            # reads its own lanes) and the world size they were read at
+            **self._carried_state(),
         }
+
+    def _carried_state(self) -> dict[str, Any]:
+        """``carried``: rank 0's lane states (all of them in one process), ``carried_ranks``: every
+        rank's, ``world``. A collective under DDP when truncated BPTT is on (every rank builds the
+        checkpoint's dict: ``CheckpointCallback.save``)."""
+        mine = {str(j): {"step": s, "shape": list(shape), "state": _tree_map(lambda t: t.cpu(), state)}
+                for j, (s, shape, state) in self.carried.items()}
+        ranks = every_rank(mine) if self.continues is not None else [mine]
+        return {"carried": ranks[0], "carried_ranks": ranks, "world": len(ranks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.curriculum is not None and state.get("curriculum") is not None:
@@ -325,9 +336,20 @@ class StepPolicy:
             self.health.load_state_dict(state["health"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+        self.carried = self._restore_carried(state)
+
+    def _restore_carried(self, state: dict[str, Any]) -> dict[int, tuple[int, tuple[int, ...], Any]]:
+        """This rank's lane states from a checkpoint: none when it was written at another world size
+        (the lanes are other windows then; each lane starts fresh, as at a segment's start)."""
+        rank, world = rank_world()
+        if "carried_ranks" in state:
+            ranks = state["carried_ranks"] or []
+            mine = ranks[rank] if int(state.get("world", len(ranks))) == world and rank < len(ranks) else {}
+        else:  # written before the lanes of every rank were kept: one process's
+            mine = state.get("carried") if world == 1 else {}
         device = next(self.model.parameters()).device
-        self.carried = {int(j): (int(c["step"]), tuple(c["shape"]), _tree_map(lambda t: t.to(device), c["state"]))
-                        for j, c in (state.get("carried") or {}).items()}
+        return {int(j): (int(c["step"]), tuple(c["shape"]), _tree_map(lambda t: t.to(device), c["state"]))
+                for j, c in (mine or {}).items()}
 
 
 def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:

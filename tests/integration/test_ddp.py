@@ -421,3 +421,35 @@ def test_resume_auto_continues_from_the_stop(resumed: tuple[Launch, int]) -> Non
     assert attempts[-1]["resumed_from"] == str(run.run_dir / "checkpoints" / f"step_{step:07d}.ckpt"), attempts
     steps = [r["step"] for r in run.metrics() if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == step + 3, steps  # no step twice, on to the end
+
+
+# ------------------------------------- 5) truncated BPTT on two ranks: each rank's lanes are saved
+
+
+TBPTT_STEPS, TBPTT_BRANCH = 8, 6  # data.tbptt=4: step 6 continues the lanes of steps 4-5
+
+
+@pytest.fixture(scope="module")
+def tbptt_resumed(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+                  ) -> tuple[Launch, Launch]:
+    """Two ranks with data.tbptt=4 to step 8, checkpoints every 2 steps; then the same command resumed
+    from step 6's checkpoint, in the middle of a segment: every rank must continue its own lanes."""
+    args = [*_base(corpus_dir, cache_dir, steps=TBPTT_STEPS), *DDP, "data.batch_size=2", "data.tbptt=4",
+            "precision=fp32", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=10",
+            "eval.stream=false"]
+    reference = Launch.start(tmp_path_factory.mktemp("tbptt_ref"), args, cache_dir).wait()
+    if reference.proc.returncode != 0:
+        pytest.fail(f"the reference run failed:\n{reference.tail()}")
+    ckpt = reference.run_dir / "checkpoints" / f"step_{TBPTT_BRANCH:07d}.ckpt"
+    resumed = Launch.start(tmp_path_factory.mktemp("tbptt_resumed"), [*args, f"resume={ckpt}"], cache_dir)
+    yield reference, resumed.wait()
+    resumed.kill()
+
+
+def test_tbptt_resumes_every_ranks_lanes(tbptt_resumed: tuple[Launch, Launch]) -> None:
+    reference, resumed = tbptt_resumed
+    assert resumed.proc.returncode == 0, resumed.tail()
+    ref, again = reference.train_losses(), resumed.train_losses()
+    assert sorted(again) == list(range(TBPTT_BRANCH, TBPTT_STEPS)), sorted(again)
+    for step, loss in again.items():  # rank 1 with rank 0's lane states gave another loss
+        assert loss == pytest.approx(ref[step], abs=LOSS_ATOL / 10), (step, loss, ref[step])

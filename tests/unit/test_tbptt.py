@@ -228,6 +228,49 @@ def test_the_carried_state_survives_a_checkpoint(datamodule: SEMDataModule) -> N
     assert _step(without, dm, 2) != pytest.approx(reference, abs=1e-4)
 
 
+def _rank_step(policy: StepPolicy, dm: SEMDataModule, step: int, rank: int, micro: int = 2) -> list[float]:
+    policy.start(step, rank)
+    return [float(policy.micro_loss(*dm.train_batch(step, rank=rank, world_size=2, micro=j), step)[0].detach())
+            for j in range(micro)]
+
+
+def test_every_ranks_lanes_survive_a_checkpoint(datamodule: SEMDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks (DDP: each reads its own lanes), steps 0-1, a checkpoint: it holds both ranks' lane
+    states, and each rank resumes step 2 from its own. Rank 0's states on rank 1 (what a checkpoint of
+    rank 0's alone gave) give another loss; at another world size the lanes start fresh."""
+    import sem.training.step as step_module
+
+    dm = datamodule
+    ranks = [_policy(dm) for _ in range(2)]  # the same weights (seed 0): the ranks of one DDP run
+    for step in range(2):
+        for r, (policy, _) in enumerate(ranks):
+            _rank_step(policy, dm, step, r)
+    gathered: list[object] = []  # what all_gather_object would give: each rank's own dict, in rank order
+    monkeypatch.setattr(step_module, "every_rank", lambda mine: gathered.append(mine) or [mine])
+    for policy, _ in ranks:
+        policy.state_dict(2)
+    monkeypatch.setattr(step_module, "every_rank", lambda mine: list(gathered))
+    buffer = __import__("io").BytesIO()
+    torch.save(ranks[0][0].state_dict(2), buffer)  # rank 0 writes the checkpoint
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["world"] == 2 and len(saved["carried_ranks"]) == 2
+    reference = [_rank_step(policy, dm, 2, r) for r, (policy, _) in enumerate(ranks)]
+
+    def resumed(rank: int, world: int, sem_state: dict) -> list[float]:
+        monkeypatch.setattr(step_module, "rank_world", lambda: (rank, world))
+        again, _ = _policy(dm)
+        again.load_state_dict(sem_state)
+        return _rank_step(again, dm, 2, rank)
+
+    for r in range(2):
+        assert resumed(r, 2, saved) == pytest.approx(reference[r], abs=1e-6), r
+    rank0_only = {k: v for k, v in saved.items() if k not in ("carried_ranks", "world")}
+    assert resumed(1, 2, rank0_only) != pytest.approx(reference[1], abs=1e-4)  # not rank 1's lanes
+    fresh = _policy(dm)[0]
+    assert resumed(0, 1, saved) == pytest.approx(_rank_step(fresh, dm, 2, 0), abs=1e-6)  # another world
+
+
 def test_a_non_finite_state_restarts_at_zero(datamodule: SEMDataModule) -> None:
     dm = datamodule
     policy, model = _policy(dm)
