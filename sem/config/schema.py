@@ -146,7 +146,7 @@ class JsonlDataConf(DataConf):
 class AdamWConf:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
-    lr: float = 3e-3
+    lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
