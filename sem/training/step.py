@@ -339,8 +339,9 @@ class StepPolicy:
         self.carried = self._restore_carried(state)
 
     def _restore_carried(self, state: dict[str, Any]) -> dict[int, tuple[int, tuple[int, ...], Any]]:
-        """This rank's lane states from a checkpoint: none when it was written at another world size
-        (the lanes are other windows then; each lane starts fresh, as at a segment's start)."""
+        """This rank's lane states from a checkpoint; none when it was written at another world size
+        (each lane starts fresh, as at a segment's start: a cautious rule, since a rank's lanes can be
+        the same windows at another world size when its batch is the same)."""
         rank, world = rank_world()
         if "carried_ranks" in state:
             ranks = state["carried_ranks"] or []

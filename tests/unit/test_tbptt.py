@@ -267,6 +267,7 @@ def test_every_ranks_lanes_survive_a_checkpoint(datamodule: SEMDataModule, monke
         assert resumed(r, 2, saved) == pytest.approx(reference[r], abs=1e-6), r
     rank0_only = {k: v for k, v in saved.items() if k not in ("carried_ranks", "world")}
     assert resumed(1, 2, rank0_only) != pytest.approx(reference[1], abs=1e-4)  # not rank 1's lanes
+    assert resumed(0, 1, rank0_only) == pytest.approx(reference[0], abs=1e-6)  # an older checkpoint, 1 process
     fresh = _policy(dm)[0]
     assert resumed(0, 1, saved) == pytest.approx(_rank_step(fresh, dm, 2, 0), abs=1e-6)  # another world
 
