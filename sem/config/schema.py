@@ -60,6 +60,10 @@ class SEMModelConf:
     # Griffin's recurrence + local attention; its state is the last window - 1 keys and values. 0: none.
     attention_every: int = 0
     attention_window: int = 128
+    # true: the attention's queries and keys turned by their position (RoPE: one phase per complex
+    # channel, a ladder of frequencies per head), so its scores see the distance; false: no positional
+    # encoding (the recurrence before it orders the tokens).
+    attention_rope: bool = False
 
 
 @dataclass

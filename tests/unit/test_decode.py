@@ -332,13 +332,14 @@ def test_heads_validation() -> None:
 # ------------------------------------------------------------- local attention (attention_every)
 
 
-@pytest.mark.parametrize("window", [1, 16, 500])
-def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: int) -> None:
+@pytest.mark.parametrize(("window", "rope"), [(1, False), (16, False), (500, False), (16, True), (500, True)])
+def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: int, rope: bool) -> None:
     """model.attention_every: the attention layers' last window - 1 keys and values are carried by step()
-    and prefill() and give the forward's logits, token by token and chunk by chunk."""
+    and prefill() and give the forward's logits, token by token and chunk by chunk (with
+    model.attention_rope too: the carried keys are turned by their place in each call's keys)."""
     torch.manual_seed(17)
     model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=window,
-                     propagator_warmup_steps=0).eval()
+                     propagator_warmup_steps=0, attention_rope=rope).eval()
     for layer in model.attention.values():  # away from the small init, so the attention matters
         layer.out.weight.data.normal_(0, 0.3)
     state = _decodes_as_the_forward(model, _tokens(2, 300, seed=18), [3, 140], 2e-4, 1e-4, 1e-4, 1e-4)
@@ -368,6 +369,30 @@ def test_local_attention_sees_only_its_window() -> None:
     assert (fresh[:, :3] - whole[:, :3]).abs().max() > 1e-3
 
 
+def test_rope_scores_see_the_distance_only() -> None:
+    """model.attention_rope: a query-key product depends on their distance, not on where the call
+    started; the turn is a buffer (checkpoints of either setting load into the other) and it reaches
+    the layer's output."""
+    from sem.models.sem.attention import LocalAttention
+
+    torch.manual_seed(23)
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    layer = LocalAttention(d_model=32, window=64, n_layers=1, rope=True)
+    reference = (layer._turn(x, 0) * layer._turn(y, 3)).sum(-1)
+    for start in (1, 37):  # <turn(q, a), turn(k, a + 3)> is the same for any a
+        torch.testing.assert_close((layer._turn(x, start) * layer._turn(y, start + 3)).sum(-1), reference,
+                                   atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer._turn(x, 0)[:, :1], x[:, :1])  # position 0: not turned
+    assert (layer._turn(x, 0)[:, 1:] - x[:, 1:]).abs().max() > 0.1
+    plain = LocalAttention(d_model=32, window=64, n_layers=1)
+    plain.out.weight.data.normal_(0, 0.3)
+    layer.load_state_dict(plain.state_dict())  # the same weights: no saved rope entry
+    psi = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        assert (layer(psi)[0] - plain(psi)[0]).abs().max() > 1e-3
+        torch.testing.assert_close(layer(psi)[0][:, :1], plain(psi)[0][:, :1])  # one token: nothing to turn
+
+
 def test_modes_one_is_the_model_without_them() -> None:
     """modes=1 (the default): the parameters and logits of the model before the option."""
     torch.manual_seed(13)
@@ -395,9 +420,12 @@ def test_heads_and_attention_keys_reach_the_model() -> None:
     from tests.conftest import compose_cfg
 
     cfg, _ = resolve_lengths(compose_cfg(["model=sem_tiny", "model.heads=4", "model.attention_every=1",
-                                          "model.attention_window=24"]))
+                                          "model.attention_window=24", "model.attention_rope=true"]))
     model = instantiate(cfg.model)
     assert [b.theta.shape for b in model.blocks] == [torch.Size([4, 8])] * 2 and model.blocks[0].qk is not None
     assert sorted(model.attention) == ["0", "1"] and {a.window for a in model.attention.values()} == {24}
+    assert all(a.rope for a in model.attention.values())
     plain = instantiate(resolve_lengths(compose_cfg(["model=sem_tiny"]))[0].model)
     assert plain.blocks[0].qk is None and len(plain.attention) == 0
+    small = instantiate(resolve_lengths(compose_cfg([]))[0].model)
+    assert small.attention and not any(a.rope for a in small.attention.values())

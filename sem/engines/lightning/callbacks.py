@@ -159,16 +159,20 @@ class CheckpointCallback(pl.Callback):
         # Lightning's own checkpoint dict (loops, optimizer, scheduler, precision, callbacks, and the
         # module's "sem" entry); every rank builds it (collective-safe), rank zero writes it.
         payload = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        saved = True
         if trainer.is_global_zero:
             row = pl_module.last_train
             metrics = {k: plain(row.get(k)) for k in ("train/loss", "train/ce_loss")}
             path = self.manager.save(payload, step=trainer.global_step, stage=milestone or row.get("stage"),
                                      metrics=metrics, config=pl_module.config, milestone=milestone)
-            if path is not None and milestone is not None:
+            saved = path is not None
+            if saved and milestone is not None:
                 log.info("curriculum: milestone checkpoint %s", path)
-        else:
-            self.manager.last_saved_step = trainer.global_step  # every rank agrees on what was saved
-        trainer.strategy.barrier("sem.checkpoint")
+        # Every rank takes rank zero's word for what was saved (the broadcast is also the barrier): a save
+        # that failed there (a full disk, non-finite weights) is retried at the end by every rank together,
+        # not by rank zero alone, which would wait for the others in the collectives of the save.
+        if bool(trainer.strategy.broadcast(saved, src=0)) and not trainer.is_global_zero:
+            self.manager.last_saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

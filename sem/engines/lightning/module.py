@@ -169,15 +169,21 @@ class SEMLightningModule(pl.LightningModule):
                                 "grad_norm": self.policy.grad_norm, "step_done": True})
         decision, self._decision = self._decision, Decision()
         logging = is_logging_step(step, self.trainer.log_every_n_steps, self.trainer.max_steps)
-        # Device-judged steps are read back on logging steps and before anything is saved.
-        flush = (logging or step + 1 >= self.trainer.max_steps
-                 or (self.checkpoints is not None and self.checkpoints.due(step + 1))
-                 or (self.signals is not None and self.signals.received is not None))
-        row = self.policy.finish(step, means, decision, flush, self._rollback)
+        row = self.policy.finish(step, means, decision, self._flush_due(step, logging), self._rollback)
         self.last_train.update(row)
         probes = {k: v for k, v in row.items() if k.startswith("sem/")}
         if probes:
             self.log_dict(probes, on_step=True, on_epoch=False)
+
+    def _flush_due(self, step: int, logging: bool) -> bool:
+        """Are device-judged steps read back after optimizer step ``step``? On logging steps, the last
+        step and before anything is saved. A stop signal flushes at once in one process; with more ranks
+        the stop is decided together on logging and checkpoint steps (``CheckpointCallback``), flush steps
+        already, and a rank's own signal must not flush it alone: a gate's event would fall on another
+        step there than on the other ranks, and a milestone save only some ranks take waits forever."""
+        stopping = self.signals is not None and self.signals.received is not None and self.trainer.world_size == 1
+        return (logging or step + 1 >= self.trainer.max_steps or stopping
+                or (self.checkpoints is not None and self.checkpoints.due(step + 1)))
 
     def _rollback(self, step: int) -> None:
         self.policy.rollback(step, self.checkpoints, self.load_state_dict, self.trainer.optimizers)

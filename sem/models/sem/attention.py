@@ -1,8 +1,10 @@
 """Local attention for SEM (``model.attention_every``): causal softmax attention over the last
 ``window`` positions of the residual state, as Griffin interleaves local attention with its
-recurrence. The SEM's recurrence, before it, gives it the order of the tokens, so it takes no positional
-encoding (as Jamba's attention layers). Its state is the keys and values of the last ``window - 1``
-positions: constant in the context length, like the recurrence's."""
+recurrence. The SEM's recurrence, before it, gives it the order of the tokens, so by default it takes no
+positional encoding (as Jamba's attention layers); ``rope`` turns each complex channel of the queries and
+keys by a phase proportional to the position (RoPE, which is a phase rotation in SEM's complex features):
+the scores then depend on the distance between query and key. Its state is the keys and values of the
+last ``window - 1`` positions (not rotated): constant in the context length, like the recurrence's."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch.profiler import record_function
 from sem.models.sem.blocks import ComplexRMSNorm
 
 HEAD_DIM = 64  # real features per head (32 complex channels)
+ROPE_BASE = 10000.0  # channel i of a head turns by position * ROPE_BASE^(-i / channels per head) (RoPE's)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -34,13 +37,18 @@ class LocalAttention(nn.Module):
     positions before psi[:, 0] (None or L = 0: a document's start); ``keep`` [B, T] bool: where those
     may be read (a row's carried context stops at its first BOS, as the recurrence's state does)."""
 
-    def __init__(self, d_model: int, window: int, n_layers: int) -> None:
+    def __init__(self, d_model: int, window: int, n_layers: int, rope: bool = False) -> None:
         super().__init__()
         d2 = 2 * d_model
         self.window = window
         self.heads = max(1, d2 // HEAD_DIM)
         if d2 % self.heads:
             raise ValueError(f"2 * d_model={d2} must be a multiple of the {self.heads} attention heads")
+        self.rope = rope
+        if rope:  # [D] the turn per position of each complex channel (the same ladder in every head)
+            per_head = d_model // self.heads
+            freq = ROPE_BASE ** (-torch.arange(per_head, dtype=torch.float32) / per_head)
+            self.register_buffer("rope_freq", freq.repeat(self.heads), persistent=False)
         self.norm = ComplexRMSNorm(d_model)
         self.qkv = nn.Linear(d2, 3 * d2, bias=False)
         self.out = nn.Linear(d2, d2, bias=False)
@@ -57,15 +65,25 @@ class LocalAttention(nn.Module):
             if L:
                 k = torch.cat([kv[..., :d2].to(k.dtype), k], 1)
                 v = torch.cat([kv[..., d2:].to(v.dtype), v], 1)
+            qr, kr = (self._turn(q, L), self._turn(k, 0)) if self.rope else (q, k)  # key j sits at position j
             split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, h, n, dh]
             if L == 0 and T <= self.window:
                 causal = torch.ones(T, T, dtype=torch.bool, device=psi.device).tril()
-                y = _attend(split(q), split(k), split(v), causal)
+                y = _attend(split(qr), split(kr), split(v), causal)
             else:
-                y = self._banded(split(q), split(k), split(v), L, keep)
+                y = self._banded(split(qr), split(kr), split(v), L, keep)
             out = psi + self.out(y.transpose(1, 2).reshape(B, T, d2)).float()
             after = torch.cat([k, v], -1)[:, -(self.window - 1):] if self.window > 1 else k[:, :0].repeat(1, 1, 2)
             return out, after.detach().float()
+
+    def _turn(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, n, 2D] (interleaved Re, Im) with complex channel d of row i turned by (start + i) *
+        rope_freq[d]: only differences of positions reach the scores, so any start gives the same ones."""
+        pos = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
+        angle = pos[:, None] * self.rope_freq  # [n, D]
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], -1).flatten(-2)
 
     def _banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, keep: torch.Tensor | None
                 ) -> torch.Tensor:

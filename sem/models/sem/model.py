@@ -49,7 +49,8 @@ class SEMModel(nn.Module):
     recurrence, one modulus per head and one phase per key channel); 0 (the default) is the diagonal state.
     ``attention_every`` k > 0 puts causal softmax attention over the last ``attention_window`` positions
     (``LocalAttention``, its own residual sub-layer) before every k-th block (Griffin's recurrence +
-    local attention); 0 (the default): none.
+    local attention); 0 (the default): none. ``attention_rope``: the attention's queries and keys turned
+    by their position (RoPE as a phase on each complex channel); False: no positional encoding.
     """
 
     # Per-channel parameters (the recurrence's, the convolution's taps): no weight decay, never Muon's.
@@ -82,6 +83,7 @@ class SEMModel(nn.Module):
         heads: int = 0,
         attention_every: int = 0,
         attention_window: int = 128,
+        attention_rope: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -109,6 +111,7 @@ class SEMModel(nn.Module):
              and not isinstance(attention_every, bool) and 0 <= attention_every <= n_layers),
             ("attention_window", attention_window, isinstance(attention_window, int)
              and not isinstance(attention_window, bool) and attention_window >= 1),
+            ("attention_rope", attention_rope, isinstance(attention_rope, bool)),
             ("heads", heads, isinstance(heads, int) and not isinstance(heads, bool) and heads >= 0
              and (heads == 0 or (d_model % heads == 0 and not selective and modes == 1))),
         )
@@ -135,7 +138,7 @@ class SEMModel(nn.Module):
         )
         # Local attention before every attention_every-th block (Griffin's pattern), keyed by block index.
         self.attention = nn.ModuleDict({
-            str(i): LocalAttention(d_model, attention_window, n_layers)
+            str(i): LocalAttention(d_model, attention_window, n_layers, attention_rope)
             for i in range(n_layers) if attention_every and (i + 1) % attention_every == 0})
         self.norm_f = ComplexRMSNorm(d_model)
         self.propagator = CayleyPropagator(d_model)
