@@ -60,12 +60,17 @@ class LocalAttention(nn.Module):
         float32, detached: the next window's ``kv``)."""
         B, T, d2 = psi.shape
         with record_function("sem/attention"):
-            q, k, v = self.qkv(self.norm(psi)).chunk(3, dim=-1)
+            qkv = self.qkv(self.norm(psi))
+            q, k, v = qkv.chunk(3, dim=-1)
             L = 0 if kv is None else kv.shape[1]
             if L:
                 k = torch.cat([kv[..., :d2].to(k.dtype), k], 1)
                 v = torch.cat([kv[..., d2:].to(v.dtype), v], 1)
-            qr, kr = (self._turn(q, L), self._turn(k, 0)) if self.rope else (q, k)  # key j sits at position j
+            qr, kr = q, k
+            if self.rope and L:  # key j sits at position j, query t at L + t
+                qr, kr = self._turn(q, L), self._turn(k, 0)
+            elif self.rope:  # the same positions: queries and keys turned together
+                qr, kr = self._turn(qkv[..., :2 * d2], 0).chunk(2, dim=-1)
             split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, h, n, dh]
             if L == 0 and T <= self.window:
                 causal = torch.ones(T, T, dtype=torch.bool, device=psi.device).tril()
@@ -77,13 +82,14 @@ class LocalAttention(nn.Module):
             return out, after.detach().float()
 
     def _turn(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, n, 2D] (interleaved Re, Im) with complex channel d of row i turned by (start + i) *
-        rope_freq[d]: only differences of positions reach the scores, so any start gives the same ones."""
+        """x [B, n, m * 2D] (m blocks of interleaved Re, Im) with complex channel d of each block in row i
+        turned by (start + i) * rope_freq[d]: only differences of positions reach the scores, so any start
+        gives the same ones."""
         pos = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
-        angle = pos[:, None] * self.rope_freq  # [n, D]
+        angle = (pos[:, None] * self.rope_freq)[:, None]  # [n, 1, D]
         cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-        re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack([re * cos - im * sin, re * sin + im * cos], -1).flatten(-2)
+        re, im = x.unflatten(-1, (-1, cos.shape[-1], 2)).unbind(-1)  # [B, n, m, D] each
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], -1).flatten(-3)
 
     def _banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, keep: torch.Tensor | None
                 ) -> torch.Tensor:
