@@ -58,7 +58,7 @@ class FailsOnce(CheckpointManager):
         return super().save(payload, **kwargs)
 
 
-def _rank(ranks: ThreadRanks, rank: int, manager: CheckpointManager, step: int) -> tuple[Any, Any]:
+def _rank(ranks: ThreadRanks, rank: int, step: int) -> tuple[Any, Any]:
     trainer = SimpleNamespace(
         is_global_zero=rank == 0, global_step=step, world_size=2, strategy=ranks.strategy(rank),
         _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda weights_only=False: {"state_dict": {}}))
@@ -92,7 +92,7 @@ def test_a_save_that_failed_on_rank_zero_is_retried_by_every_rank(tmp_path: Path
 
     def body(rank: int) -> None:
         callback = CheckpointCallback(managers[rank])
-        trainer, module = _rank(ranks, rank, managers[rank], step=4)
+        trainer, module = _rank(ranks, rank, step=4)
         callback.save(trainer, module)  # the periodic save of step 4: fails on rank 0
         callback.on_train_end(trainer, module)  # save_on_exit: retried
 
@@ -109,7 +109,7 @@ def test_a_save_every_rank_agrees_on_is_not_repeated(tmp_path: Path) -> None:
 
     def body(rank: int) -> None:
         callback = CheckpointCallback(managers[rank])
-        trainer, module = _rank(ranks, rank, managers[rank], step=4)
+        trainer, module = _rank(ranks, rank, step=4)
         callback.save(trainer, module)
         callback.on_train_end(trainer, module)  # step 4 is saved: nothing more
 

@@ -378,12 +378,14 @@ def test_rope_scores_see_the_distance_only() -> None:
     torch.manual_seed(23)
     x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     layer = LocalAttention(d_model=32, window=64, n_layers=1, rope=True)
-    reference = (layer._turn(x, 0) * layer._turn(y, 3)).sum(-1)
+    c2, s2 = layer._turns(50, x.dtype)
+    turn = lambda z, start: layer._turn(z, c2[start:start + 5], s2[start:start + 5])  # noqa: E731
+    reference = (turn(x, 0) * turn(y, 3)).sum(-1)
     for start in (1, 37):  # <turn(q, a), turn(k, a + 3)> is the same for any a
-        torch.testing.assert_close((layer._turn(x, start) * layer._turn(y, start + 3)).sum(-1), reference,
+        torch.testing.assert_close((turn(x, start) * turn(y, start + 3)).sum(-1), reference,
                                    atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(layer._turn(x, 0)[:, :1], x[:, :1])  # position 0: not turned
-    assert (layer._turn(x, 0)[:, 1:] - x[:, 1:]).abs().max() > 0.1
+    torch.testing.assert_close(turn(x, 0)[:, :1], x[:, :1])  # position 0: not turned
+    assert (turn(x, 0)[:, 1:] - x[:, 1:]).abs().max() > 0.1
     plain = LocalAttention(d_model=32, window=64, n_layers=1)
     plain.out.weight.data.normal_(0, 0.3)
     layer.load_state_dict(plain.state_dict())  # the same weights: no saved rope entry

@@ -60,13 +60,15 @@ class LocalAttention(nn.Module):
         float32, detached: the next window's ``kv``)."""
         B, T, d2 = psi.shape
         with record_function("sem/attention"):
-            qkv = self.qkv(self.norm(psi))
-            q, k, v = qkv.chunk(3, dim=-1)
+            q, k, v = self.qkv(self.norm(psi)).chunk(3, dim=-1)
             L = 0 if kv is None else kv.shape[1]
             if L:
                 k = torch.cat([kv[..., :d2].to(k.dtype), k], 1)
                 v = torch.cat([kv[..., d2:].to(v.dtype), v], 1)
-            qr, kr = (self._turn(q, L), self._turn(k, 0)) if self.rope else (q, k)  # key j at j, query t at L + t
+            qr, kr = q, k
+            if self.rope:  # key j sits at position j, query t at L + t: one table of turns for both
+                c2, s2 = self._turns(L + T, k.dtype)
+                qr, kr = self._turn(q, c2[L:], s2[L:]), self._turn(k, c2, s2)
             split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, h, n, dh]
             if L == 0 and T <= self.window:
                 causal = torch.ones(T, T, dtype=torch.bool, device=psi.device).tril()
@@ -77,18 +79,21 @@ class LocalAttention(nn.Module):
             after = torch.cat([k, v], -1)[:, -(self.window - 1):] if self.window > 1 else k[:, :0].repeat(1, 1, 2)
             return out, after.detach().float()
 
-    def _turn(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, n, m * 2D] (m blocks of interleaved Re, Im) with complex channel d of each block in row i
-        turned by (start + i) * rope_freq[d]: only differences of positions reach the scores, so any start
-        gives the same ones."""
-        pos = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
-        angle = (pos[:, None] * self.rope_freq)[:, None, :, None]  # [n, 1, D, 1]
+    def _turns(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, cos) and (-sin, sin) of position i * rope_freq[d] for positions 0..n-1, [n, D, 2] each:
+        (re, im) -> (re cos - im sin, im cos + re sin) is x * (cos, cos) + swap(x) * (-sin, sin), four
+        whole-tensor ops each way (per part with a stack: about twice as many)."""
+        angle = torch.arange(n, device=self.rope_freq.device, dtype=torch.float32)[:, None, None] \
+            * self.rope_freq[:, None]  # [n, D, 1]
         cos, sin = angle.cos(), angle.sin()
-        # (re, im) -> (re cos - im sin, im cos + re sin) = x * (cos, cos) + swap(x) * (-sin, sin): four
-        # whole-tensor ops each way (per part with a stack: about twice as many)
-        c2, s2 = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([-sin, sin], -1).to(x.dtype)
-        xv = x.unflatten(-1, (-1, cos.shape[-2], 2))  # [B, n, m, D, 2]
-        return (xv * c2 + xv.flip(-1) * s2).flatten(-3)
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+
+    @staticmethod
+    def _turn(x: torch.Tensor, c2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """x [B, n, 2D] (interleaved Re, Im) with complex channel d of row i turned by the angle of row i
+        of the tables ``c2``, ``s2`` [n, D, 2] (``_turns``): only differences of positions reach the
+        scores, so rows from any start give the same ones."""
+        return (x.unflatten(-1, (-1, 2)) * c2 + x.unflatten(-1, (-1, 2)).flip(-1) * s2).flatten(-2)
 
     def _banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, keep: torch.Tensor | None
                 ) -> torch.Tensor:
