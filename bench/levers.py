@@ -40,6 +40,7 @@ VARIANTS = {  # the default has model.conv_width=4 and model.attention_every=2 s
     "attention_every=1": {"attention_every": 1},
     "attention_window=64": {"attention_window": 64},
     "attention_rope": {"attention_rope": True},
+    "compile=true": {"compile": True},  # not a model key: the run's top-level compile (StepPolicy.forward)
 }
 
 
@@ -49,7 +50,10 @@ def measure(variants: dict[str, dict[str, Any]], rounds: int, round_steps: int, 
     trainers = {}
     for name, keys in variants.items():
         torch.manual_seed(0)
-        trainers[name] = Trainer(SEMModel(**{**node, **keys}), batch, seq_len, optimizer, param_groups, bf16)
+        model_keys = {k: v for k, v in keys.items() if k != "compile"}
+        trainers[name] = Trainer(SEMModel(**{**node, **model_keys}), batch, seq_len, optimizer, param_groups, bf16)
+        if keys.get("compile"):  # as a run with compile=true: the forward (and backward) compiled
+            trainers[name].model = torch.compile(trainers[name].model)
         for _ in range(2):  # warm-up: allocator, first-call costs
             trainers[name].step()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -76,7 +80,7 @@ def table(record: dict[str, Any]) -> str:
     lines = ["| variant | keys | parameters | s/step | tokens/s | speed vs default (median, quartiles) |",
              "|---|---|---:|---:|---:|---|"]
     for name, v in record["variants"].items():
-        keys = " ".join(f"model.{k}={val}" for k, val in v["keys"].items()) or "-"
+        keys = " ".join(f"{'' if k == 'compile' else 'model.'}{k}={val}" for k, val in v["keys"].items()) or "-"
         lines.append(f"| {name} | {keys} | {v['parameters']:,} | {v['s_per_step']:.3f} | {v['tokens_per_s']:,.0f} "
                      f"| {v['speed_ratio']:.2f} ({v['ratio_q1']:.2f}-{v['ratio_q3']:.2f}) |")
     return "\n".join(lines)

@@ -124,16 +124,18 @@ def carries_training_state(model: Any) -> bool:
 
 
 def model_output(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                 state: Any = None) -> ModelOutput:
+                 state: Any = None, call: Callable[..., Any] | None = None) -> ModelOutput:
     """Call ``model`` as sem does: with ``targets`` when its forward takes them (and a carried ``state``
     when given: only to a model that ``carries_training_state``), and turn bare logits into a
-    ``ModelOutput`` (sem's cross-entropy; no extra loss terms)."""
+    ``ModelOutput`` (sem's cross-entropy; no extra loss terms). ``call``: what runs the model in its
+    place (``torch.compile(model)``, whose wrapper hides the forward's signature); None: the model."""
     forward = type(model).forward
     extra = {} if state is None else {"state": state}
+    run = model if call is None else call
     if targets is not None and _takes_targets(forward):
-        out = model(input_ids, targets=targets, **extra)
+        out = run(input_ids, targets=targets, **extra)
     else:
-        out = model(input_ids, **extra)
+        out = run(input_ids, **extra)
     if isinstance(out, ModelOutput):
         if targets is not None and out.ce_loss is None:
             ce = cross_entropy(out.logits, targets)

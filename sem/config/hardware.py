@@ -25,7 +25,32 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
         return [f"accelerator=xpu: no Intel XPU on this machine (torch {torch.__version__}, "
                 "torch.xpu.is_available() is False); use accelerator=cpu or auto"]
     device = {"auto": "cuda" if torch.cuda.is_available() else ("xpu" if has_xpu else "cpu")}.get(name, name)
-    return precision_problems(cfg.precision.precision, device)
+    problems = precision_problems(cfg.precision.precision, device)
+    missing = compile_missing(device) if cfg.get("compile") is True else None
+    if missing:
+        problems.append(f"compile=true: torch.compile's default backend (inductor) needs {missing} on {device}; "
+                        "use compile=false")
+    return problems
+
+
+def compile_missing(device_type: str) -> str | None:
+    """What torch.compile's inductor lacks on this machine to build ``device_type``'s kernels, or None:
+    on CPU a C++ compiler and Python's headers (its kernels include Python.h), on CUDA and XPU Triton."""
+    import sysconfig
+    from pathlib import Path
+
+    if device_type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:
+            return "a C++ compiler (g++ or $CXX; none found)"
+        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        return None if headers.exists() else f"Python's C headers ({headers} is missing: python3-dev)"
+    from torch.utils._triton import has_triton
+
+    return None if has_triton() else "Triton (not installed)"
 
 
 def _devices_problems(devices: Any) -> list[str]:

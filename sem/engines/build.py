@@ -102,7 +102,11 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
                         distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
                         OmegaConf.to_container(cfg, resolve=True),
-                        continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None)
+                        continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None,
+                        compile=bool(cfg.get("compile", False)))
+    if policy.forward is not None:
+        log.info("compile: the training forward and backward run through torch.compile (inductor); "
+                 "validation and evaluation run the model as it is")
     if cfg.engine == "standalone":
         engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
     else:

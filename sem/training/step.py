@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,14 @@ class StepPolicy:
                  teacher: EMATeacher | None = None, distill_loss: DistillationLoss | None = None,
                  faults: Faults | None = None, health: HealthMonitor | None = None, seed: int = 0,
                  budget: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                 continues: Callable[[int], bool] | None = None) -> None:
+                 continues: Callable[[int], bool] | None = None, compile: bool = False) -> None:
         self.model = model
+        # ``compile``: the training forward (and its backward) through torch.compile, the model's
+        # parameters and state_dict untouched; validation, sampling and evaluation run the model itself
+        # (a compiled graph per shape and mode would cost more there than it saves).
+        self.forward = torch.compile(model) if compile else None
+        if compile:  # complex ops (SEM's recurrence) run as torch's own kernels, unfused: expected, not news
+            warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
         self.curriculum = curriculum
         self.teacher = teacher
         self.distill_loss = distill_loss
@@ -104,7 +111,7 @@ class StepPolicy:
     def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The training loss of one micro-batch (x, y [B, T]) and its extra metrics (distillation)."""
         micro = len(self.micro)
-        out = model_output(self.model, x, y, state=self._carried_in(micro, step, tuple(x.shape)))
+        out = model_output(self.model, x, y, state=self._carried_in(micro, step, tuple(x.shape)), call=self.forward)
         if self.continues is not None:
             self.carried[micro] = (step, tuple(x.shape), _tree_map(_finite_or_zero, out.state))
         loss = out.loss

@@ -1,0 +1,54 @@
+"""``python launch.py compile=true`` as a user runs it, in both engines: the run trains through the
+compiled forward to the same losses as without it, saves checkpoints of the model's own keys, and a
+compiled run's checkpoint resumes without compile (and the other way round)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import launch_ok, tiny_data_overrides, train_losses
+
+pytestmark = pytest.mark.slow  # each compiled run compiles the SEM's graph: ~30-60 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path) -> dict[str, Path]:
+    cwd = tmp_path_factory.mktemp("compile")
+    args = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.log_every_n_steps=1", "sample.n=0",
+            "eval.stream=false", "data.final_val_max_windows=4", "precision=fp32"]
+    out = {"eager": launch_ok(args, cwd, cache_dir, "eager")}
+    for engine in ("lightning", "standalone"):
+        out[engine] = launch_ok(args, cwd, cache_dir, engine, "compile=true", f"engine={engine}")
+    ckpt = out["lightning"] / "checkpoints" / "step_0000006.ckpt"
+    out["resumed"] = launch_ok(args, cwd, cache_dir, "resumed", f"resume={ckpt}")
+    return out
+
+
+@pytest.mark.parametrize("engine", ["lightning", "standalone"])
+def test_compiled_runs_train_to_the_same_losses(runs: dict[str, Path], engine: str) -> None:
+    eager, compiled = train_losses(runs["eager"]), train_losses(runs[engine])
+    assert sorted(compiled) == sorted(eager) and len(eager) >= 6
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), step
+    assert "compile: true" in (runs[engine] / "config_resolved.yaml").read_text()
+    log = (runs[engine] / "launch.log").read_text()
+    assert "compile: the training forward and backward run through torch.compile" in log
+    assert "torch.compile" not in (runs["eager"] / "launch.log").read_text()
+
+
+def test_compiled_checkpoints_hold_the_models_own_keys(runs: dict[str, Path]) -> None:
+    name = "step_0000012.ckpt"
+    eager = torch.load(runs["eager"] / "checkpoints" / name, weights_only=True)["state_dict"]
+    compiled = torch.load(runs["lightning"] / "checkpoints" / name, weights_only=True)["state_dict"]
+    assert list(compiled) == list(eager)
+    assert not any("_orig_mod" in key for key in compiled)
+
+
+def test_a_compiled_runs_checkpoint_resumes_without_compile(runs: dict[str, Path]) -> None:
+    resumed, eager = train_losses(runs["resumed"]), train_losses(runs["eager"])
+    assert sorted(resumed) == list(range(6, 12))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(eager[step], rel=1e-4, abs=1e-4), step
