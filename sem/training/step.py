@@ -54,6 +54,10 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def _not_profiler_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Profiler record function")
+
+
 class StepPolicy:
     """The per-step training semantics shared by both engines (see the module docstring)."""
 
@@ -67,8 +71,10 @@ class StepPolicy:
         # parameters and state_dict untouched; validation, sampling and evaluation run the model itself
         # (a compiled graph per shape and mode would cost more there than it saves).
         self.forward = torch.compile(model) if compile else None
-        if compile:  # complex ops (SEM's recurrence) run as torch's own kernels, unfused: expected, not news
+        if compile:  # expected, not news: complex ops (SEM's recurrence) stay torch's own kernels, unfused,
+            # and the profiler labels (record_function, for bench/profile_sem.py) are left out of the graph
             warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+            logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_profiler_note)
         self.curriculum = curriculum
         self.teacher = teacher
         self.distill_loss = distill_loss
