@@ -35,7 +35,10 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
 
 def compile_missing(device_type: str) -> str | None:
     """What torch.compile's inductor lacks on this machine to build ``device_type``'s kernels, or None:
-    on CPU a C++ compiler and Python's headers (its kernels include Python.h), on CUDA and XPU Triton."""
+    on CPU a C++ compiler, on CUDA and XPU Triton for the device and a C compiler (Triton builds its
+    launcher with one), and Python's headers for both (the kernels' wrappers include Python.h)."""
+    import os
+    import shutil
     import sysconfig
     from pathlib import Path
 
@@ -46,11 +49,15 @@ def compile_missing(device_type: str) -> str | None:
             cpp_builder.get_cpp_compiler()
         except Exception:
             return "a C++ compiler (g++ or $CXX; none found)"
-        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-        return None if headers.exists() else f"Python's C headers ({headers} is missing: python3-dev)"
-    from torch.utils._triton import has_triton
+    else:
+        from torch.utils._triton import has_triton
 
-    return None if has_triton() else "Triton (not installed)"
+        if not has_triton():
+            return f"Triton for {device_type} (not installed, or not for this device)"
+        if not any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c):
+            return "a C compiler for Triton's launcher ($CC, cc, gcc or clang; none found)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return None if headers.exists() else f"Python's C headers ({headers} is missing: python3-dev)"
 
 
 def _devices_problems(devices: Any) -> list[str]:

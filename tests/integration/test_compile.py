@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launch_ok, tiny_data_overrides, train_losses
+from sem.config.hardware import compile_missing
+from tests.conftest import launch_ok, run_launch, tiny_data_overrides, train_losses
 
-pytestmark = pytest.mark.slow  # each compiled run compiles the SEM's graph: ~30-60 s on 2 cores
+pytestmark = [pytest.mark.slow,  # each compiled run compiles the SEM's graph: ~30-60 s on 2 cores
+              pytest.mark.skipif(compile_missing("cpu") is not None, reason="torch.compile cannot build CPU kernels here")]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: 
     args = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.log_every_n_steps=1", "sample.n=0",
             "eval.stream=false", "data.final_val_max_windows=4", "precision=fp32"]
     out = {"eager": launch_ok(args, cwd, cache_dir, "eager")}
-    for engine in ("lightning", "standalone"):
-        out[engine] = launch_ok(args, cwd, cache_dir, engine, "compile=true", f"engine={engine}")
+    for engine in ("lightning", "standalone"):  # inductor's cache of each: the kernels it built
+        env = {"SEM_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_CACHE_DIR": str(cwd / f"inductor_{engine}")}
+        proc = run_launch([*args, f"run.name={engine}", "compile=true", f"engine={engine}"], cwd, env=env)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        out[engine] = cwd / "outputs" / engine
     ckpt = out["lightning"] / "checkpoints" / "step_0000006.ckpt"
     out["resumed"] = launch_ok(args, cwd, cache_dir, "resumed", f"resume={ckpt}")
     return out
@@ -37,6 +42,8 @@ def test_compiled_runs_train_to_the_same_losses(runs: dict[str, Path], engine: s
     log = (runs[engine] / "launch.log").read_text()
     assert "compile: the training forward and backward run through torch.compile" in log
     assert "torch.compile" not in (runs["eager"] / "launch.log").read_text()
+    kernels = list((runs[engine].parents[1] / f"inductor_{engine}").rglob("*.cpp"))
+    assert kernels, "the run built no kernels: the training step did not go through torch.compile"
 
 
 def test_compiled_checkpoints_hold_the_models_own_keys(runs: dict[str, Path]) -> None:

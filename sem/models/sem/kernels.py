@@ -69,6 +69,8 @@ class _GatedSiLU(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         a, s = ctx.saved_tensors
         value, gate = a.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # writes into a buffer's halves do not trace: one cat (fused there)
+            return torch.cat([grad * s, torch.ops.aten.silu_backward(grad * value, gate)], -1)
         grad_a = torch.empty_like(a)
         grad_value, grad_gate = grad_a.chunk(2, dim=-1)
         torch.mul(grad, s, out=grad_value)
@@ -99,6 +101,9 @@ class _BornLogits(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         z, s = ctx.saved_tensors
         pairs = (ctx.vocab, 2)
+        if torch.compiler.is_compiling():  # as below, without writes into slices (they do not trace)
+            amps = z[..., :2 * ctx.vocab].unflatten(-1, pairs) * torch.div(grad, s).mul(2).unsqueeze(-1)
+            return F.pad(amps.flatten(-2), (0, z.shape[-1] - 2 * ctx.vocab)), None, None
         grad_z = torch.empty_like(z)
         grad_z[..., 2 * ctx.vocab:].zero_()
         torch.mul(z[..., :2 * ctx.vocab].unflatten(-1, pairs), torch.div(grad, s).mul_(2).unsqueeze(-1),
