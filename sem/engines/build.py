@@ -99,12 +99,6 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
     # The teacher is a plain object, not a submodule: it must never appear in the student's
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
-    if cfg.get("compile"):
-        # Each job compiles afresh: a sweep's jobs in one process would otherwise share dynamo's caches
-        # and its recompile limit (and past it run eager, unannounced).
-        import torch
-
-        torch._dynamo.reset()
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
                         distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
                         OmegaConf.to_container(cfg, resolve=True),

@@ -70,9 +70,14 @@ class StepPolicy:
         # ``compile``: the training forward (and its backward) through torch.compile, the model's
         # parameters and state_dict untouched; validation, sampling and evaluation run the model itself
         # (a compiled graph per shape and mode would cost more there than it saves).
-        self.forward = torch.compile(model) if compile else None
-        if compile:  # expected, not news: complex ops (SEM's recurrence) stay torch's own kernels, unfused,
-            # and the profiler labels (record_function, for bench/profile_sem.py) are left out of the graph
+        self.forward: Callable[..., Any] | None = None
+        if compile:
+            # Each run compiles afresh: a sweep's jobs in one process would otherwise share dynamo's
+            # caches and its recompile limit (and past it run eager, unannounced).
+            torch._dynamo.reset()
+            self.forward = torch.compile(model)
+            # Expected, not news: complex ops (SEM's recurrence) stay torch's own kernels, unfused, and the
+            # profiler labels (record_function, for bench/profile_sem.py) are left out of the graph.
             warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
             logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_profiler_note)
         self.curriculum = curriculum
