@@ -32,6 +32,9 @@ class SEMModelConf:
     recurrence: str = "fft"  # fft | scan
     gradient_checkpointing: bool = False
     born_eps: float = 1e-6
+    # b > 0: the Born readout's p_k ~ |z_k|^(2b) (logits b log(|z_k|^2 + born_eps)): the Born rule of
+    # b copies of the state measured together, kept where they agree; 1: the Born rule itself.
+    born_power: float = 1.0
     dropout: float = 0.0
     # k > 0: a causal depthwise convolution of k taps + SiLU on each block's recurrence input (after
     # in_proj; H3/Mamba's short conv, 3-4 is usual); decoding carries each block's last k-1 inputs.

@@ -129,6 +129,11 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
                  f"model.d_model={width}); at most {MAX_DIM}")
     if "born_eps" in m:
         _positive(p, "model.born_eps", m.born_eps)
+    if "born_power" in m:
+        _positive(p, "model.born_power", m.born_power)
+        if m.get("readout") == "linear" and m.born_power != 1:
+            p.append(f"model.born_power={m.born_power!r} with model.readout=linear: the power is the Born "
+                     "readout's (p ~ |z|^(2 born_power)); use model.readout=born or born_power=1")
     if "conv_width" in m and not 0 <= m.conv_width <= max(m.max_seq_len, 0):
         p.append(f"model.conv_width={m.conv_width!r}: must be in [0, model.max_seq_len={m.max_seq_len}] "
                  "(taps of the causal convolution; 0: none)")

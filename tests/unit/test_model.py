@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sem.contracts import ModelOutput
 from sem.models.common import count_parameters, param_groups
 from sem.models.sem import SEMModel
-from sem.models.sem.kernels import _BornLogits, _GatedSiLU, _RMSNormFunction
+from sem.models.sem.kernels import _BornLogits, _CausalConv, _GatedSiLU, _RMSNormFunction
 from sem.models.sem.model import ENERGY_CLAMP
 from sem.models.sem.propagator import CayleyPropagator
 from sem.models.sem.recurrence import SELECTIVE_MAX_RATE, recurrence_fft, recurrence_scan, recurrence_selective
@@ -145,13 +145,30 @@ def test_hand_written_backwards_match_autograd() -> None:
     assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), (x, w))
     assert torch.autograd.gradcheck(_GatedSiLU.apply, (a,))
     assert torch.autograd.gradcheck(lambda z: _BornLogits.apply(z, 7, 1e-6), (z,))  # padding: zero grad
+    # born_power b: b log(|z|^2 + eps), p ~ |z|^(2b); its backward too
+    assert torch.autograd.gradcheck(lambda z: _BornLogits.apply(z, 7, 1e-6, 2.5), (z,))
+    born = torch.log(z[..., :14].unflatten(-1, (7, 2)).pow(2).sum(-1) + 1e-6)
+    torch.testing.assert_close(_BornLogits.apply(z, 7, 1e-6, 2.5), 2.5 * born, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("readout", ["born", "linear"])
-def test_readout_applies_the_propagator(readout: str) -> None:
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_causal_conv_is_conv1d_with_a_hand_written_backward(k: int) -> None:
+    # Features last, k multiply-adds: F.conv1d's depthwise convolution (channels first) to round-off,
+    # and a backward equal to finite differences (float64 gradcheck).
+    torch.manual_seed(4)
+    x, w, bias = torch.randn(3, 9 + k - 1, 6), torch.randn(6, k), torch.randn(6)
+    want = F.conv1d(x.transpose(1, 2), w[:, None], bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(_CausalConv.apply(x, w, bias), want)
+    x, w, bias = (t.double().requires_grad_() for t in (x, w, bias))
+    assert torch.autograd.gradcheck(_CausalConv.apply, (x, w, bias))
+
+
+@pytest.mark.parametrize("readout, power", [("born", 1.0), ("born", 4.0), ("linear", 1.0)])
+def test_readout_applies_the_propagator(readout: str, power: float) -> None:
     # The forward composes the readout with the propagator map once rather than applying the
-    # propagator to every token: the logits must be those of readout(propagator(norm_f(residual))).
-    model = tiny(readout=readout, propagator_warmup_steps=10)
+    # propagator to every token: the logits must be those of readout(propagator(norm_f(residual))),
+    # with born_power b the Born rule's log-probabilities times b (p ~ |z|^(2b)).
+    model = tiny(readout=readout, propagator_warmup_steps=10, born_power=power)
     model.set_step(5)  # alpha = 0.5: both the identity and the unitary part of the blend
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -162,7 +179,7 @@ def test_readout_applies_the_propagator(readout: str) -> None:
         if readout == "born":
             amplitudes = torch.view_as_complex(psi.unflatten(-1, (-1, 2)).contiguous()) @ torch.complex(
                 model.readout_re, model.readout_im).T  # [B, T, V]
-            expected = torch.log(amplitudes.abs().pow(2) + model.born_eps)
+            expected = power * torch.log(amplitudes.abs().pow(2) + model.born_eps)
         else:
             expected = model.readout(psi)
         torch.testing.assert_close(model(x).logits, expected, atol=1e-4, rtol=2e-5)
@@ -300,6 +317,10 @@ def test_lambda_inside_unit_disk_for_any_params() -> None:
         ({"recurrence": "loop"}, "recurrence"),
         ({"mlp_ratio": 0}, "mlp_ratio"),
         ({"born_eps": 0.0}, "born_eps"),
+        ({"born_power": 0.0}, "born_power"),
+        ({"born_power": float("nan")}, "born_power"),
+        ({"born_power": True}, "born_power"),
+        ({"readout": "linear", "born_power": 4.0}, "born_power"),
         ({"dropout": 1.0}, "dropout"),
         ({"unitary_lambda": -1.0}, "unitary_lambda"),
         ({"propagator_warmup_steps": -5}, "propagator_warmup_steps"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -68,6 +69,9 @@ SINGLE = {
     "heads_with_modes": (["model.heads=2", "model.modes=2"], ["model.heads=2", "model.modes=2"]),
     "attention_every_over_n_layers": (["model.attention_every=9"], ["model.attention_every=9", "model.n_layers="]),
     "attention_window_zero": (["model.attention_window=0"], ["model.attention_window=0"]),
+    "born_power_zero": (["model.born_power=0"], ["model.born_power=0", "> 0"]),
+    "born_power_with_linear_readout": (["model.readout=linear", "model.born_power=4"],
+                                       ["model.born_power=4", "model.readout=linear"]),
 }
 
 
@@ -117,3 +121,23 @@ def test_every_problem_reported_at_once(base: list[str]) -> None:
     for needles in expected:
         assert len(lines_with(problems, *needles)) == 1, (needles, problems)
     assert len(problems) == len(expected), problems
+
+
+def test_born_power_reaches_the_model(base: list[str]) -> None:
+    # The key is the model's, end to end: composed, valid, and the built model's logits are b times
+    # those of the same weights at b = 1 (the Born rule's).
+    from omegaconf import OmegaConf
+
+    from sem.engines.build import build_model
+    from sem.training.budget import resolve_budget
+
+    cfg = compose_cfg([*base, "model.born_power=4"])
+    assert validate(cfg, instantiate(cfg.data.corpus)) == []
+    resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))  # as a run resolves it
+    model = build_model(OmegaConf.create(resolved["model"]))
+    assert model.born_power == 4.0
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        sharp = model(x).logits
+        model.born_power = 1.0
+        torch.testing.assert_close(sharp, 4.0 * model(x).logits)

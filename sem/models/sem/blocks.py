@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from sem.models.sem.kernels import _GatedSiLU, _no_autocast, _RMSNormFunction
+from sem.models.sem.kernels import _CausalConv, _GatedSiLU, _no_autocast, _RMSNormFunction
 from sem.models.sem.recurrence import (
     MIN_DECAY,
     SELECTIVE_MAX_RATE,
@@ -240,11 +240,11 @@ class SEMBlock(nn.Module):
             return u
         with record_function("sem/conv"):
             k = self.conv_width
-            if tail is None:
-                x = F.pad(u.transpose(1, 2), (k - 1, 0))  # [B, 2D, k-1+T]: zeros before the start
-            else:
-                x = torch.cat([tail.to(u.dtype), u], 1).transpose(1, 2)
-            pre = F.conv1d(x, self.conv.weight, self.conv.bias, groups=x.shape[1]).transpose(1, 2)
+            # [B, k-1+T, 2D]: zeros (a document's start) or the tail before u
+            x = F.pad(u, (0, 0, k - 1, 0)) if tail is None else torch.cat([tail.to(u.dtype), u], 1)
+            if torch.is_autocast_enabled(u.device.type):  # as autocast runs conv1d: in its lower precision
+                x = x.to(torch.get_autocast_dtype(u.device.type))
+            pre = _CausalConv.apply(x, self.conv.weight[:, 0], self.conv.bias)
             if tail is not None and keep is not None and k > 1:
                 # The tail reaches outputs 0..k-2 only: take its share back out where it is not kept.
                 n = min(k - 1, u.shape[1])

@@ -73,6 +73,7 @@ class SEMModel(nn.Module):
         recurrence: Literal["fft", "scan"] = "scan",
         gradient_checkpointing: bool = False,
         born_eps: float = 1e-6,
+        born_power: float = 1.0,
         dropout: float = 0.0,
         conv_width: int = 0,
         r_min: float = math.exp(-1.0),
@@ -98,6 +99,8 @@ class SEMModel(nn.Module):
             ("propagator_warmup_steps", propagator_warmup_steps,
              isinstance(propagator_warmup_steps, int) and propagator_warmup_steps >= 0),
             ("born_eps", born_eps, born_eps > 0),
+            ("born_power", born_power, isinstance(born_power, (int, float)) and not isinstance(born_power, bool)
+             and 0 < born_power < math.inf and (readout == "born" or born_power == 1)),
             ("dropout", dropout, 0.0 <= dropout < 1.0),
             ("conv_width", conv_width, isinstance(conv_width, int) and not isinstance(conv_width, bool)
              and conv_width >= 0),
@@ -120,6 +123,7 @@ class SEMModel(nn.Module):
                 raise ValueError(f"invalid {name}={value!r}")
         self.vocab_size, self.d_model, self.max_seq_len = vocab_size, d_model, max_seq_len
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
+        self.born_power = float(born_power)
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
         self.conv_width, self.selective, self.modes, self.heads = conv_width, selective, modes, heads
@@ -206,8 +210,9 @@ class SEMModel(nn.Module):
         """psi [..., 2D] (output of norm_f), readout from _readout_map -> logits [..., V] float32."""
         if self.readout_kind == "linear":
             return F.linear(psi, readout, self.readout.bias).float()
-        # z = W U psi as one real matmul (may run in bf16 under autocast); Born rule p_k ~ |z_k|^2.
-        return _BornLogits.apply(F.linear(psi, readout).float(), self.vocab_size, self.born_eps)
+        # z = W U psi as one real matmul (may run in bf16 under autocast); Born rule p_k ~ |z_k|^2, or
+        # with born_power b, p_k ~ |z_k|^(2b): the logits b log(|z_k|^2 + eps).
+        return _BornLogits.apply(F.linear(psi, readout).float(), self.vocab_size, self.born_eps, self.born_power)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 state: dict[str, list[torch.Tensor]] | None = None) -> ModelOutput:
