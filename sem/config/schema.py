@@ -35,6 +35,10 @@ class SEMModelConf:
     # b > 0: the Born readout's p_k ~ |z_k|^(2b) (logits b log(|z_k|^2 + born_eps)): the Born rule of
     # b copies of the state measured together, kept where they agree; 1: the Born rule itself.
     born_power: float = 1.0
+    # c != 0: a learned complex amplitude per token, c at init, added to the Born readout's amplitudes
+    # before the measurement (z_k = w_k . U psi + beta_k: a reference amplitude, as homodyne detection's
+    # local oscillator); 0: none, the Born rule of the state itself.
+    born_offset: float = 0.0
     dropout: float = 0.0
     # k > 0: a causal depthwise convolution of k taps + SiLU on each block's recurrence input (after
     # in_proj; H3/Mamba's short conv, 3-4 is usual); decoding carries each block's last k-1 inputs.

@@ -134,6 +134,12 @@ def _own_model_problems(m: DictConfig, max_steps: int) -> list[str]:
         if m.get("readout") == "linear" and m.born_power != 1:
             p.append(f"model.born_power={m.born_power!r} with model.readout=linear: the power is the Born "
                      "readout's (p ~ |z|^(2 born_power)); use model.readout=born or born_power=1")
+    offset = m.get("born_offset", 0.0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        p.append(f"model.born_offset={offset!r}: must be a finite number (the readout's reference amplitude; 0: none)")
+    elif offset != 0 and m.get("readout") == "linear":
+        p.append(f"model.born_offset={offset!r} with model.readout=linear: the offset is the Born readout's "
+                 "(z = W U psi + offset); use model.readout=born or born_offset=0")
     if "conv_width" in m and not 0 <= m.conv_width <= max(m.max_seq_len, 0):
         p.append(f"model.conv_width={m.conv_width!r}: must be in [0, model.max_seq_len={m.max_seq_len}] "
                  "(taps of the causal convolution; 0: none)")

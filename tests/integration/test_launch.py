@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_launch, tiny_data_overrides
+from tests.conftest import launch_ok, run_launch, tiny_data_overrides
 
 MAX_STEPS, VAL_EVERY, LOG_EVERY = 12, 6, 2  # as in conftest.TINY
 TRAIN_KEYS = ("step", "train/loss", "train/ce_loss", "train/unitary_div", "lr", "seq_len", "stage",
@@ -133,6 +133,22 @@ def test_plots_and_checkpoint(tiny_run: Launch) -> None:
     summary = tiny_run.json("summary.json")
     assert last.is_symlink() and summary["last_checkpoint"] == str(last.resolve())
     assert Path(summary["best_checkpoint"]).exists()
+
+
+def test_final_checkpoint_is_ranked_by_the_final_validation(tmp_path: Path, corpus_dir: Path,
+                                                             cache_dir: Path) -> None:
+    # max_steps 8 is no validation step (every 6): the final checkpoint is saved before the final
+    # validation, and its sidecar must get that validation's metrics, or best.ckpt could never be the
+    # final model (the default run's ends after its last periodic validation).
+    run = launch_ok([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=8"], tmp_path, cache_dir,
+                    "final-ranked")
+    summary = json.loads((run / "summary.json").read_text())
+    sidecars = {p: json.loads(p.read_text())["metrics"] for p in (run / "checkpoints").glob("step_*.json")}
+    final = run / "checkpoints" / "step_0000008.json"
+    assert sidecars[final]["val/bpb"] == summary["val_bpb"]
+    best = min((m["val/bpb"], -int(p.stem[5:]), p) for p, m in sidecars.items() if "val/bpb" in m)[2]
+    assert summary["best_checkpoint"] == str(best.with_suffix(".ckpt"))
+    assert (run / "checkpoints" / "best.ckpt").resolve() == best.with_suffix(".ckpt")
 
 
 def test_console_lines(tiny_run: Launch) -> None:

@@ -13,12 +13,17 @@ T = 512
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _model(recurrence: str, readout: str, seed: int = 0, conv_width: int = 0, born_power: float = 1.0) -> SEMModel:
+def _model(recurrence: str, readout: str, seed: int = 0, conv_width: int = 0, born_power: float = 1.0,
+           born_offset: float = 0.0) -> SEMModel:
     torch.manual_seed(seed)
     # propagator_warmup_steps=10 at step 5: alpha = 0.5, so both the identity and the unitary part of
     # the blend (1 - alpha) I + alpha U are exercised.
     model = SEMModel(d_model=32, n_layers=2, recurrence=recurrence, readout=readout,
-                     propagator_warmup_steps=10, conv_width=conv_width, born_power=born_power).eval()
+                     propagator_warmup_steps=10, conv_width=conv_width, born_power=born_power,
+                     born_offset=born_offset).eval()
+    if born_offset:  # a complex reference amplitude per token, as after training
+        with torch.no_grad():
+            model.readout_offset.add_(torch.randn(model.readout_offset.shape))
     model.set_step(5)
     return model
 
@@ -27,10 +32,11 @@ def _tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 259, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("readout, power", [("born", 1.0), ("born", 4.0), ("linear", 1.0)])
+@pytest.mark.parametrize("readout, power, offset", [("born", 1.0, 0.0), ("born", 4.0, 0.0), ("born", 4.0, 2.0),
+                                                    ("linear", 1.0, 0.0)])
 @pytest.mark.parametrize("recurrence", ["fft", "scan"])
-def test_step_by_step_equals_full_forward(recurrence: str, readout: str, power: float) -> None:
-    model = _model(recurrence, readout, born_power=power)
+def test_step_by_step_equals_full_forward(recurrence: str, readout: str, power: float, offset: float) -> None:
+    model = _model(recurrence, readout, born_power=power, born_offset=offset)
     x = _tokens(2, T)
     with torch.no_grad():
         full = model(x).logits  # [2, T, V]
@@ -50,9 +56,10 @@ def test_step_by_step_equals_full_forward(recurrence: str, readout: str, power: 
     torch.testing.assert_close(step.softmax(-1), full.softmax(-1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("recurrence, power", [("fft", 1.0), ("scan", 1.0), ("fft", 4.0)])
-def test_prefill_then_step_equals_forward(recurrence: str, power: float) -> None:
-    model = _model(recurrence, "born", seed=2, born_power=power)
+@pytest.mark.parametrize("recurrence, power, offset", [("fft", 1.0, 0.0), ("scan", 1.0, 0.0), ("fft", 4.0, 0.0),
+                                                       ("fft", 4.0, 2.0)])
+def test_prefill_then_step_equals_forward(recurrence: str, power: float, offset: float) -> None:
+    model = _model(recurrence, "born", seed=2, born_power=power, born_offset=offset)
     x = _tokens(3, 200, seed=3)
     with torch.no_grad():
         full = model(x).logits  # [3, 200, V]

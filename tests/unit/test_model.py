@@ -163,12 +163,18 @@ def test_causal_conv_is_conv1d_with_a_hand_written_backward(k: int) -> None:
     assert torch.autograd.gradcheck(_CausalConv.apply, (x, w, bias))
 
 
-@pytest.mark.parametrize("readout, power", [("born", 1.0), ("born", 4.0), ("linear", 1.0)])
-def test_readout_applies_the_propagator(readout: str, power: float) -> None:
+@pytest.mark.parametrize("readout, power, offset", [("born", 1.0, 0.0), ("born", 4.0, 0.0), ("born", 4.0, 1.5),
+                                                    ("linear", 1.0, 0.0)])
+def test_readout_applies_the_propagator(readout: str, power: float, offset: float) -> None:
     # The forward composes the readout with the propagator map once rather than applying the
     # propagator to every token: the logits must be those of readout(propagator(norm_f(residual))),
-    # with born_power b the Born rule's log-probabilities times b (p ~ |z|^(2b)).
-    model = tiny(readout=readout, propagator_warmup_steps=10, born_power=power)
+    # with born_power b the Born rule's log-probabilities times b (p ~ |z|^(2b)), and with born_offset
+    # each token's learned reference amplitude beta_k added before the measurement, |z_k + beta_k|^2.
+    model = tiny(readout=readout, propagator_warmup_steps=10, born_power=power, born_offset=offset)
+    if offset:
+        assert torch.equal(model.readout_offset.view(-1, 2), torch.tensor([[offset, 0.0]]).expand(V, 2))
+        with torch.no_grad():  # as after training: a complex beta_k, different for each token
+            model.readout_offset.add_(torch.randn(2 * V))
     model.set_step(5)  # alpha = 0.5: both the identity and the unitary part of the blend
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -179,6 +185,8 @@ def test_readout_applies_the_propagator(readout: str, power: float) -> None:
         if readout == "born":
             amplitudes = torch.view_as_complex(psi.unflatten(-1, (-1, 2)).contiguous()) @ torch.complex(
                 model.readout_re, model.readout_im).T  # [B, T, V]
+            if offset:
+                amplitudes = amplitudes + torch.view_as_complex(model.readout_offset.view(-1, 2))
             expected = power * torch.log(amplitudes.abs().pow(2) + model.born_eps)
         else:
             expected = model.readout(psi)
@@ -321,6 +329,9 @@ def test_lambda_inside_unit_disk_for_any_params() -> None:
         ({"born_power": float("nan")}, "born_power"),
         ({"born_power": True}, "born_power"),
         ({"readout": "linear", "born_power": 4.0}, "born_power"),
+        ({"born_offset": float("nan")}, "born_offset"),
+        ({"born_offset": True}, "born_offset"),
+        ({"readout": "linear", "born_offset": 2.0}, "born_offset"),
         ({"dropout": 1.0}, "dropout"),
         ({"unitary_lambda": -1.0}, "unitary_lambda"),
         ({"propagator_warmup_steps": -5}, "propagator_warmup_steps"),

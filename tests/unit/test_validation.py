@@ -72,6 +72,9 @@ SINGLE = {
     "born_power_zero": (["model.born_power=0"], ["model.born_power=0", "> 0"]),
     "born_power_with_linear_readout": (["model.readout=linear", "model.born_power=4"],
                                        ["model.born_power=4", "model.readout=linear"]),
+    "born_offset_nan": (["model.born_offset=nan"], ["model.born_offset=nan", "finite"]),
+    "born_offset_with_linear_readout": (["model.readout=linear", "model.born_offset=2"],
+                                        ["model.born_offset=2", "model.readout=linear"]),
 }
 
 
@@ -141,3 +144,24 @@ def test_born_power_reaches_the_model(base: list[str]) -> None:
         sharp = model(x).logits
         model.born_power = 1.0
         torch.testing.assert_close(sharp, 4.0 * model(x).logits)
+
+
+def test_born_offset_reaches_the_model(base: list[str]) -> None:
+    # model.born_offset=2: the built model has a reference amplitude 2 + 0i per token, and its logits
+    # move when the offset does (it reaches _logits, not only the constructor).
+    from omegaconf import OmegaConf
+
+    from sem.engines.build import build_model
+    from sem.training.budget import resolve_budget
+
+    cfg = compose_cfg([*base, "model.born_offset=2"])
+    assert validate(cfg, instantiate(cfg.data.corpus)) == []
+    resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))
+    model = build_model(OmegaConf.create(resolved["model"]))
+    offset = model.readout_offset.view(-1, 2)
+    assert torch.equal(offset, torch.tensor([[2.0, 0.0]]).expand_as(offset))
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        with_offset = model(x).logits
+        model.readout_offset.zero_()
+        assert not torch.allclose(with_offset, model(x).logits)

@@ -74,6 +74,7 @@ class SEMModel(nn.Module):
         gradient_checkpointing: bool = False,
         born_eps: float = 1e-6,
         born_power: float = 1.0,
+        born_offset: float = 0.0,
         dropout: float = 0.0,
         conv_width: int = 0,
         r_min: float = math.exp(-1.0),
@@ -101,6 +102,8 @@ class SEMModel(nn.Module):
             ("born_eps", born_eps, born_eps > 0),
             ("born_power", born_power, isinstance(born_power, (int, float)) and not isinstance(born_power, bool)
              and 0 < born_power < math.inf and (readout == "born" or born_power == 1)),
+            ("born_offset", born_offset, isinstance(born_offset, (int, float)) and not isinstance(born_offset, bool)
+             and math.isfinite(born_offset) and (readout == "born" or born_offset == 0)),
             ("dropout", dropout, 0.0 <= dropout < 1.0),
             ("conv_width", conv_width, isinstance(conv_width, int) and not isinstance(conv_width, bool)
              and conv_width >= 0),
@@ -123,7 +126,7 @@ class SEMModel(nn.Module):
                 raise ValueError(f"invalid {name}={value!r}")
         self.vocab_size, self.d_model, self.max_seq_len = vocab_size, d_model, max_seq_len
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
-        self.born_power = float(born_power)
+        self.born_power, self.born_offset = float(born_power), float(born_offset)
         self.propagator_warmup_steps = propagator_warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
         self.conv_width, self.selective, self.modes, self.heads = conv_width, selective, modes, heads
@@ -152,6 +155,15 @@ class SEMModel(nn.Module):
             # Complex W = w_re + i w_im, [V, D]; std 1/sqrt(2D) -> E|z_k|^2 ~ 1 >> born_eps at init.
             self.readout_re = nn.Parameter(torch.randn(vocab_size, d_model) / math.sqrt(2 * d_model))
             self.readout_im = nn.Parameter(torch.randn(vocab_size, d_model) / math.sqrt(2 * d_model))
+            # born_offset c != 0: a learned complex amplitude beta_k per token added before the measurement,
+            # z_k = w_k . U psi + beta_k, beta_k = c at init ([V, 2] as interleaved (Re, Im), flattened: no
+            # weight decay). A displacement by a reference amplitude, as a local oscillator in homodyne
+            # detection: for |beta| >> |w . U psi| the Born log-probability is ~ 2 Re(w . U psi / beta),
+            # linear in the state; the model learns how far to go from there.
+            if born_offset:
+                offset = torch.zeros(vocab_size, 2)
+                offset[:, 0] = born_offset
+                self.readout_offset = nn.Parameter(offset.flatten())
         else:
             self.readout = nn.Linear(2 * d_model, vocab_size)
 
@@ -212,7 +224,10 @@ class SEMModel(nn.Module):
             return F.linear(psi, readout, self.readout.bias).float()
         # z = W U psi as one real matmul (may run in bf16 under autocast); Born rule p_k ~ |z_k|^2, or
         # with born_power b, p_k ~ |z_k|^(2b): the logits b log(|z_k|^2 + eps).
-        return _BornLogits.apply(F.linear(psi, readout).float(), self.vocab_size, self.born_eps, self.born_power)
+        z = F.linear(psi, readout).float()
+        if self.born_offset:  # in float32: a bf16 offset of ~1 would round z to 2^-7
+            z = z + F.pad(self.readout_offset, (0, z.shape[-1] - self.readout_offset.shape[0]))
+        return _BornLogits.apply(z, self.vocab_size, self.born_eps, self.born_power)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 state: dict[str, list[torch.Tensor]] | None = None) -> ModelOutput:
