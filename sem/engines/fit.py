@@ -53,10 +53,6 @@ def summarise(built: Built, summary: RunSummary, started: float) -> float:
              "all" if final_windows is None or n_windows < final_windows else "a fixed subset of", n_windows)
     with abandonable(built.signals, "the final validation"):  # a stop: summary.json says preempted, exit 75
         val = engine.validate(dm.val_loader(max_windows=final_windows), final=True)
-        if is_global_zero():
-            # The final checkpoint is saved before this validation (and max_steps is rarely a validation
-            # step): its sidecar gets these metrics so retention ranks it, and best.ckpt can point at it.
-            checkpoints.record_metrics(engine.global_step, {k: v for k, v in val.items() if k.startswith("val/")})
         stream = stream_bpb(built)
     summary.finish(
         "completed",

@@ -180,9 +180,9 @@ class SEMTrainer:
         self.last_val = val_metrics(sums, self.dm.val_bpb, final)
         self.metrics.validation(self.global_step, self.last_val)
         log.info(ConsoleLine.validation(self.global_step, self.last_val))
-        if not final:
-            self.checkpoints.record_metrics(self.global_step, {k: v for k, v in self.last_val.items()
-                                                               if k.startswith("val/")})
+        # the final validation too (as the Lightning engine): the final checkpoint is saved before it
+        self.checkpoints.record_metrics(self.global_step, {k: v for k, v in self.last_val.items()
+                                                           if k.startswith("val/")})
         return self.last_val
 
     def describe(self) -> str:

@@ -135,13 +135,14 @@ def test_plots_and_checkpoint(tiny_run: Launch) -> None:
     assert Path(summary["best_checkpoint"]).exists()
 
 
-def test_final_checkpoint_is_ranked_by_the_final_validation(tmp_path: Path, corpus_dir: Path,
-                                                             cache_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["lightning", "standalone"])
+def test_final_checkpoint_is_ranked_by_the_final_validation(tmp_path: Path, corpus_dir: Path, cache_dir: Path,
+                                                             engine: str) -> None:
     # max_steps 8 is no validation step (every 6): the final checkpoint is saved before the final
     # validation, and its sidecar must get that validation's metrics, or best.ckpt could never be the
-    # final model (the default run's ends after its last periodic validation).
-    run = launch_ok([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=8"], tmp_path, cache_dir,
-                    "final-ranked")
+    # final model (the default run's ends after its last periodic validation). Either engine.
+    run = launch_ok([*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=8", f"engine={engine}"],
+                    tmp_path, cache_dir, "final-ranked")
     summary = json.loads((run / "summary.json").read_text())
     sidecars = {p: json.loads(p.read_text())["metrics"] for p in (run / "checkpoints").glob("step_*.json")}
     final = run / "checkpoints" / "step_0000008.json"

@@ -126,18 +126,23 @@ def test_every_problem_reported_at_once(base: list[str]) -> None:
     assert len(problems) == len(expected), problems
 
 
-def test_born_power_reaches_the_model(base: list[str]) -> None:
-    # The key is the model's, end to end: composed, valid, and the built model's logits are b times
-    # those of the same weights at b = 1 (the Born rule's).
+def _built_model(base: list[str], *overrides: str) -> torch.nn.Module:
+    """The model a run builds from ``base`` + ``overrides``: composed, valid, resolved as a run resolves it."""
     from omegaconf import OmegaConf
 
     from sem.engines.build import build_model
     from sem.training.budget import resolve_budget
 
-    cfg = compose_cfg([*base, "model.born_power=4"])
+    cfg = compose_cfg([*base, *overrides])
     assert validate(cfg, instantiate(cfg.data.corpus)) == []
-    resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))  # as a run resolves it
-    model = build_model(OmegaConf.create(resolved["model"]))
+    resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))
+    return build_model(OmegaConf.create(resolved["model"]))
+
+
+def test_born_power_reaches_the_model(base: list[str]) -> None:
+    # The key is the model's, end to end: composed, valid, and the built model's logits are b times
+    # those of the same weights at b = 1 (the Born rule's).
+    model = _built_model(base, "model.born_power=4")
     assert model.born_power == 4.0
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
@@ -149,15 +154,7 @@ def test_born_power_reaches_the_model(base: list[str]) -> None:
 def test_born_offset_reaches_the_model(base: list[str]) -> None:
     # model.born_offset=2: the built model has a reference amplitude 2 + 0i per token, and its logits
     # move when the offset does (it reaches _logits, not only the constructor).
-    from omegaconf import OmegaConf
-
-    from sem.engines.build import build_model
-    from sem.training.budget import resolve_budget
-
-    cfg = compose_cfg([*base, "model.born_offset=2"])
-    assert validate(cfg, instantiate(cfg.data.corpus)) == []
-    resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))
-    model = build_model(OmegaConf.create(resolved["model"]))
+    model = _built_model(base, "model.born_offset=2")
     offset = model.readout_offset.view(-1, 2)
     assert torch.equal(offset, torch.tensor([[2.0, 0.0]]).expand_as(offset))
     x = torch.randint(0, 256, (2, 16))

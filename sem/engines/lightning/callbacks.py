@@ -207,8 +207,10 @@ class CheckpointCallback(pl.Callback):
                 trainer.limit_val_batches = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not pl_module.last_val or pl_module.last_val.get("final"):
+        if trainer.sanity_checking or not pl_module.last_val:
             return
+        # The final validation too: the final checkpoint is saved before it (and max_steps is rarely a
+        # validation step), so without its metrics best.ckpt could never be the final model.
         if trainer.is_global_zero:
             self.manager.record_metrics(trainer.global_step, {k: v for k, v in pl_module.last_val.items()
                                                               if k.startswith("val/")})
