@@ -24,13 +24,49 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
     if name == "xpu" and not has_xpu:
         return [f"accelerator=xpu: no Intel XPU on this machine (torch {torch.__version__}, "
                 "torch.xpu.is_available() is False); use accelerator=cpu or auto"]
-    device = {"auto": "cuda" if torch.cuda.is_available() else ("xpu" if has_xpu else "cpu")}.get(name, name)
+    device = run_device(cfg)
     problems = precision_problems(cfg.precision.precision, device)
-    missing = compile_missing(device) if cfg.get("compile") is True else None
+    setting = cfg.get("compile", "auto")
+    if not (isinstance(setting, bool) or setting == "auto"):
+        problems.append(f"compile={setting!r}: must be true, false or auto")
+    missing = compile_missing(device) if setting is True else None
     if missing:
         problems.append(f"compile=true: torch.compile's default backend (inductor) needs {missing} on {device}; "
-                        "use compile=false")
+                        "use compile=false (or auto: compile where it can)")
     return problems
+
+
+# ``compile``: true, false, or auto (the default): compile where inductor can build the device's kernels
+# and the run is long enough to pay the cold compile back. Measured 2026-12-07 (sem_small, 16 x 128, 2-core
+# Xeon): 1.17x the eager step in fp32, 1.5x under bf16 autocast; the compile ~60 s with an empty inductor
+# cache, ~10 s with the cache an earlier run left. At ~0.2 s a step, 1.17x saves ~0.03 s a step: from
+# ~2,000 steps on, a first compile is paid back, and a cached one from ~300 (README, "Measured").
+COMPILE_AUTO_MIN_STEPS = 2000
+
+
+def compile_choice(setting: Any, max_steps: int, device_type: str) -> tuple[bool, str]:
+    """Whether a run compiles its training step, and why, for ``compile``=``setting`` (validated)."""
+    if isinstance(setting, bool):
+        return setting, f"compile={str(setting).lower()}"
+    if max_steps < COMPILE_AUTO_MIN_STEPS:
+        return False, (f"compile=auto: eager (trainer.max_steps={max_steps} < {COMPILE_AUTO_MIN_STEPS}: "
+                       "too short to pay a cold compile back)")
+    missing = compile_missing(device_type)
+    if missing:
+        return False, f"compile=auto: eager (torch.compile's inductor needs {missing} on {device_type})"
+    return True, f"compile=auto: compiled (trainer.max_steps={max_steps} >= {COMPILE_AUTO_MIN_STEPS}, inductor ready)"
+
+
+def run_device(cfg: DictConfig) -> str:
+    """The device type a run's ``accelerator.name`` gives on this machine: cpu, cuda or xpu (auto: the
+    first of cuda, xpu present, else cpu)."""
+    import torch
+
+    name = cfg.accelerator.name
+    if name != "auto":
+        return name
+    xpu = getattr(torch, "xpu", None)
+    return "cuda" if torch.cuda.is_available() else ("xpu" if xpu is not None and xpu.is_available() else "cpu")
 
 
 def compile_missing(device_type: str) -> str | None:

@@ -420,5 +420,6 @@ class Config:
     # torch intra-op threads for this job; null: the cores split between the jobs a parallel sweep
     # runs at once (sem.sweeps.job.job_threads), torch's default for a single run
     threads: int | None = None
-    # the training forward and backward through torch.compile (inductor: a C++ compiler on CPU)
-    compile: bool = False
+    # the training forward and backward through torch.compile (inductor: a C++ compiler on CPU): true,
+    # false, or auto (where inductor is ready and trainer.max_steps pays the compile back; config.hardware)
+    compile: Any = "auto"

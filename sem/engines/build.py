@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sem.config.hardware import compile_choice, run_device
 from sem.contracts import model_kwargs
 from sem.engines.instantiate import make, optimizer_factory, scheduler_factory, without
 from sem.engines.resume import Resume, shape_problems
@@ -97,13 +98,19 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
         log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
+    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps, run_device(cfg))
     # The teacher is a plain object, not a submodule: it must never appear in the student's
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
                         distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
                         OmegaConf.to_container(cfg, resolve=True),
                         continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None,
-                        compile=bool(cfg.get("compile", False)))
+                        compile=compiled)
+    log.info("%s", why)
+    if compiled:  # auto falls back to the eager step if inductor fails on this model; true lets it fail
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = cfg.get("compile") == "auto"
     if policy.forward is not None:
         log.info("compile: the training forward and backward run through torch.compile (inductor); "
                  "validation and evaluation run the model as it is")

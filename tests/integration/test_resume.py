@@ -707,7 +707,7 @@ def test_a_second_process_on_a_busy_run_dir_exits_2_and_writes_nothing(tmp_path:
                                                                        cache_dir: Path) -> None:
     run_dir = tmp_path / "outputs" / "busy"
     args = [*tiny_data_overrides(corpus_dir, cache_dir), "trainer.max_steps=100000", "trainer.val_check_interval=50000",
-            "checkpoint.every_n_steps=0", "run.name=busy"]
+            "checkpoint.every_n_steps=0", "run.name=busy", "compile=false"]  # (auto would compile so long a run)
     first = Running(args, tmp_path, cache_dir, tmp_path / "first.log")
     try:
         assert first.wait_for_step(run_dir / "metrics.jsonl", 2), first.output()[-3000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from sem.config.hardware import compile_missing
+from sem.config.hardware import COMPILE_AUTO_MIN_STEPS, compile_choice, compile_missing
 from sem.training.step import StepPolicy
 from tests.conftest import compose_cfg, tiny_data_overrides
 
@@ -130,6 +130,33 @@ def test_compile_true_reaches_the_step_policy_of_either_engine(engine: str, one_
                         budget=budget).engine
         return engine_.module.policy if engine == "lightning" else engine_.policy
 
-    assert policy().forward is None
+    assert policy("compile=false").forward is None
     compiled = policy("compile=true")
     assert compiled.forward is not None and compiled.forward._orig_mod is compiled.model
+    # auto (the default): eager for a run too short to pay a cold compile back, compiled for a long one
+    assert policy().forward is None
+    assert policy(f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS}", "trainer.val_check_interval=100").forward is not None
+
+
+def test_compile_auto_compiles_long_runs_where_inductor_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sem.config import hardware
+
+    assert compile_choice(True, 1, "cpu") == (True, "compile=true")
+    assert compile_choice(False, 10**6, "cpu") == (False, "compile=false")
+    short, why = compile_choice("auto", COMPILE_AUTO_MIN_STEPS - 1, "cpu")
+    assert not short and f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS - 1}" in why
+    monkeypatch.setattr(hardware, "compile_missing", lambda device: None)
+    assert compile_choice("auto", COMPILE_AUTO_MIN_STEPS, "cpu")[0] is True
+    monkeypatch.setattr(hardware, "compile_missing", lambda device: "a C++ compiler (g++ or $CXX; none found)")
+    missing, why = compile_choice("auto", 10**6, "cpu")
+    assert not missing and "C++ compiler" in why  # eager, said why: never a config error under auto
+
+
+@pytest.mark.parametrize("value", ["maybe", 1, "yes"])
+def test_a_compile_setting_other_than_true_false_auto_is_a_config_error(value: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from sem.config.hardware import hardware_problems
+
+    cfg = OmegaConf.create({"accelerator": {"name": "cpu"}, "precision": {"precision": "32-true"}, "compile": value})
+    assert hardware_problems(cfg) == [f"compile={value!r}: must be true, false or auto"]
