@@ -392,8 +392,24 @@ def test_auto_precision_on_cpu_follows_its_bf16_instructions(monkeypatch: pytest
     from sem.training import precision
 
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setenv("SEM_CPU_BF16_SPEEDUP", "4.0")  # as measured on a CPU that has them
     if check is not None:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", check, raising=False)
     assert precision.resolve_precision("auto", "cpu") == expected
     assert precision.resolve_precision("auto", "cuda") == precision.resolve_precision("auto", "xpu") == "bf16-mixed"
     assert precision.resolve_precision("32-true", "cpu") == "32-true"
+
+
+def test_auto_precision_takes_bf16_only_where_bf16_matmuls_measure_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU that says it has bf16 instructions but runs bf16 matmuls no faster than fp32 (a VM that traps
+    them, a throttled part) gets fp32; the measurement is taken once and handed to the processes a run starts."""
+    from sem.training import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setenv("SEM_CPU_BF16_SPEEDUP", "1.1")
+    assert precision.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setenv("SEM_CPU_BF16_SPEEDUP", "3.9")
+    assert precision.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.delenv("SEM_CPU_BF16_SPEEDUP")
+    measured = precision.cpu_bf16_speedup()  # this machine's, measured now, then kept for child processes
+    assert measured > 0 and float(precision.os.environ["SEM_CPU_BF16_SPEEDUP"]) == pytest.approx(measured, rel=1e-3)
