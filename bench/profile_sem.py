@@ -154,7 +154,29 @@ def _in_backward(e: Any) -> bool:
     return False
 
 
-def profile_steps(trainer: Trainer, steps: int, top: int) -> dict[str, Any]:
+# Op kinds, by aten name prefix, for the lower-bound table: matrix products are what the FLOP count covers.
+KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+         ("attention kernels", ("aten::_scaled_dot_product",)),
+         ("FFT", ("aten::_fft",)),
+         ("optimizer", ("aten::_fused_adam", "aten::_foreach", "Optimizer.")),
+         ("linear solve", ("aten::linalg", "aten::_linalg")))
+
+
+def kind(op: str) -> str:
+    return next((name for name, prefixes in KINDS if op.startswith(prefixes)), "elementwise, copies, reductions")
+
+
+def counted_flops(trainer: Trainer) -> int:
+    """FLOPs of one training step as torch.utils.flop_counter counts them (matrix products, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.step()
+    return counter.get_total_flops()
+
+
+def profile_steps(trainer: Trainer, steps: int, top: int, peak_gflops: float | None = None) -> dict[str, Any]:
+    flops = counted_flops(trainer)
     for _ in range(3):  # warm-up: allocator, thread pool
         trainer.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -166,7 +188,14 @@ def profile_steps(trainer: Trainer, steps: int, top: int) -> dict[str, Any]:
     total = sum(a.self_cpu_time_total for a in averages)
     ops = sorted((a for a in averages if not a.key.startswith(("sem/", "optimizer"))),
                  key=lambda a: -a.self_cpu_time_total)[:top]
+    kinds: dict[str, float] = defaultdict(float)
+    for a in averages:
+        if not a.key.startswith(("sem/", "optimizer", BACKWARD_PREFIX)) and "Backward" not in a.key:
+            kinds[kind(a.key)] += a.self_cpu_time_total * 1e-3 / steps
+    bound = flops / (peak_gflops * 1e9) * 1e3 if peak_gflops else None
     return {"wall_ms_per_step": wall * 1e3, "self_cpu_ms_per_step": total * 1e-3 / steps,
+            "counted_gflop_per_step": flops / 1e9, "lower_bound_ms": bound, "peak_gflops": peak_gflops,
+            "kinds_ms": dict(kinds),
             "top_ops": [{"op": a.key, "self_ms_per_step": a.self_cpu_time_total * 1e-3 / steps,
                          "share": a.self_cpu_time_total / total, "calls_per_step": a.count / steps}
                         for a in ops],
@@ -207,6 +236,18 @@ def table(result: dict[str, Any]) -> str:
              "| op | self ms/step | share | calls/step |", "|---|---:|---:|---:|"]
     lines += [f"| {o['op']} | {o['self_ms_per_step']:.1f} | {o['share']:.1%} | {o['calls_per_step']:.0f} |"
               for o in result["top_ops"]]
+    if result.get("lower_bound_ms"):
+        wall = result["wall_ms_per_step"]
+        lines += ["", f"Counted {result['counted_gflop_per_step']:.2f} GFLOP/step (torch.utils.flop_counter) at the "
+                  f"measured peak {result['peak_gflops']:.0f} GFLOP/s: lower bound **{result['lower_bound_ms']:.0f} "
+                  f"ms/step**; wall {wall:.0f} ms/step = {result['lower_bound_ms'] / wall:.2f} of peak.", "",
+                  "| kind of op | self ms/step | share of wall |", "|---|---:|---:|"]
+        kinds = result["kinds_ms"]
+        for name in [k for k, _ in KINDS] + ["elementwise, copies, reductions"]:
+            if kinds.get(name):
+                lines.append(f"| {name} | {kinds[name]:.1f} | {kinds[name] / wall:.1%} |")
+        rest = wall - sum(kinds.values())
+        lines.append(f"| autograd nodes, Python, dispatch (wall minus ops' self time) | {rest:.1f} | {rest / wall:.1%} |")
     parts = result["parts"]
     total = sum(v["forward_ms"] + v["backward_ms"] for v in parts.values())
     lines += ["", "| part | forward ms/step | backward ms/step | share |", "|---|---:|---:|---:|"]
@@ -267,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "peak_gflops": peak, "bf16": a.bf16, "batch": batch, "seq_len": seq_len,
         "model": sem_node, "optimizer": opt_cfg, "baseline": a.baseline, "profile": {}, "throughput": {}}
     for name, module in variants.items():
-        result = profile_steps(sem_trainer(module, batch, seq_len), a.steps, a.top)
+        result = profile_steps(sem_trainer(module, batch, seq_len), a.steps, a.top, peak)
         record["profile"][name] = result
         print(f"\n### {name}: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
     for t in a.seq_lens:
