@@ -121,6 +121,11 @@ def test_config_resolved(tiny_run: Launch) -> None:
     cfg = yaml.safe_load(text)
     assert cfg["trainer"]["max_steps"] == MAX_STEPS
     assert cfg["curriculum"]["stages"][0]["seq_len"] == 32  # interpolations resolved, not copied
+    # compile=auto (the default) said what it chose and why: a run this short stays eager
+    assert cfg["compile"] == "auto"
+    log = (tiny_run.run_dir / "launch.log").read_text()
+    assert f"compile=auto: eager (trainer.max_steps={MAX_STEPS} < 2000" in log
+    assert "run through torch.compile" not in log
 
 
 def test_plots_and_checkpoint(tiny_run: Launch) -> None:
