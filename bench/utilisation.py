@@ -61,8 +61,8 @@ def measure(name: str, seq_len: int, tokens: int, steps: int, device: str, dtype
             torch.cuda.synchronize()
 
     if compiled:  # count on the eager model (the counter sees no FLOPs inside a compiled graph)
-        with FlopCounterMode(display=False) as counter, torch.autocast(device, dtype=dtype or torch.float32,
-                                                                       enabled=dtype is not None):
+        autocast = torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with FlopCounterMode(display=False) as counter, autocast:
             model(x[:, :-1], x[:, 1:]).loss.backward()
         opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
@@ -80,7 +80,8 @@ def measure(name: str, seq_len: int, tokens: int, steps: int, device: str, dtype
         step()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    return {"model": name + (" (compiled)" if compiled else ""), "compile_s": first, "seq_len": seq_len, "batch": batch, "params": sum(p.numel() for p in model.parameters()),
+    return {"model": name + (" (compiled)" if compiled else ""), "compile_s": first,
+            "seq_len": seq_len, "batch": batch, "params": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": batch * seq_len / sec, "step_s": sec, "flops_per_step": flops,
             "achieved_gflops": flops / sec / 1e9}
 

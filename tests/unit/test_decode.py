@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from sem.models.sem import DecodeState, SEMModel
+from sem.models.sem.mixers import DiagonalBlock, RetentionBlock
 
 T = 512
 
@@ -77,9 +80,15 @@ def test_prefill_then_step_equals_forward(recurrence: str, power: float, offset:
     torch.testing.assert_close(rest, full[:, -1], atol=1e-4 * power, rtol=2e-5)
 
 
-def _state_bytes(state: DecodeState) -> int:
-    tensors = [*state.h, *state.conv, *(t for pair in state.decay for t in pair), state.readout]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _state_bytes(state: object) -> int:
+    """Bytes of every tensor a DecodeState holds (its states, rings and constants), however nested."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(x) for x in state)
+    if isinstance(state, DecodeState):
+        return sum(_state_bytes(getattr(state, f.name)) for f in dataclasses.fields(state))
+    return 0
 
 
 @pytest.mark.parametrize("conv_width", [0, 4])
@@ -351,7 +360,8 @@ def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: in
     for layer in model.attention.values():  # away from the small init, so the attention matters
         layer.out.weight.data.normal_(0, 0.3)
     state = _decodes_as_the_forward(model, _tokens(2, 300, seed=18), [3, 140], 2e-4, 1e-4, 1e-4, 1e-4)
-    assert [kv.shape for kv in state.kv] == [torch.Size([2, min(window - 1, 300), 128])] * 2
+    # a ring of the last window keys and values per layer: [2, B, heads, window, dh], whatever the context
+    assert [kv.shape for kv in state.kv] == [torch.Size([2, 2, 1, window, 64])] * 2  # keys | values, B, heads
 
 
 def test_local_attention_sees_only_its_window() -> None:
@@ -432,10 +442,28 @@ def test_heads_and_attention_keys_reach_the_model() -> None:
     cfg, _ = resolve_lengths(compose_cfg(["model=sem_tiny", "model.heads=4", "model.attention_every=1",
                                           "model.attention_window=24", "model.attention_rope=true"]))
     model = instantiate(cfg.model)
-    assert [b.theta.shape for b in model.blocks] == [torch.Size([4, 8])] * 2 and model.blocks[0].qk is not None
+    assert [b.theta.shape for b in model.blocks] == [torch.Size([4, 8])] * 2
+    assert all(isinstance(b, RetentionBlock) for b in model.blocks)
     assert sorted(model.attention) == ["0", "1"] and {a.window for a in model.attention.values()} == {24}
     assert all(a.rope for a in model.attention.values())
     plain = instantiate(resolve_lengths(compose_cfg(["model=sem_tiny"]))[0].model)
-    assert plain.blocks[0].qk is None and len(plain.attention) == 0
+    assert type(plain.blocks[0]) is DiagonalBlock and len(plain.attention) == 0
     small = instantiate(resolve_lengths(compose_cfg([]))[0].model)
     assert small.attention and not any(a.rope for a in small.attention.values())
+
+
+def test_a_cloned_state_branches_without_disturbing_the_original() -> None:
+    """step() writes the attention rings in place: a clone() decodes apart, and the original, stepped on
+    after the branch, still gives the forward's logits."""
+    torch.manual_seed(20)
+    model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=8).eval()
+    x = _tokens(1, 30, seed=21)
+    with torch.no_grad():
+        full = model(x).logits
+    _, state = model.prefill(x[:, :20])
+    branch = state.clone()
+    for t in range(20, 30):  # the branch reads other tokens over the whole window
+        _, branch = model.step((x[:, t] + 1) % 256, branch)
+    for t in range(20, 30):
+        logits, state = model.step(x[:, t], state)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=2e-5)

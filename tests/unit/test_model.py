@@ -13,6 +13,7 @@ from sem.contracts import ModelOutput
 from sem.models.common import count_parameters, param_groups
 from sem.models.sem import SEMModel
 from sem.models.sem.kernels import _BornLogits, _CausalConv, _GatedSiLU, _RMSNormFunction
+from sem.models.sem.mixers import SelectiveBlock
 from sem.models.sem.model import ENERGY_CLAMP
 from sem.models.sem.propagator import CayleyPropagator
 from sem.models.sem.recurrence import SELECTIVE_MAX_RATE, recurrence_fft, recurrence_scan, recurrence_selective
@@ -79,7 +80,7 @@ def test_selective_recurrence_matches_sequential_loop(T: int, carried: bool) -> 
 
 def test_a_selective_model_learns_and_is_causal() -> None:
     model = tiny(selective=True, recurrence="scan")
-    assert all(b.gate is not None for b in model.blocks)
+    assert all(isinstance(b, SelectiveBlock) for b in model.blocks)
     losses = losses_on_repeated_batch(model)
     assert losses[-1] < 0.5 * losses[0]
     model.eval()

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from sem.models.sem.blocks import ComplexRMSNorm
+from sem.models.sem.blocks import ComplexRMSNorm, norm_floor, norm_map, unit_rms
+from sem.models.sem.kernels import _no_autocast
 
 HEAD_DIM = 64  # real features per head (32 complex channels)
 ROPE_BASE = 10000.0  # channel i of a head turns by position * ROPE_BASE^(-i / channels per head) (RoPE's)
@@ -117,3 +118,63 @@ class LocalAttention(nn.Module):
     def empty(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """No context: [B, 0, 4D]."""
         return torch.zeros(batch_size, 0, 2 * self.qkv.in_features, device=device)
+
+    # ------------------------------------------------------------------ one token at a time (decoding)
+    # The decoding state is a ring of the last ``window`` keys and values, [2, B, heads, window, dh]
+    # float32 (keys, then values): position p's in slot p % window, written in place by ``step``; no
+    # copy of the window per token, no mask (slots 0..p are the filled ones while p < window).
+
+    def empty_ring(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The ring at a document's start: zeros, [2, B, heads, window, dh]."""
+        d2 = self.qkv.in_features
+        return torch.zeros(2, batch_size, self.heads, self.window, d2 // self.heads, device=device)
+
+    def ring_from_window(self, kv: torch.Tensor, position: int, batch_size: int, device: torch.device
+                         ) -> torch.Tensor:
+        """The ring holding ``kv`` [B, L, 4D] (``forward``'s: the keys and values of positions
+        position - L .. position - 1, oldest first)."""
+        ring = self.empty_ring(batch_size, device)
+        L = kv.shape[1]
+        if L:
+            slots = torch.arange(position - L, position, device=device) % self.window
+            ring[:, :, :, slots] = kv.float().unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        return ring
+
+    def window_from_ring(self, ring: torch.Tensor, position: int) -> torch.Tensor:
+        """``forward``'s carried ``kv`` [B, L, 4D] of the ring after ``position`` tokens, L = min(position,
+        window - 1), oldest first."""
+        L = min(position, self.window - 1)
+        slots = torch.arange(position - L, position, device=ring.device) % self.window
+        return ring[:, :, :, slots].permute(1, 3, 0, 2, 4).flatten(2)
+
+    @torch.no_grad()
+    def decode_constants(self) -> tuple[torch.Tensor, ...]:
+        """(``unit_rms``'s floor, the qkv map [2D, 6D] reading ``unit_rms``'s output (``norm_map``) with the
+        queries' columns scaled by dh^-1/2, the output map transposed [2D, 2D], and with ``rope`` the turns
+        (cos, sin) of distances 0 .. window - 1, [window, D, 2] each), float32: computed once per decode."""
+        d2 = self.qkv.in_features
+        with _no_autocast(self.qkv.weight):
+            qkv = norm_map(self.norm, self.qkv.weight)  # [2D, 6D]
+            qkv[:, :d2] *= (d2 // self.heads) ** -0.5
+            turns = self._turns(self.window, torch.float32) if self.rope else ()
+            return (norm_floor(self.norm, d2, qkv.device), qkv, self.out.weight.float().t().contiguous(), *turns)
+
+    def step(self, psi: torch.Tensor, ring: torch.Tensor, position: int, constants: tuple[torch.Tensor, ...]
+             ) -> torch.Tensor:
+        """One token psi [B, 2D] float32 at ``position`` (the tokens before it) -> psi + attention [B, 2D];
+        its key and value are written into ``ring`` (in place). ``constants`` from ``decode_constants``."""
+        B, d2 = psi.shape
+        floor, qkv, out = constants[:3]
+        q, kv = (unit_rms(psi, floor) @ qkv).split([d2, 2 * d2], -1)
+        ring.select(3, position % self.window).copy_(kv.view(B, 2, self.heads, -1).transpose(0, 1))
+        n = min(position + 1, self.window)  # the filled slots: 0 .. n-1
+        k, v = (ring[i, :, :, :n].view(B * self.heads, n, -1) for i in (0, 1))  # [B heads, n, dh]
+        if self.rope:  # slot s holds position position - d_s: the query turned by d_s meets the key as is
+            c2, s2 = constants[3:]
+            d = (position - torch.arange(n, device=psi.device)) % self.window
+            turned = self._turn(q[:, None].expand(B, n, d2), c2[d], s2[d])  # [B, n, 2D]
+            scores = (turned.view(B, n, self.heads, -1).transpose(1, 2).reshape(B * self.heads, n, -1) * k
+                      ).sum(-1)[:, None]  # [B heads, 1, n]
+        else:
+            scores = torch.bmm(q.view(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, n]
+        return torch.addmm(psi, torch.bmm(scores.softmax(-1), v).view(B, d2), out)

@@ -1,10 +1,14 @@
-"""SEM's residual block: ComplexRMSNorm -> [causal depthwise conv + SiLU] -> complex recurrence
-(``recurrence``) -> gated MLP. The convolution is optional (``conv_width``, 0 = off), and so is an
-input-dependent decay and input gate (``selective``: Griffin's RG-LRU on SEM's complex lambda)."""
+"""SEM's residual block: ComplexRMSNorm -> [causal depthwise conv + SiLU] -> complex recurrence -> gated MLP.
+
+``SEMBlock`` holds what every block shares (the norm, the input projection, the optional convolution
+(``conv_width``, 0 = off), the skip and the MLP) and runs them, in parallel over a window (``forward``)
+or for one token (``step``). Its recurrence is a subclass's (``sem/models/sem/mixers.py``: diagonal,
+modes, retention heads, selective), chosen once when the model is built (``mixers.build_block``)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -12,18 +16,22 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from sem.models.sem.kernels import _CausalConv, _GatedSiLU, _no_autocast, _RMSNormFunction
-from sem.models.sem.recurrence import (
-    MIN_DECAY,
-    SELECTIVE_MAX_RATE,
-    recurrence_fft,
-    recurrence_scan,
-    recurrence_selective,
-    retention,
-)
+from sem.models.sem.recurrence import MIN_DECAY
 
-# Selective blocks: |a_t| = |lambda|^(SELECTIVE_C r_t), r_t in (0, 1) (Griffin's RG-LRU uses c = 8).
-SELECTIVE_C = 8.0
-HEAD_NORM_EPS = 1e-6  # retention's per-head RMS norm
+
+class BlockConstants(NamedTuple):
+    """A block's per-decode constants (``SEMBlock.decode_constants``), float32: its weights transposed to
+    [in, out] (x @ W^T from a contiguous W^T: ~2x faster than ``F.linear`` on CPU for a cached weight) with
+    the norm's weight (and ``unit_rms``'s sqrt(2D)) folded into the maps that read the norm's output."""
+
+    floor: torch.Tensor  # unit_rms's sqrt(2D eps), 0-d
+    in_proj: torch.Tensor  # [2D, 2D] diag(norm weight) in_proj^T sqrt(2D)
+    skip: torch.Tensor  # [2D] skip_D * norm weight sqrt(2D)
+    taps: torch.Tensor | None  # [k, 2D] the convolution's (None without one)
+    bias: torch.Tensor | None  # [2D]
+    mlp_in: torch.Tensor  # [2D, 2 hidden]
+    mlp_out: torch.Tensor  # [hidden, 2D]
+    recurrence: tuple[torch.Tensor, ...]  # SEMBlock.recurrence_constants
 
 
 class ComplexRMSNorm(nn.Module):
@@ -34,202 +42,116 @@ class ComplexRMSNorm(nn.Module):
         self.eps = eps
         self.gain = nn.Parameter(torch.ones(d_model))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 2D] real, interleaved (Re, Im) pairs
+    def weight(self) -> torch.Tensor:
         # rms over the 2D real features is rms|psi| / sqrt(2); the sqrt(1/2) restores energy D.
-        weight = self.gain.float().repeat_interleave(2) * math.sqrt(0.5)  # [2D], same gain for Re and Im
+        return self.gain.float().repeat_interleave(2) * math.sqrt(0.5)  # [2D], same gain for Re and Im
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 2D] real, interleaved (Re, Im) pairs
         with _no_autocast(x):
-            return _RMSNormFunction.apply(x.float(), weight, self.eps)
+            return _RMSNormFunction.apply(x.float(), self.weight(), self.eps)
+
+
+def unit_rms(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + floor^2) over the last dim [..., F], floor = sqrt(F eps) (``norm_floor``): the RMS
+    norm's x / sqrt(mean(x^2) + eps) divided by sqrt(F), in three tensor ops; the decoding step folds the
+    sqrt(F) and the norm's weight into the maps that read it (``norm_map``)."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
+
+
+def norm_floor(norm: ComplexRMSNorm, features: int, device: torch.device) -> torch.Tensor:
+    """``unit_rms``'s floor for ``norm``'s eps over ``features``, 0-d float32."""
+    return torch.tensor(math.sqrt(features * norm.eps), device=device)
+
+
+def norm_map(norm: ComplexRMSNorm, weight: torch.Tensor) -> torch.Tensor:
+    """The map [F, out] = diag(norm weight sqrt(F)) weight^T that reads ``unit_rms``'s output as ``weight``
+    [out, F] reads the norm's, contiguous (the decoding step's x @ map)."""
+    scale = norm.weight() * math.sqrt(weight.shape[1])
+    return (scale[:, None] * weight.float().t()).contiguous()
+
+
+def timescales(n: int, r_min: float, r_max: float) -> torch.Tensor:
+    """[n] timescales tau = -1/log|lambda|, log-uniform between those of moduli r_min and r_max."""
+    return torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)), n))
 
 
 class SEMBlock(nn.Module):
     """psi + MLP(recurrence(u) + skip * norm(psi)), u = B norm(psi), or with ``conv_width`` k > 0
     u = SiLU(causal depthwise conv_k(B norm(psi))) (H3/Mamba's short convolution before the recurrence:
-    each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU)."""
+    each of the 2D real features of the recurrence input mixes its own last k values, then a SiLU).
+
+    A subclass is one recurrence: it registers its parameters in ``_init_recurrence`` (called between the
+    convolution and the skip, so that every variant's state_dict keys and parameter order are those of
+    the single class this replaced: checkpoints and optimizer states of earlier versions load) and
+    implements ``mix`` (parallel), ``recur`` (one token), ``empty_state`` and ``recurrence_constants``.
+
+    ``init`` (r_min, r_max, max_phase): timescales tau = -1/log|lambda| log-uniform between those of r_min
+    and r_max (``timescales``), phases uniform in [0, max_phase] (S4D/LRU-like).
+    """
 
     def __init__(self, d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int,
-                 conv_width: int, init: tuple[float, float, float], selective: bool, modes: int = 1,
-                 heads: int = 0) -> None:
+                 conv_width: int, init: tuple[float, float, float]) -> None:
         super().__init__()
         d2 = 2 * d_model
-        self.recurrence = recurrence
+        self.recurrence = recurrence  # "fft" | "scan": how the parallel pass evaluates a linear recurrence
         self.conv_width = conv_width
         self.norm = ComplexRMSNorm(d_model)
         # B as an R-linear map on [Re x, Im x]: one real matmul (autocast-friendly), a superset of C-linear.
         self.in_proj = nn.Linear(d2, d2, bias=False)
         # Depthwise: weight [2D, 1, k] (tap k-1 multiplies the current input), bias [2D]; torch's default init.
         self.conv = nn.Conv1d(d2, d2, conv_width, groups=d2) if conv_width > 0 else None
-        # ``init`` (r_min, r_max, max_phase): timescales tau = -1/log|lambda| log-uniform between those of
-        # r_min and r_max, phases uniform in [0, max_phase] (S4D/LRU-like; the default: tau 1..1000, [0, pi]).
-        # With ``modes`` N > 1 each channel has N modes whose timescales interleave over the same range
-        # (channel d: grid points d, D + d, ...), read out by complex weights c [D, N] (``mode_c``).
-        # With ``heads`` H > 0 the state is a [K, K] matrix per head (K = D / H; ``retention``): one
-        # timescale per head (the same range over the heads), one phase per key channel.
-        r_min, r_max, max_phase = init
-        self.modes, self.heads = modes, heads
-        n = heads or d_model * modes
-        tau = torch.exp(torch.linspace(math.log(-1.0 / math.log(r_min)), math.log(-1.0 / math.log(r_max)), n))
-        shape = (d_model,) if modes == 1 else (d_model, modes)
-        if heads:
-            self.log_A_mag = nn.Parameter(torch.log(1.0 / tau))  # [H]
-            self.theta = nn.Parameter(torch.rand(heads, d_model // heads) * max_phase)  # [H, K]
-        else:
-            self.log_A_mag = nn.Parameter(torch.log(1.0 / tau).view(modes, d_model).t().reshape(shape))  # |lambda| = e^(-1/tau)
-            self.theta = nn.Parameter(torch.rand(shape) * max_phase)
-        # Retention's queries and keys, from the recurrence input (as Mamba's B and C): [2D] -> [2D | 2D].
-        self.qk = nn.Linear(d2, 2 * d2, bias=False) if heads else None
-        # c_n = 1/N at init: the channel reads the mean of its modes (each of unit variance, by gamma)
-        self.mode_c = nn.Parameter(torch.stack([torch.full(shape, 1.0 / modes), torch.zeros(shape)], -1)) \
-            if modes > 1 else None
+        self._init_recurrence(d_model, *init)
         self.skip_D = nn.Parameter(torch.ones(d2))
-        # Selective: from the recurrence input v_t, a decay gate r_t and an input gate i_t per channel
-        # (sigmoid; zero bias: 1/2 at init); h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) i_t v_t,
-        # a_t = |lambda|^(c r_t) e^(i theta).
-        self.gate = nn.Linear(d2, d2) if selective else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.bias)
         hidden = max(1, int(mlp_ratio * d2))
         self.mlp_in = nn.Linear(d2, 2 * hidden, bias=False)  # value and gate
         self.mlp_out = nn.Linear(hidden, d2, bias=False)
         nn.init.normal_(self.mlp_out.weight, std=0.02 / math.sqrt(2 * n_layers))
         self.drop = nn.Dropout(dropout)
 
-    def log_lambda(self) -> torch.Tensor:
-        """log lambda = -(exp(log_A_mag) + MIN_DECAY) + i theta: |lambda| < 1 for any value. [D] (or with
-        modes [D, N], with heads [H, K]) complex64."""
-        theta, rate = self.theta.float(), self.decay_rate()
-        return torch.complex(-(rate[:, None].expand_as(theta) if self.heads else rate), theta)
+    # ------------------------------------------------------------------ the recurrence (a subclass's)
 
-    def decay_rate(self) -> torch.Tensor:
-        # MIN_DECAY keeps |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up to 1e6 tokens).
-        return torch.exp(self.log_A_mag.float()) + MIN_DECAY
-
-    def c(self) -> torch.Tensor | None:
-        """The modes' complex readout weights [D, N] (None with one mode per channel)."""
-        return None if self.mode_c is None else torch.view_as_complex(self.mode_c.float())
+    def _init_recurrence(self, d_model: int, r_min: float, r_max: float, max_phase: float) -> None:
+        """Register ``log_A_mag``, ``theta`` and the variant's own parameters."""
+        raise NotImplementedError
 
     def mix(self, u: torch.Tensor, h0: torch.Tensor | None = None, keep: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Diagonal complex recurrence over time. u [B, T, 2D] real -> (y [B, T, 2D] float32, the state
-        after the last step [B, D] (with modes [B, D, N]) complex64, detached).
+        """The recurrence over time, in parallel. u [B, T, 2D] real -> (y [B, T, 2D] float32, the state after
+        the last step (``empty_state``'s shape) complex64, detached).
 
-        ``h0`` (the state's shape): the state before the first step (None: zero, a document's start);
-        it contributes lambda^(t+1) h0 at step t, so consecutive chunks give one whole sequence's h.
-        ``keep`` [B, T] bool: where that contribution counts (None: everywhere); training lanes drop a
-        carried state from a document's first token on (``SEMModel.forward``).
-        """
-        if self.gate is not None:
-            return self._mix_selective(u, h0, keep)
-        if self.qk is not None:
-            return self._mix_retention(u, h0, keep)
-        with _no_autocast(u):
-            log_lam = self.log_lambda()
-            # LRU input normalisation sqrt(1 - |lambda|^2) keeps the state's variance ~ the input's.
-            gamma = torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))  # [D] or [D, N]
-            x = u.float().unflatten(-1, (-1, 2))  # [B, T, D, 2]
-            c = self.c()
-            modes = None  # every mode's own state [B, T, D, N] complex64 when the scan computed it
-            if self.recurrence == "fft":
-                h = recurrence_fft(x, log_lam, gamma, c)
-            elif c is None:
-                h = recurrence_scan(x, log_lam, gamma)
-            else:  # every mode scanned as a channel of its own, then read out
-                B, T, D, N = *x.shape[:3], c.shape[1]
-                modes = torch.view_as_complex(recurrence_scan(
-                    x[:, :, :, None].expand(B, T, D, N, 2).reshape(B, T, D * N, 2), log_lam.reshape(-1),
-                    gamma.reshape(-1)).view(B, T, D, N, 2))
-                h = torch.view_as_real((modes * c).sum(-1))
-            steps = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=torch.float32)
-            if h0 is not None:
-                powers = torch.exp(steps.view(-1, *[1] * log_lam.ndim) * log_lam)  # [T, D(, N)] lambda^(t+1)
-                carry = powers * h0[:, None]  # [B, T, D(, N)]
-                if c is not None:
-                    carry = (carry * c).sum(-1)
-                if keep is not None:
-                    carry = carry * keep[..., None]
-                h = h + torch.view_as_real(carry)
-            return h.flatten(-2), self._last_state(x, h, log_lam, gamma, h0, keep, modes)
+        ``h0``: the state before the first step (None: zero, a document's start), so that consecutive
+        chunks give one whole sequence's output. ``keep`` [B, T] bool: where that carried state counts (None:
+        everywhere); training lanes drop a carried state from a document's first token on
+        (``SEMModel.forward``)."""
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def _last_state(self, x: torch.Tensor, h: torch.Tensor, log_lam: torch.Tensor, gamma: torch.Tensor,
-                    h0: torch.Tensor | None, keep: torch.Tensor | None, modes: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """The recurrence state after the last step, detached: h's last row with one mode per channel;
-        with modes, each mode's own: the scan's last row (``modes``), or after the FFT path (which only
-        has their read-out sum) sum_s lambda^(T-1-s) gamma u_s; + lambda^T h0 where kept."""
-        if self.mode_c is None:
-            return torch.view_as_complex(h[:, -1].float().contiguous())
-        T = x.shape[1]
-        if modes is not None:
-            state = modes[:, -1].detach().clone()
-        else:
-            back = torch.arange(T - 1, -1, -1, device=x.device, dtype=torch.float32)  # T-1-s
-            weights = torch.exp(back[:, None, None] * log_lam) * gamma  # [T, D, N]
-            state = torch.einsum("btd,tdn->bdn", torch.view_as_complex(x.contiguous()), weights)
-        if h0 is not None:
-            carry = torch.exp(T * log_lam) * h0  # [B, D, N]
-            state = state + (carry if keep is None else carry * keep[:, -1, None, None])
-        return state
+    def recur(self, u: torch.Tensor, h: torch.Tensor, constants: tuple[torch.Tensor, ...]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: u [B, 2D] float32, h the state -> (y [B, 2D] float32, the next state)."""
+        raise NotImplementedError
 
-    def _gated(self, v: torch.Tensor, log_lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log a_t, w_t) [..., D] complex64 of the selective recurrence from its input v [..., 2D]:
-        a_t = |lambda|^(c r_t) e^(i theta), w_t = sqrt(1 - |a_t|^2) i_t v_t (the LRU normalisation at
-        a_t's modulus). Only the modulus depends on the input: a phase of c r_t theta turned by up to
-        8 pi as r_t moves, and training diverged (grad norm 10 -> 2500 in 400 steps, 2026-12-04)."""
-        r, i = torch.sigmoid(self.gate(v).float()).chunk(2, dim=-1)  # [..., D] each
-        rate = (SELECTIVE_C * r * log_lam.real).clamp(min=-SELECTIVE_MAX_RATE)  # log |a_t| <= 0
-        scale = torch.sqrt(-torch.expm1(2.0 * rate)) * i
-        log_a = torch.complex(rate, log_lam.imag.expand_as(rate))
-        return log_a, torch.view_as_complex(v.float().unflatten(-1, (-1, 2)).contiguous()) * scale
-
-    def _mix_selective(self, v: torch.Tensor, h0: torch.Tensor | None, keep: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        with _no_autocast(v):
-            log_a, w = self._gated(v, self.log_lambda())
-            if keep is None or h0 is None:
-                h = recurrence_selective(w, log_a, h0)
-            else:  # the carried state's share, (a_1 ... a_t) h0, only where it is kept
-                decay = torch.exp(log_a.cumsum(1))  # [B, T, D]; Re(log a) is clamped in _gated
-                h = recurrence_selective(w, log_a) + decay * h0[:, None] * keep[..., None]
-            return torch.view_as_real(h).flatten(-2), h[:, -1].detach()
-
-    def _mix_retention(self, u: torch.Tensor, h0: torch.Tensor | None, keep: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``heads``: retention over the heads (values: u; queries and keys: ``qk(u)``), each head's output
-        RMS-normalised (RetNet's group norm); the state [B, H, K, K] complex64."""
-        B, T, _ = u.shape
-        H = self.heads
-        qk = self.qk(u)
-        with _no_autocast(u):
-            qr, qi, kr, ki = qk.float().unflatten(-1, (4, H, -1)).unbind(2)  # [B, T, H, K] each
-            vr, vi = u.float().unflatten(-1, (H, -1, 2)).unbind(-1)
-            scale = self.theta.shape[1] ** -0.5
-            (yr, yi), state = retention((qr * scale, qi * scale), (kr, ki), (vr, vi), -self.decay_rate(),
-                                        self.theta.float(), h0, keep)
-            norm = torch.rsqrt(yr.square().add(yi.square()).mean(-1, keepdim=True) + HEAD_NORM_EPS)
-            return torch.stack([yr * norm, yi * norm], -1).reshape(B, T, -1), state
-
-    def _heads(self, qk: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token's (q, k, v) [B, H, K] complex64 from ``qk(u)`` [B, 4D] ((Re q | Im q | Re k | Im k))
-        and u [B, 2D] (interleaved), as ``_mix_retention`` reads them."""
-        qr, qi, kr, ki = qk.float().unflatten(-1, (4, self.heads, -1)).unbind(1)
-        scale = self.theta.shape[1] ** -0.5
-        v = torch.view_as_complex(u.float().unflatten(-1, (self.heads, -1, 2)).contiguous())
-        return torch.complex(qr, qi) * scale, torch.complex(kr, ki), v
-
-    @staticmethod
-    def _head_norm(y: torch.Tensor) -> torch.Tensor:
-        """Each head's output [..., H, K] to unit mean |y|^2 (RetNet's group norm, without a gain)."""
-        return y * torch.rsqrt(y.real.square().add(y.imag.square()).mean(-1, keepdim=True) + HEAD_NORM_EPS)
+    def recurrence_constants(self) -> tuple[torch.Tensor, ...]:
+        """What ``recur`` needs of the parameters (lambda, input scales), computed once per decode."""
+        raise NotImplementedError
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """The recurrence state at a document's start: zeros, [B, D] complex64 ([B, D, N] with modes,
-        [B, H, K, K] with heads)."""
-        if self.heads:
-            k = self.theta.shape[1]
-            shape = (batch_size, self.heads, k, k)
-        else:
-            shape = (batch_size, *self.theta.shape)
-        return torch.zeros(shape, dtype=torch.complex64, device=device)
+        """The recurrence state at a document's start: zeros, complex64."""
+        raise NotImplementedError
+
+    def decay_rate(self) -> torch.Tensor:
+        """-log|lambda| = exp(log_A_mag) + MIN_DECAY: |lambda| <= exp(-1e-6) < 1 even in float32 (timescales up
+        to 1e6 tokens) for any value of the parameter."""
+        return torch.exp(self.log_A_mag.float()) + MIN_DECAY
+
+    def log_lambda(self) -> torch.Tensor:
+        """log lambda = -decay_rate + i theta, complex64 (theta's shape)."""
+        return torch.complex(-self.decay_rate(), self.theta.float())
+
+    def input_scale(self) -> torch.Tensor:
+        """The LRU input normalisation sqrt(1 - |lambda|^2): the state's variance ~ the input's."""
+        return torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))
+
+    # ------------------------------------------------------------------ shared parts
 
     def conv_input(self, u: torch.Tensor, tail: torch.Tensor | None = None, keep: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -269,46 +191,38 @@ class SEMBlock(nn.Module):
             hidden = _GatedSiLU.apply(self.mlp_in(h + self.skip_D * x))
             return psi + self.drop(self.mlp_out(hidden)).float(), last, u
 
-    def step(self, psi: torch.Tensor, h: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
-             tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One token: psi [B, 2D] float32, h [B, D] complex64 (this block's recurrence state; with modes
-        [B, D, N]), lam [D] complex64 = lambda, gamma [D] = input scale (with modes [D, N] each),
-        ``tail`` [B, k-1, 2D] float32: the last k-1 recurrence inputs before the convolution (None
-        without one). Returns (psi', h', tail'): h' = lambda h + gamma u."""
-        x = self.norm(psi)
-        u = self.in_proj(x)
-        if self.conv is not None:
-            assert tail is not None, "a block with a convolution steps with its input tail"
-            window = torch.cat([tail, u.float()[:, None]], 1)  # [B, k, 2D], oldest first
-            conv = (window * self.conv.weight.float()[:, 0].t()).sum(1) + self.conv.bias.float()
-            u, tail = F.silu(conv), window[:, 1:]
-        qk = self.qk(u) if self.qk is not None else None
-        with _no_autocast(u):
-            if self.gate is not None:
-                log_a, w = self._gated(u, self.log_lambda())
-                h = torch.exp(log_a) * h + w
-                y = h
-            elif qk is not None:
-                q, k, v = self._heads(qk, u)  # [B, H, K]
-                h = lam[..., None] * h + k[..., None] * v[..., None, :]
-                y = self._head_norm((q.conj()[..., None] * h).sum(-2)).flatten(1)
-            elif self.mode_c is not None:
-                v = torch.view_as_complex(u.float().unflatten(-1, (-1, 2)).contiguous())  # [B, D]
-                h = lam * h + gamma * v[..., None]
-                y = (h * self.c()).sum(-1)
-            else:
-                h = lam * h + torch.view_as_complex(u.float().unflatten(-1, (-1, 2)) * gamma[:, None])
-                y = h
-        value, gate = self.mlp_in(torch.view_as_real(y).flatten(-2) + self.skip_D * x).chunk(2, dim=-1)
-        return psi + self.mlp_out(F.silu(gate) * value).float(), h, tail
+    @torch.no_grad()
+    def decode_constants(self) -> BlockConstants:
+        """What ``step`` needs of the parameters, computed once per decode rather than per token."""
+        with _no_autocast(self.in_proj.weight):
+            d2 = self.in_proj.in_features
+            taps = bias = None
+            if self.conv is not None:
+                taps, bias = self.conv.weight[:, 0].float().t().contiguous(), self.conv.bias.float()  # [k, 2D]
+            return BlockConstants(
+                norm_floor(self.norm, d2, self.skip_D.device), norm_map(self.norm, self.in_proj.weight),
+                self.skip_D.float() * self.norm.weight() * math.sqrt(d2), taps, bias,
+                self.mlp_in.weight.float().t().contiguous(), self.mlp_out.weight.float().t().contiguous(),
+                self.recurrence_constants())
+
+    def step(self, psi: torch.Tensor, h: torch.Tensor, constants: BlockConstants, tail: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One token, float32, no autograd: psi [B, 2D], h this block's recurrence state, ``constants`` from
+        ``decode_constants``, ``tail`` [B, k-1, 2D]: the last k-1 recurrence inputs before the convolution
+        (None without one). Returns (psi', h', tail'). As few tensor ops as the arithmetic allows: at a
+        few hundred thousand multiply-adds per token, dispatch is the cost."""
+        floor, in_proj, skip, taps, bias, mlp_in, mlp_out, recurrence = constants
+        x = unit_rms(psi, floor)  # the norm's weight is in in_proj and skip
+        u = x @ in_proj
+        if taps is not None:
+            window = torch.cat([tail, u[:, None]], 1)  # [B, k, 2D], oldest first
+            u, tail = F.silu((window * taps).sum(1).add_(bias)), window[:, 1:]
+        y, h = self.recur(u, h, recurrence)
+        value, gate = (torch.addcmul(y, skip, x) @ mlp_in).chunk(2, dim=-1)
+        return torch.addmm(psi, F.silu(gate).mul_(value), mlp_out), h, tail
 
     def empty_tail(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """The convolution's input tail at a document's start: [B, k-1, 2D] zeros, or None without one."""
         if self.conv is None:
             return None
         return torch.zeros(batch_size, self.conv_width - 1, self.in_proj.in_features, device=device)
-
-    def decay(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lambda [D] complex64, gamma [D] float32) for step(): computed once per decode, not per token."""
-        with _no_autocast(self.log_A_mag):
-            return torch.exp(self.log_lambda()), torch.sqrt(-torch.expm1(-2.0 * self.decay_rate()))

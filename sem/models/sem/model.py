@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -24,8 +24,9 @@ from sem.contracts import ModelOutput, cross_entropy
 from sem.data.tokenizer import ByteTokenizer
 from sem.models.common import check_input_length
 from sem.models.sem.attention import LocalAttention
-from sem.models.sem.blocks import ComplexRMSNorm, SEMBlock
+from sem.models.sem.blocks import BlockConstants, ComplexRMSNorm, norm_floor, norm_map, unit_rms
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
+from sem.models.sem.mixers import build_block
 from sem.models.sem.propagator import CayleyPropagator
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ class SEMModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, 2 * d_model)
         nn.init.normal_(self.embed.weight, std=math.sqrt(0.5))
         self.blocks = nn.ModuleList(
-            SEMBlock(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width, (r_min, r_max, max_phase),
-                     selective, modes, heads)
+            build_block(d_model, mlp_ratio, recurrence, dropout, n_layers, conv_width, (r_min, r_max, max_phase),
+                        selective, modes, heads)
             for _ in range(n_layers)
         )
         # Local attention before every attention_every-th block (Griffin's pattern), keyed by block index.
@@ -246,30 +247,17 @@ class SEMModel(nn.Module):
         check_input_length(input_ids, self.max_seq_len)
         with record_function("sem/embed"):
             psi = self.embed(input_ids).float()  # [B, T, 2D]
+        n = len(self.blocks)
         keep = None
+        h, conv, kv = [None] * n, [None] * n, [None] * len(self.attention)
         if state is not None:  # the carried state counts before each row's first BOS
             T = input_ids.shape[1]
             bos = input_ids == BOS_ID
             first = torch.where(bos.any(1), bos.int().argmax(1), T)  # [B]
             keep = torch.arange(T, device=input_ids.device)[None] < first[:, None]  # [B, T]
-        hs, tails, kvs = [], [], []
-        carried_kv = (state or {}).get("kv") or []
-        for i, block in enumerate(self.blocks):
-            if str(i) in self.attention:
-                kv = carried_kv[len(kvs)] if len(carried_kv) > len(kvs) else None
-                psi, kv = self.attention[str(i)](psi, kv, keep)
-                kvs.append(kv)
-            h0 = state["h"][i] if state is not None else None
-            tail = state["conv"][i] if state is not None and state["conv"] else None
-            with record_function(f"sem/block{i}"):
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    psi, h, u = checkpoint(block, psi, h0, tail, keep, use_reentrant=False)
-                else:
-                    psi, h, u = block(psi, h0, tail, keep)
-            hs.append(h.detach())
-            if self.conv_width:
-                before = tail if tail is not None else block.empty_tail(input_ids.shape[0], input_ids.device)
-                tails.append(self._next_tail(before, u))
+            h, conv = state["h"], state["conv"] or conv
+            kv = [*(state.get("kv") or []), *kv][:len(kv)]
+        psi, hs, tails, kvs = self._run(psi, h, conv, kv, keep)
         # The penalty reads the residual state entering norm_f: after the norm (and the unitary
         # propagator) the energy is ~1 by construction and the term would be inert (~1e-11).
         # Not detached: its gradient reaches the blocks and the embedding that write the residual.
@@ -284,12 +272,50 @@ class SEMModel(nn.Module):
         self._last_energy, self._last_state = energy.detach(), (psi.detach(), propagator.detach())
         with record_function("sem/readout"):
             logits = self._logits(psi, self._readout_map(propagator))
-        after = {"h": hs, "conv": tails, "kv": kvs}
+        after = {"h": [h.detach() for h in hs], "conv": tails, "kv": kvs}
         if targets is None:
             return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div, state=after)
         with record_function("sem/cross_entropy"):
             ce = cross_entropy(logits, targets)
         return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div, state=after)
+
+    def _run(self, psi: torch.Tensor, h: list[torch.Tensor | None], conv: list[torch.Tensor | None],
+             kv: list[torch.Tensor | None], keep: torch.Tensor | None = None, decode: DecodeState | None = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The one loop over the layers (an attention layer where there is one, then the block) for the
+        forward, ``prefill`` and ``step``, from a carried state: per block its recurrence state ``h`` and
+        convolution tail ``conv``, per attention layer its keys and values ``kv`` (None: a document's
+        start), counting where ``keep`` [B, T] (None: everywhere).
+
+        ``decode`` None: psi [B, T, 2D] in one parallel pass, ``kv`` in ``LocalAttention.forward``'s layout.
+        ``decode``, a DecodeState: psi is one token [B, 2D], stepped with the state's per-decode constants
+        (no autograd, no profiler labels: per-token dispatch is the cost); ``kv`` are its rings, written in
+        place. Returns (psi, per block the recurrence state after, per block the convolution tail after
+        (empty without a convolution), per attention layer its keys and values after)."""
+        hs, tails, kvs = [], [], []
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.attention:
+                attention, j = self.attention[str(i)], len(kvs)
+                if decode is not None:
+                    psi, after = attention.step(psi, kv[j], decode.position, decode.attend[j]), kv[j]
+                else:
+                    psi, after = attention(psi, kv[j], keep)
+                kvs.append(after)
+            if decode is not None:
+                psi, state, tail = block.step(psi, h[i], decode.blocks[i], conv[i])
+            else:
+                with record_function(f"sem/block{i}"):
+                    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                        psi, state, u = checkpoint(block, psi, h[i], conv[i], keep, use_reentrant=False)
+                    else:
+                        psi, state, u = block(psi, h[i], conv[i], keep)
+                if self.conv_width:
+                    before = conv[i] if conv[i] is not None else block.empty_tail(psi.shape[0], psi.device)
+                    tail = self._next_tail(before, u)
+            hs.append(state)
+            if self.conv_width:
+                tails.append(tail)
+        return psi, hs, tails, kvs
 
     @staticmethod
     def _next_tail(tail: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -301,33 +327,46 @@ class SEMModel(nn.Module):
 
     @torch.no_grad()
     def decode_state(self, batch_size: int = 1) -> DecodeState:
-        """A fresh (empty-context) decoding state on the model's device."""
-        ref = self.embed.weight
-        readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
-        h = [b.empty_state(batch_size, ref.device) for b in self.blocks]
-        tails = [b.empty_tail(batch_size, ref.device) for b in self.blocks] if self.conv_width else []
-        kv = [a.empty(batch_size, ref.device) for a in self.attention.values()]
-        return DecodeState(h, [b.decay() for b in self.blocks], readout, conv=tails, kv=kv)
+        """A fresh (empty-context) decoding state on the model's device, with the per-decode constants."""
+        device = self.embed.weight.device
+        with _no_autocast(self.embed.weight):
+            readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
+            if self.readout_kind == "linear":
+                bias = self.readout.bias.float()
+            elif self.born_offset:
+                bias = F.pad(self.readout_offset.float(), (0, readout.shape[0] - self.readout_offset.shape[0]))
+            else:
+                bias = torch.zeros(readout.shape[0], device=device)
+            return DecodeState(
+                h=[b.empty_state(batch_size, device) for b in self.blocks],
+                blocks=[b.decode_constants() for b in self.blocks],
+                readout=readout,
+                conv=[b.empty_tail(batch_size, device) for b in self.blocks] if self.conv_width else [],
+                kv=[a.empty_ring(batch_size, device) for a in self.attention.values()],
+                attend=[a.decode_constants() for a in self.attention.values()],
+                final=(norm_floor(self.norm_f, 2 * self.d_model, device), norm_map(self.norm_f, readout), bias,
+                       torch.tensor(math.sqrt(self.born_eps), device=device)))
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Next-token logits [B, V] float32 after ``token`` [B], and the advanced state. O(1) time and
         memory per token, any context length (no max_seq_len: the recurrence has no window). No
-        ``state``: a fresh one (``decode_state``), as at the start of a document."""
+        ``state``: a fresh one (``decode_state``), as at the start of a document. In float32, autocast
+        or not. The attention layers' rings are advanced in place (``DecodeState``)."""
         if state is None:
             state = self.decode_state(token.shape[0])
-        psi = self.embed(token).float()  # [B, 2D]
-        hs, tails, kvs = [], [], []
-        for i, (block, h, (lam, gamma)) in enumerate(zip(self.blocks, state.h, state.decay)):
-            if str(i) in self.attention:
-                one, kv = self.attention[str(i)](psi[:, None], state.kv[len(kvs)])
-                psi = one[:, 0]
-                kvs.append(kv)
-            psi, h, tail = block.step(psi, h, lam, gamma, state.conv[i] if state.conv else None)
-            hs.append(h)
-            tails.append(tail)
-        state = DecodeState(hs, state.decay, state.readout, state.position + 1, tails if state.conv else [], kvs)
-        return self._logits(self.norm_f(psi).float(), state.readout), state
+        with _no_autocast(token):
+            psi = F.embedding(token, self.embed.weight)  # [B, 2D]
+            psi, hs, tails, kv = self._run(psi, state.h, state.conv or [None] * len(self.blocks), state.kv,
+                                           decode=state)
+            floor, readout, bias, eps = state.final
+            z = torch.addmm(bias, unit_rms(psi, floor), readout)  # [B, 2V (padded) or V]
+            if self.readout_kind == "linear":
+                return z, replace(state, h=hs, position=state.position + 1, conv=tails, kv=kv)
+            # Born: power log(|z_k|^2 + eps) = 2 power log(hypot(|z_k|, sqrt(eps)))
+            amplitude = torch.linalg.vector_norm(z[:, :2 * self.vocab_size].view(z.shape[0], -1, 2), dim=-1)
+            logits = torch.hypot(amplitude, eps).log_().mul_(2 * self.born_power)
+        return logits, replace(state, h=hs, position=state.position + 1, conv=tails, kv=kv)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None, all_logits: bool = False
@@ -341,40 +380,50 @@ class SEMModel(nn.Module):
         gives the same logits as one prefill over all of it, in memory bounded by the chunk: how
         ``sem.models.stream`` scores documents of any length.
         """
+        B, T = input_ids.shape
         if state is None:
-            state = self.decode_state(input_ids.shape[0])
+            state = self.decode_state(B)
         carried = state.position > 0  # a fresh state's h is zero: skip adding lambda^(t+1) * 0
+        attention = list(self.attention.values())
         psi = self.embed(input_ids).float()  # [B, T, 2D]
-        hs, tails, kvs = [], [], []
-        for i, block in enumerate(self.blocks):
-            if str(i) in self.attention:
-                psi, kv = self.attention[str(i)](psi, state.kv[len(kvs)] if carried else None)
-                kvs.append(kv)
-            tail = state.conv[i] if state.conv else None
-            psi, h, u = block(psi, state.h[i] if carried else None, tail)
-            hs.append(h)
-            if tail is not None:  # the last k-1 inputs of the convolution, reaching into the old tail
-                tails.append(self._next_tail(tail, u))
-        state = DecodeState(hs, state.decay, state.readout, state.position + input_ids.shape[1], tails, kvs)
+        psi, hs, tails, kvs = self._run(
+            psi, state.h if carried else [None] * len(self.blocks), state.conv or [None] * len(self.blocks),
+            [a.window_from_ring(r, state.position) if carried else None for a, r in zip(attention, state.kv)])
+        position = state.position + T
+        rings = [a.ring_from_window(kv, position, B, input_ids.device) for a, kv in zip(attention, kvs)]
+        state = replace(state, h=hs, position=position, conv=tails, kv=rings)
         psi = self.norm_f(psi if all_logits else psi[:, -1])
         return self._logits(psi.float(), state.readout), state
 
 
 @dataclass
 class DecodeState:
-    """Recurrent decoding state of an SEMModel: one complex [B, D] state per block ([B, D, N] with
-    ``modes`` N > 1; and, with
-    ``conv_width`` k, the block's last k-1 convolution inputs), constant in the context length, plus
-    per-decode constants (lambda, gamma per block; the readout composed with the propagator), so a
-    step costs the same at token 10 and at token 10^6."""
+    """Recurrent decoding state of an SEMModel, constant in the context length, so that a step costs the
+    same at token 10 and at token 10^6: per block its recurrence state (``empty_state``: [B, D] complex64,
+    [B, D, N] with ``modes`` N, [B, H, K, K] with ``heads``) and with ``conv_width`` k its last k-1
+    convolution inputs; per attention layer a ring of its last ``attention_window`` keys and values; and
+    per-decode constants computed from the parameters once (``decode_state``), not per token.
+
+    ``step`` writes the attention rings in place: continue from the state it returns (an earlier state
+    shares the rings; ``clone()`` one to branch from it)."""
 
     h: list[torch.Tensor]
-    decay: list[tuple[torch.Tensor, torch.Tensor]]
+    blocks: list[BlockConstants]  # per block: SEMBlock.decode_constants (norm weight, conv taps, lambda, ...)
     readout: torch.Tensor  # SEMModel._readout_map: readout after (1 - alpha) I + alpha U, [2V (padded) or V, 2D]
     position: int = 0  # tokens consumed
     # With model.conv_width k > 0: per block the last k-1 recurrence inputs before the convolution,
     # [B, k-1, 2D] float32 (zeros at a document's start); empty without a convolution.
     conv: list[torch.Tensor] = field(default_factory=list)
-    # With model.attention_every: per attention layer the keys and values of the last
-    # attention_window - 1 positions, [B, <= W-1, 4D] float32 ([B, 0, 4D] at a document's start).
+    # With model.attention_every: per attention layer the ring of its keys and values
+    # (LocalAttention.empty_ring: [B, 2, heads, attention_window, dh] float32, position p in slot p % window).
     kv: list[torch.Tensor] = field(default_factory=list)
+    attend: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LocalAttention.decode_constants
+    # step's readout: unit_rms's floor for norm_f, ``readout`` as a map [2D, 2V (padded) or V] reading
+    # unit_rms's output (blocks.norm_map), its bias (the Born offset, padded; the linear readout's bias; zeros
+    # without one) and sqrt(born_eps), 0-d
+    final: tuple[torch.Tensor, ...] = ()
+
+    def clone(self) -> DecodeState:
+        """A state that evolves apart from this one (the constants shared: they are never written)."""
+        return replace(self, h=[h.clone() for h in self.h], conv=[c.clone() for c in self.conv],
+                       kv=[r.clone() for r in self.kv])
