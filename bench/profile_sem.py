@@ -1,7 +1,7 @@
 """Where sem_small's training step spends its CPU time, and its tokens/s against transformer_small.
 
     python -m bench.profile_sem [--steps 10] [--seq-lens 128 512] [--threads N] [--recurrence scan] [--bf16]
-                                [--baseline REV:sem/model.py | --baseline path/to/model.py]
+                                [--baseline REV | --baseline REV:sem/model.py | --baseline path/to/model.py]
 
 1. torch.profiler over ``--steps`` training steps (forward + backward + the configured optimizer,
    fused AdamW by default) of sem_small at the default ``data.batch_size`` x ``data.seq_len``
@@ -70,9 +70,29 @@ def defaults() -> tuple[dict[str, Any], dict[str, Any], int, int, dict[str, Any]
 
 
 def load_model_module(spec: str) -> Any:
-    """sem/model.py as it was: ``spec`` is a file or a git object (``REV:sem/model.py``, a revision before
-    the package layout of 2026-12-03, when the SEM was one file; since then its parts import each other)."""
+    """The SEM as it was, to time beside today's: ``spec`` is a git revision (its ``sem/models/sem``
+    package, imported under another name) or, for revisions before the package layout of 2026-12-03
+    when the SEM was one file, ``REV:sem/model.py`` or a path to such a file."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from sem.models.common import param_groups
+
     path = Path(spec)
+    if ":" not in spec and not path.is_file():  # a revision: its package, imports renamed
+        name = "sem_models_baseline"
+        folder = Path(tempfile.mkdtemp(prefix="sem_baseline_")) / name
+        folder.mkdir()
+        listing = subprocess.run(["git", "ls-tree", "--name-only", f"{spec}:sem/models/sem"], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout.split()
+        for file in listing:
+            source = subprocess.run(["git", "show", f"{spec}:sem/models/sem/{file}"], cwd=ROOT, check=True,
+                                    capture_output=True, text=True).stdout
+            (folder / file).write_text(source.replace("sem.models.sem.", f"{name}.").replace(
+                "from sem.models.sem import", f"from {name} import"))
+        sys.path.insert(0, str(folder.parent))
+        package = importlib.import_module(name)
+        return SimpleNamespace(SEMModel=package.SEMModel, param_groups=param_groups)
     source = path.read_text() if path.is_file() else subprocess.run(
         ["git", "show", spec], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     name = "sem_model_baseline"
@@ -163,6 +183,9 @@ KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::bad
 
 
 def kind(op: str) -> str:
+    # torch.compile's generated kernels (elementwise chains)
+    if "cpp_fused" in op or op.startswith("graph_") or "CompiledFxGraph" in op:
+        return "inductor's fused kernels"
     return next((name for name, prefixes in KINDS if op.startswith(prefixes)), "elementwise, copies, reductions")
 
 
@@ -175,8 +198,24 @@ def counted_flops(trainer: Trainer) -> int:
     return counter.get_total_flops()
 
 
-def profile_steps(trainer: Trainer, steps: int, top: int, peak_gflops: float | None = None) -> dict[str, Any]:
-    flops = counted_flops(trainer)
+def _compiled_step(trainer: Trainer) -> Callable[[], None]:
+    """Trainer.step with the model's forward (and backward) through torch.compile."""
+    torch._dynamo.reset()
+    compiled = torch.compile(trainer.model)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.bf16):
+            out = compiled(trainer.x[:, :-1], trainer.x[:, 1:])
+        out.loss.backward()
+        with record_function("optimizer"):
+            trainer.opt.step()
+            trainer.opt.zero_grad(set_to_none=True)
+    return step
+
+
+def profile_steps(trainer: Trainer, steps: int, top: int, peak_gflops: float | None = None,
+                  flops: int | None = None) -> dict[str, Any]:
+    flops = counted_flops(trainer) if flops is None else flops
     for _ in range(3):  # warm-up: allocator, thread pool
         trainer.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -243,7 +282,7 @@ def table(result: dict[str, Any]) -> str:
                   f"ms/step**; wall {wall:.0f} ms/step = {result['lower_bound_ms'] / wall:.2f} of peak.", "",
                   "| kind of op | self ms/step | share of wall |", "|---|---:|---:|"]
         kinds = result["kinds_ms"]
-        for name in [k for k, _ in KINDS] + ["elementwise, copies, reductions"]:
+        for name in [k for k, _ in KINDS] + ["inductor's fused kernels", "elementwise, copies, reductions"]:
             if kinds.get(name):
                 lines.append(f"| {name} | {kinds[name]:.1f} | {kinds[name] / wall:.1%} |")
         rest = wall - sum(kinds.values())
@@ -271,12 +310,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--round-steps", type=int, default=2, help="steps per model per round")
     parser.add_argument("--baseline", default=None,
-                        help="an earlier sem/model.py to profile and time beside this one: a file or REV:sem/model.py")
+                        help="an earlier SEM to profile and time beside this one: a git revision (its sem/models/sem), "
+                             "or a file or REV:sem/model.py (before the package layout)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--recurrence", choices=["fft", "scan"], default=None,
                         help="override sem_small's recurrence (default: the config's)")
     parser.add_argument("--bf16", action="store_true",
                         help="forward under bf16 autocast, as precision=bf16_mixed (precision=auto on a bf16 CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="profile the step through torch.compile (as compile=true/auto; parts then unlabelled)")
     parser.add_argument("--output", default="profile_sem", help="bench/results/<output>.json")
     a = parser.parse_args(argv)
     if a.threads:
@@ -308,7 +350,11 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "peak_gflops": peak, "bf16": a.bf16, "batch": batch, "seq_len": seq_len,
         "model": sem_node, "optimizer": opt_cfg, "baseline": a.baseline, "profile": {}, "throughput": {}}
     for name, module in variants.items():
-        result = profile_steps(sem_trainer(module, batch, seq_len), a.steps, a.top, peak)
+        trainer = sem_trainer(module, batch, seq_len)
+        if a.compile:  # FLOPs are counted on the eager model: the counter sees none inside a compiled graph
+            flops = counted_flops(trainer)
+            trainer.step = _compiled_step(trainer)
+        result = profile_steps(trainer, a.steps, a.top, peak, flops if a.compile else None)
         record["profile"][name] = result
         print(f"\n### {name}: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
     for t in a.seq_lens:

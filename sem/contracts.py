@@ -46,7 +46,8 @@ class LanguageModel(Protocol):
     evaluation carries the state through a document, ``sem.models.stream``), a ``state`` parameter of
     ``forward`` (the previous window's ``ModelOutput.state``: truncated BPTT, ``data.tbptt``), ``max_seq_len``
     (checked against ``data.seq_len``; sampling keeps the context within it), ``vocab_size`` (passed
-    to the constructor when it takes one), ``no_decay_keywords`` (parameter groups)."""
+    to the constructor when it takes one), ``no_decay_keywords`` (parameter groups), ``compile_pays = True``
+    (``compile=auto`` compiles its training step in long runs; without it auto leaves the model eager)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor | ModelOutput: ...
 

@@ -44,10 +44,15 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
 COMPILE_AUTO_MIN_STEPS = 2000
 
 
-def compile_choice(setting: Any, max_steps: int, device_type: str) -> tuple[bool, str]:
-    """Whether a run compiles its training step, and why, for ``compile``=``setting`` (validated)."""
+def compile_choice(setting: Any, max_steps: int, device_type: str, model: Any = None) -> tuple[bool, str]:
+    """Whether a run compiles its training step, and why, for ``compile``=``setting`` (validated). Under
+    auto only a model that says compiling pays (a class attribute ``compile_pays = True``: sem's SEM; the
+    Transformer baseline measured no faster compiled) is compiled: for another, compile=true asks for it."""
     if isinstance(setting, bool):
         return setting, f"compile={str(setting).lower()}"
+    if getattr(model, "compile_pays", False) is not True:
+        return False, (f"compile=auto: eager ({type(model).__name__} does not say compiling pays: "
+                       "compile_pays = True; compile=true compiles it anyway)")
     if max_steps < COMPILE_AUTO_MIN_STEPS:
         return False, (f"compile=auto: eager (trainer.max_steps={max_steps} < {COMPILE_AUTO_MIN_STEPS}: "
                        "too short to pay a cold compile back)")

@@ -98,7 +98,7 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
         log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
-    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps, run_device(cfg))
+    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps, run_device(cfg), model)
     # The teacher is a plain object, not a submodule: it must never appear in the student's
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,

@@ -138,17 +138,26 @@ def test_compile_true_reaches_the_step_policy_of_either_engine(engine: str, one_
     assert policy(f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS}", "trainer.val_check_interval=100").forward is not None
 
 
-def test_compile_auto_compiles_long_runs_where_inductor_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_auto_compiles_long_runs_of_models_it_pays_for(monkeypatch: pytest.MonkeyPatch) -> None:
     from sem.config import hardware
+    from sem.models.transformer import TransformerLM
 
-    assert compile_choice(True, 1, "cpu") == (True, "compile=true")
-    assert compile_choice(False, 10**6, "cpu") == (False, "compile=false")
-    short, why = compile_choice("auto", COMPILE_AUTO_MIN_STEPS - 1, "cpu")
+    class Pays(LogitsOnly):
+        compile_pays = True
+
+    pays, plain = Pays(), LogitsOnly()
+    assert compile_choice(True, 1, "cpu", plain) == (True, "compile=true")
+    assert compile_choice(False, 10**6, "cpu", pays) == (False, "compile=false")
+    short, why = compile_choice("auto", COMPILE_AUTO_MIN_STEPS - 1, "cpu", pays)
     assert not short and f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS - 1}" in why
     monkeypatch.setattr(hardware, "compile_missing", lambda device: None)
-    assert compile_choice("auto", COMPILE_AUTO_MIN_STEPS, "cpu")[0] is True
+    assert compile_choice("auto", COMPILE_AUTO_MIN_STEPS, "cpu", pays)[0] is True
+    # a model that does not say compiling pays (a user's, the Transformer baseline) stays eager under auto
+    for model in (plain, TransformerLM(d_model=16, n_layers=1, n_heads=2, max_seq_len=16)):
+        eager, why = compile_choice("auto", 10**6, "cpu", model)
+        assert not eager and type(model).__name__ in why and "compile_pays" in why
     monkeypatch.setattr(hardware, "compile_missing", lambda device: "a C++ compiler (g++ or $CXX; none found)")
-    missing, why = compile_choice("auto", 10**6, "cpu")
+    missing, why = compile_choice("auto", 10**6, "cpu", pays)
     assert not missing and "C++ compiler" in why  # eager, said why: never a config error under auto
 
 
