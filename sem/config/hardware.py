@@ -38,9 +38,10 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
 
 # ``compile``: true, false, or auto (the default): compile where inductor can build the device's kernels
 # and the run is long enough to pay the cold compile back. Measured 2026-12-07 (sem_small, 16 x 128, 2-core
-# Xeon): 1.17x the eager step in fp32, 1.5x under bf16 autocast; the compile ~60 s with an empty inductor
-# cache, ~10 s with the cache an earlier run left. At ~0.2 s a step, 1.17x saves ~0.03 s a step: from
-# ~2,000 steps on, a first compile is paid back, and a cached one from ~300 (README, "Measured").
+# Xeon, BENCHMARKS.md): 1.12x the eager step in fp32 side by side (quartiles 1.01-1.20), 1.54x under bf16
+# autocast; the compile 42 s with an empty inductor cache, 17 s with the cache an earlier run left. At
+# ~0.21 s a step, 1.12-1.17x saves ~0.025-0.03 s a step: a first compile is paid back from ~1,500-2,000
+# steps, a cached one from ~600.
 COMPILE_AUTO_MIN_STEPS = 2000
 
 
