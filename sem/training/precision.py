@@ -27,7 +27,7 @@ def cpu_has_bf16() -> bool:
 
 # precision=auto takes bf16 on a CPU only where its bf16 matmuls run at least this much faster than fp32
 # ones (2026-12-07: 4.1x on a 2-core Xeon with AMX; where bf16 is emulated it runs at ~1/100 of fp32, 1
-# against 152 GFLOP/s on the EPYC issue 39 was filed from).
+# against 152 GFLOP/s on a 2-core EPYC without bf16 instructions).
 BF16_MIN_SPEEDUP = 1.5
 _SPEEDUP_ENV = "SEM_CPU_BF16_SPEEDUP"  # the measurement, handed to the processes a run starts (DDP ranks)
 
