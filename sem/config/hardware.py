@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 def hardware_problems(cfg: DictConfig) -> list[str]:
     import torch
 
-    from sem.training.precision import precision_problems
+    from sem.training.precision import device_type_for, precision_problems
 
     name = cfg.accelerator.name
     if name not in ("auto", "cpu", "cuda", "xpu"):
@@ -24,7 +24,7 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
     if name == "xpu" and not has_xpu:
         return [f"accelerator=xpu: no Intel XPU on this machine (torch {torch.__version__}, "
                 "torch.xpu.is_available() is False); use accelerator=cpu or auto"]
-    device = run_device(cfg)
+    device = device_type_for(name)
     problems = precision_problems(cfg.precision.precision, device)
     setting = cfg.get("compile", "auto")
     if not (isinstance(setting, bool) or setting == "auto"):
@@ -61,18 +61,6 @@ def compile_choice(setting: Any, max_steps: int, device_type: str, model: Any = 
     if missing:
         return False, f"compile=auto: eager (torch.compile's inductor needs {missing} on {device_type})"
     return True, f"compile=auto: compiled (trainer.max_steps={max_steps} >= {COMPILE_AUTO_MIN_STEPS}, inductor ready)"
-
-
-def run_device(cfg: DictConfig) -> str:
-    """The device type a run's ``accelerator.name`` gives on this machine: cpu, cuda or xpu (auto: the
-    first of cuda, xpu present, else cpu)."""
-    import torch
-
-    name = cfg.accelerator.name
-    if name != "auto":
-        return name
-    xpu = getattr(torch, "xpu", None)
-    return "cuda" if torch.cuda.is_available() else ("xpu" if xpu is not None and xpu.is_available() else "cpu")
 
 
 def compile_missing(device_type: str) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sem.config.hardware import compile_choice, run_device
+from sem.config.hardware import compile_choice
 from sem.contracts import model_kwargs
 from sem.engines.instantiate import make, optimizer_factory, scheduler_factory, without
 from sem.engines.resume import Resume, shape_problems
@@ -98,7 +98,10 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
         log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
-    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps, run_device(cfg), model)
+    from sem.training.precision import device_type_for
+
+    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps,
+                                   device_type_for(cfg.accelerator.name), model)
     # The teacher is a plain object, not a submodule: it must never appear in the student's
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
     policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,

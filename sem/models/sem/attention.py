@@ -115,10 +115,6 @@ class LocalAttention(nn.Module):
             outs.append(_attend(q[:, :, a:b], k[:, :, lo:b + L], v[:, :, lo:b + L], mask))
         return torch.cat(outs, 2)
 
-    def empty(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """No context: [B, 0, 4D]."""
-        return torch.zeros(batch_size, 0, 2 * self.qkv.in_features, device=device)
-
     # ------------------------------------------------------------------ one token at a time (decoding)
     # The decoding state is a ring of the last ``window`` keys and values, [2, B, heads, window, dh]
     # float32 (keys, then values): position p's in slot p % window, written in place by ``step``; no
