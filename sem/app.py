@@ -5,6 +5,7 @@ sweep, inside the job guard) and turns Hydra's own failures into sem's exit code
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from sem.config.store import CONF_DIR, register_configs
+from sem.config.store import CONF_DIR, expand_switches, register_configs
 from sem.config.validate import run_dir_problems, validate_run
 from sem.errors import EXIT_BAD_CONFIG, SweepExit, exit_if_invalid
 from sem.plan.dry_run import plan
@@ -27,11 +28,13 @@ from sem.training.preemption import after_run
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
 _main_started = False
+SWITCHES = {"eval.dynamic": "eval.dynamic.enabled"}  # eval.dynamic=true: dynamic evaluation on, its defaults
 
 
 def cli(app: Any) -> None:
     """Run the ``@hydra.main`` app. Hydra exits 1 when the config does not compose (unknown key,
     wrong type, no such option); that is a usage error, so it leaves with exit code 2 instead."""
+    sys.argv[1:] = expand_switches(sys.argv[1:], SWITCHES)
     try:
         app()
     except SystemExit as exc:

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from sem.models.dynamic import DynamicSettings
+
 # ---------------------------------------------------------------------------------------- model
 
 
@@ -117,7 +119,10 @@ class DataConf:
     batch_size: int = 16  # x seq_len 128 = 2048 tokens per step: the measured CPU default (README)
     seq_len: int = 128
     val_seq_len: int | None = None
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # documents held out for choosing: validation, checkpoint ranking, sweeps
+    # documents held out for reporting (test_bpb, test_stream_bpb at the end of a run; never a choice),
+    # taken from train by the same name hash; 0: no test split
+    test_fraction: float = 0.05
     val_max_windows: int | None = 256
     final_val_max_windows: int | None = None  # null = every held-out window (the summary's val_bpb)
     val_batch_size: int | None = None
@@ -377,12 +382,26 @@ class SamplesConf:
 
 
 @dataclass
+class DynamicConf:
+    """Dynamic evaluation (``sem.models.stream.dynamic_score``): the model learns as it reads."""
+
+    enabled: bool = False  # the shorthand ``eval.dynamic=true`` sets this
+    lr: float = DynamicSettings.lr
+    chunk: int = DynamicSettings.chunk  # tokens scored between two steps of the weights
+    optimizer: str = DynamicSettings.optimizer  # sgd | adam | adamw | a dotted torch.optim class path
+    rows: int = DynamicSettings.rows  # documents read side by side
+
+
+@dataclass
 class EvalConf:
     """Extra evaluations of the final checkpoint, for ``summary.json``."""
 
     # stream_bpb: every held-out document scored whole, the recurrent state carried (models with
-    # prefill(..., all_logits); about the final validation's cost); false: skip it (null in summary.json)
+    # prefill(..., all_logits); about the final validation's cost); false: skip it (null in summary.json).
+    # The test split is always scored whole too (test_stream_bpb; a sliding window for other models).
     stream: bool = True
+    # test_dynamic_bpb: the test documents scored whole while the weights learn from what was scored
+    dynamic: DynamicConf = field(default_factory=DynamicConf)
 
 
 @dataclass

@@ -72,3 +72,15 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sem.sweep_seed", sweep_seed)
     if not OmegaConf.has_resolver("sem.abspath"):  # e.g. an sqlite URL that works from any cwd
         OmegaConf.register_new_resolver("sem.abspath", lambda path: str(Path(str(path)).resolve()))
+
+
+def expand_switches(argv: list[str], switches: dict[str, str]) -> list[str]:
+    """Command-line shorthands for a node that is switched on and tuned: ``eval.dynamic=true`` means
+    ``eval.dynamic.enabled=true`` (``switches = {"eval.dynamic": "eval.dynamic.enabled"}``), so
+    ``eval.dynamic=true eval.dynamic.lr=1e-4`` works in either order, in sweeps too (``=true,false``)."""
+    out = []
+    for arg in argv:
+        plus = len(arg) - len(arg.lstrip("+~"))
+        key, eq, value = arg[plus:].partition("=")
+        out.append(f"{arg[:plus]}{switches[key]}={value}" if eq and key in switches else arg)
+    return out

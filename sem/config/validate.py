@@ -34,6 +34,7 @@ from sem.config.hardware import hardware_problems, strategy_problems
 from sem.config.resources import core_problems, memory_problems
 from sem.contracts import carries_training_state
 from sem.data.user_corpus import as_corpus, corpus_contract_problems
+from sem.models.dynamic import DynamicSettings
 from sem.training.budget import length_problems, resolve_budget
 
 
@@ -199,6 +200,9 @@ def _data_problems(cfg: DictConfig, corpus: Any, max_len: int | None) -> list[st
         _positive(p, f"data.{key}", d[key], allow_none=True)
     if not 0.0 < d.val_fraction < 1.0:
         p.append(f"data.val_fraction={d.val_fraction!r}: must be in (0, 1)")
+    elif not 0.0 <= d.test_fraction < 1.0 - d.val_fraction:
+        p.append(f"data.test_fraction={d.test_fraction!r}: must be in [0, 1 - data.val_fraction = "
+                 f"{1 - d.val_fraction:g})")
     for key in ("seq_len", "val_seq_len"):
         if max_len is not None and d[key] is not None and d[key] > max_len:
             p.append(f"data.{key}={d[key]}: longer than model.max_seq_len={max_len}")
@@ -345,6 +349,10 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         p.append(f"seed={seed!r}: must be an integer in [0, 2**32) (numpy and torch seeds)")
     if cfg.get("threads") is not None and cfg.threads < 1:
         p.append(f"threads={cfg.threads!r}: must be >= 1 (torch threads per job) or null")
+    dynamic = cfg.eval.dynamic
+    if dynamic.enabled:
+        settings = {k: v for k, v in OmegaConf.to_container(dynamic).items() if k != "enabled"}
+        p += DynamicSettings(**settings).problems("eval.dynamic")
     return p
 
 

@@ -1,4 +1,4 @@
-"""SEMDataModule: step-indexed training batches and fixed validation windows over the token cache.
+"""SEMDataModule: step-indexed training batches and fixed validation (and test) windows over the token cache.
 
 A plain class (no Lightning): both engines drive it. A training batch is a pure function of
 (seed, step, micro-batch, rank, world size, seq_len, batch size), so exact resume, DDP sharding and
@@ -51,7 +51,7 @@ class SEMDataModule:
                  val_fraction: float = 0.05, val_max_windows: int | None = 256,
                  final_val_max_windows: int | None = None, val_batch_size: int | None = None,
                  cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None,
-                 tbptt: int = 0) -> None:
+                 tbptt: int = 0, test_fraction: float = 0.05) -> None:
         _positive("data.batch_size", batch_size)
         if isinstance(tbptt, bool) or not isinstance(tbptt, int) or tbptt < 0:
             raise ValueError(f"data.tbptt must be an integer >= 0, got {tbptt!r}")
@@ -62,6 +62,8 @@ class SEMDataModule:
         _positive("data.val_batch_size", val_batch_size, allow_none=True)
         if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+        if not isinstance(test_fraction, (int, float)) or not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise ValueError(f"data.test_fraction must be in [0, 1 - data.val_fraction), got {test_fraction!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.corpus = corpus
@@ -69,6 +71,8 @@ class SEMDataModule:
         self.seq_len = seq_len
         self.val_seq_len = val_seq_len or seq_len
         self.val_fraction = float(val_fraction)
+        # The report set: scored once at the end of a run, never read for a choice (0: no test split)
+        self.test_fraction = float(test_fraction)
         self.val_max_windows = val_max_windows
         self.final_val_max_windows = final_val_max_windows  # None: every held-out window
         self.val_batch_size = val_batch_size or batch_size
@@ -78,19 +82,25 @@ class SEMDataModule:
         self.tokenizer = tokenizer or ByteTokenizer()
         self._cache: TokenCache | None = None
         self._val_windows: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._test_windows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Load (or build once) the token cache and check both splits hold at least one window. Idempotent."""
+        """Load (or build once) the token cache and check every split holds at least one window. Idempotent."""
         if self._cache is not None:
             return
-        cache = load_or_build_cache(self.corpus, self.tokenizer, self.val_fraction, self.cache_dir)
-        for split, n, t, field in (("train", cache.train.size, self.seq_len, "data.seq_len"),
-                                   ("val", cache.val.size, self.val_seq_len, "data.val_seq_len")):
+        cache = load_or_build_cache(self.corpus, self.tokenizer, self.val_fraction, self.cache_dir,
+                                    test_fraction=self.test_fraction)
+        splits = [("train", cache.train.size, self.seq_len, "data.seq_len"),
+                  ("val", cache.val.size, self.val_seq_len, "data.val_seq_len")]
+        if self.test_fraction > 0:
+            splits.append(("test", cache.test.size, self.val_seq_len, "data.val_seq_len"))
+        for split, n, t, field in splits:
             if n < t + 1:
                 raise CorpusError(f"{split} split has {n} tokens, fewer than one window of seq_len+1 = {t + 1} "
-                                  f"({field}); use a bigger corpus or a shorter {field}")
+                                  f"({field}); use a bigger corpus or a shorter {field}"
+                                  + (" or set data.test_fraction=0" if split == "test" else ""))
         self._cache = cache
 
     @property
@@ -106,9 +116,22 @@ class SEMDataModule:
 
     @property
     def compressor_bpb(self) -> dict[str, float]:
-        """Bits per byte of the held-out bytes under gzip -9, bz2 -9 and xz -9e: val/bpb's anchors."""
+        """Bits per byte of the val bytes under gzip -9, bz2 -9 and xz -9e (summary.json's flat keys)."""
         c = self.cache
         return {"gzip_bpb": c.gzip_bpb, "bz2_bpb": c.bz2_bpb, "xz_bpb": c.xz_bpb}
+
+    def anchors(self, split: Literal["val", "test"]) -> dict[str, float | None]:
+        """A held-out split's bytes under every anchor (``sem.data.anchors.KEYS``), bits per byte."""
+        return dict(self.cache.anchors[split])
+
+    @property
+    def has_test(self) -> bool:
+        """Is there a test split (``data.test_fraction`` > 0)?"""
+        return self.test_fraction > 0 and self.cache.test.size > 0
+
+    def tokens(self, split: Literal["val", "test"]) -> np.ndarray:
+        """A held-out split's packed token stream (what mode=stream reads)."""
+        return self.cache.val if split == "val" else self.cache.test
 
     byte_targets = staticmethod(byte_targets)
 
@@ -117,9 +140,11 @@ class SEMDataModule:
         if self._cache is None:
             return f"{self.corpus.describe()} (not set up)"
         c = self._cache
+        test = (f"test {c.n_test_docs} docs / {c.test_bytes / 1e6:.3f} MB (reported once, at the end), "
+                if self.test_fraction > 0 else "no test split (data.test_fraction=0), ")
         return (f"{self.corpus.describe()}: train {c.n_train_docs} docs / {c.train_bytes / 1e6:.2f} MB, "
                 f"val {c.n_val_docs} docs / {c.val_bytes / 1e6:.3f} MB (gzip -9 {c.gzip_bpb:.3f}, bz2 -9 {c.bz2_bpb:.3f}, "
-                f"xz -9e {c.xz_bpb:.3f} bpb); "
+                f"xz -9e {c.xz_bpb:.3f} bpb), {test}"
                 f"batch {self.batch_size} x {self.seq_len}, val_seq_len {self.val_seq_len}"
                 f"{f', lanes of {self.tbptt} consecutive windows (data.tbptt)' if self.tbptt >= 2 else ''}; "
                 f"cache {c.path}")
@@ -193,13 +218,17 @@ class SEMDataModule:
         """
         _positive("max_windows", max_windows, allow_none=True)
         if max_windows not in self._val_windows:
-            val, t = self.cache.val, self.val_seq_len
-            n = (val.size - 1) // t
-            m = n if max_windows is None else min(max_windows, n)
-            idx = (np.arange(m) * n) // m  # evenly spaced, distinct, window 0 first; all windows when m == n
-            w = torch.from_numpy(val[idx[:, None] * t + np.arange(t + 1)].astype(np.int64))  # [n, T+1]
-            self._val_windows[max_windows] = (w[:, :-1], w[:, 1:])
+            self._val_windows[max_windows] = _tile(self.cache.val, self.val_seq_len, max_windows)
         return self._val_windows[max_windows]
+
+    def test_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every window of the test split, int64 [n, val_seq_len]: the same tiling as ``val_windows(None)``.
+        Only the end of a run reads it (``sem.engines.fit``), never a choice made during one."""
+        if not self.has_test:
+            raise CorpusError("no test split: data.test_fraction is 0")
+        if self._test_windows is None:
+            self._test_windows = _tile(self.cache.test, self.val_seq_len)
+        return self._test_windows
 
     def val_loader(self, max_windows: int | None | Literal["default"] = "default") -> DataLoader:
         """(x, y) int64 [b, val_seq_len] batches over val_windows; "default" = val_max_windows, None = all."""
@@ -214,7 +243,18 @@ class SEMDataModule:
 
     def __repr__(self) -> str:
         return (f"SEMDataModule(batch_size={self.batch_size}, seq_len={self.seq_len}, "
-                f"val_seq_len={self.val_seq_len}, val_fraction={self.val_fraction}, seed={self.seed})")
+                f"val_seq_len={self.val_seq_len}, val_fraction={self.val_fraction}, "
+                f"test_fraction={self.test_fraction}, seed={self.seed})")
+
+
+def _tile(tokens: np.ndarray, t: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of a packed stream: window i holds tokens [i*t, i*t + t] (consecutive targets that tile
+    it), or an evenly spaced fixed subset of ``max_windows`` of them."""
+    n = (tokens.size - 1) // t
+    m = n if max_windows is None else min(max_windows, n)
+    idx = (np.arange(m) * n) // m  # evenly spaced, distinct, window 0 first; all windows when m == n
+    w = torch.from_numpy(tokens[idx[:, None] * t + np.arange(t + 1)].astype(np.int64))  # [n, T+1]
+    return w[:, :-1], w[:, 1:]
 
 
 class _StepStream(IterableDataset):

@@ -13,6 +13,9 @@ How a model sees a document:
   later one only the targets no window scored before (its second half), so every token is scored
   once, with at least half a window of context.
 
+``dynamic_score`` (dynamic evaluation) reads the documents the same way while the model learns as it reads:
+see ``sem.models.dynamic``.
+
 A document is what the token cache packs (``sem.data.corpus``): BOS, its bytes, EOS, so documents
 are found again by their BOS. Its targets are its bytes and its EOS; the BOS starts it (given, not
 predicted, and the model starts from a fresh state: nothing crosses a document boundary). bpb = nats
@@ -34,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sem.contracts import model_output
+from sem.contracts import carries_training_state, model_output
 from sem.data.tokenizer import ByteTokenizer
+from sem.models.dynamic import OPTIMIZERS, DynamicSettings
 
 _TOKENIZER = ByteTokenizer()
 # Byte offsets in a document where a position bucket starts: [0, 128), [128, 512), [512, 2048), [2048, ...).
@@ -91,8 +95,9 @@ class StreamScore:
     tokens: list[int]  # targets (bytes and EOS), per bucket
     byte_targets: list[int]  # targets that are bytes (the bpb denominator), per bucket
     documents: int
-    method: Literal["recurrent", "sliding_window"]
-    chunk: int  # recurrent: the longest chunk of a document read in one prefill; sliding: the window
+    method: Literal["recurrent", "sliding_window", "dynamic"]  # dynamic: sem.training.evaluation
+    chunk: int  # recurrent: the longest chunk of a document read in one prefill; sliding: the window;
+    # dynamic: the tokens between two steps of the weights
     stride: int | None  # sliding: tokens between windows (context // 2); recurrent: None
     edges: tuple[int, ...] = POSITION_EDGES
 
@@ -115,7 +120,7 @@ class StreamScore:
                                                    self.byte_targets, self.tokens)]
 
 
-class _Sums:
+class PositionSums:
     """[nats, targets, byte targets] x bucket, float64 on the device (no host sync until the end)."""
 
     def __init__(self, edges: tuple[int, ...], device: torch.device) -> None:
@@ -154,7 +159,7 @@ def stream_score(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size:
         method = "recurrent" if carries_state(model) else "sliding_window"
     device = torch.device(device)
     docs = documents(tokens)
-    sums = _Sums(POSITION_EDGES, device)
+    sums = PositionSums(POSITION_EDGES, device)
     was_training = model.training
     model.eval()
     try:
@@ -169,7 +174,7 @@ def stream_score(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size:
     return StreamScore(*sums.values(), documents=len(docs), method=method, chunk=chunk, stride=stride)
 
 
-def _groups(docs: list[np.ndarray], batch_size: int, budget: int) -> Iterator[list[np.ndarray]]:
+def side_by_side(docs: list[np.ndarray], batch_size: int, budget: int) -> Iterator[list[np.ndarray]]:
     """Documents read side by side, longest first, each at least 3/4 as long as the group's first (a
     shorter one waits for the next group: padding stays under a quarter); up to ``batch_size`` of
     them, or more while they all fit in one forward of ``budget`` tokens (many short documents)."""
@@ -185,7 +190,7 @@ def _groups(docs: list[np.ndarray], batch_size: int, budget: int) -> Iterator[li
         yield group
 
 
-def _padded(group: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(group: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs [B, length] (PAD after a document's end) and targets [B, length] (-100 there)."""
     x = torch.full((len(group), length), _TOKENIZER.pad_id, dtype=torch.long)
     y = torch.full((len(group), length), -100, dtype=torch.long)
@@ -197,13 +202,13 @@ def _padded(group: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.T
 
 
 def _recurrent(model: nn.Module, docs: list[np.ndarray], seq_len: int, batch_size: int, device: torch.device,
-               sums: _Sums, advance: Callable[[int], None] | None) -> int:
+               sums: PositionSums, advance: Callable[[int], None] | None) -> int:
     """Each group of documents in chunks, the state carried; returns the longest chunk read."""
     budget, longest_chunk = batch_size * seq_len, 0
-    for group in _groups(docs, batch_size, budget):
+    for group in side_by_side(docs, batch_size, budget):
         n = len(group[0]) - 1  # targets of the group's longest document
         chunk = max(seq_len, budget // len(group))
-        x, y = _padded(group, n)
+        x, y = padded(group, n)
         x, y = x.to(device), y.to(device)
         state = None
         for start in range(0, n, chunk):
@@ -218,7 +223,7 @@ def _recurrent(model: nn.Module, docs: list[np.ndarray], seq_len: int, batch_siz
 
 
 def _sliding(model: nn.Module, docs: list[np.ndarray], context: int, stride: int, batch_size: int,
-             device: torch.device, sums: _Sums, advance: Callable[[int], None] | None) -> None:
+             device: torch.device, sums: PositionSums, advance: Callable[[int], None] | None) -> None:
     """Windows of ``context`` tokens every ``stride``, ``batch_size`` windows per forward."""
     windows = []  # (document, first input, first target scored, end): targets [scored, end) of the document
     for d, doc in enumerate(docs):
@@ -243,3 +248,97 @@ def _sliding(model: nn.Module, docs: list[np.ndarray], context: int, stride: int
         sums.add(logits, y.to(device), position.to(device))
         if advance is not None:
             advance(sum(end - scored for _, _, scored, end in batch))
+
+
+# ------------------------------------------------------------------------------ dynamic evaluation
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    import importlib
+
+    path = OPTIMIZERS.get(name, name)
+    module, _, cls = path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"dynamic.optimizer={name!r}: cannot import {path!r} ({exc})") from None
+    return factory(params, lr=lr)
+
+
+def dynamic_score(model: nn.Module, tokens: np.ndarray, settings: DynamicSettings, context: int,
+                  device: torch.device | str = "cpu", advance: Callable[[int], None] | None = None) -> StreamScore:
+    """Score every document of ``tokens`` (a packed stream) whole while adapting ``model``'s weights
+    (see the module docstring); ``model`` is changed in place: pass a copy to keep the original.
+    ``context``: the longest input a forward may read (the model's ``max_seq_len``): the longest chunk,
+    and for a model without a carried state the chunk and its context together."""
+    device = torch.device(device)
+    carry = carries_training_state(model)
+    chunk = min(settings.chunk, context)  # a forward reads at most the model's max_seq_len
+    opt = make_optimizer(settings.optimizer, [p for p in model.parameters() if p.requires_grad], settings.lr)
+    sums = PositionSums(POSITION_EDGES, device)
+    docs = documents(tokens)
+    was_training = model.training
+    model.eval()  # no dropout; the weights still learn
+    try:
+        with torch.enable_grad():
+            _adapt(model, opt, lanes(docs, settings.rows), chunk, context, carry, device, sums, advance)
+    finally:
+        model.train(was_training)
+    return StreamScore(*sums.values(), documents=len(docs), method="dynamic", chunk=chunk, stride=None)
+
+
+def lanes(docs: list[np.ndarray], rows: int) -> list[list[np.ndarray]]:
+    """The documents dealt into ``rows`` lanes of about equal length (each document whole, longest first
+    to the shortest lane), each lane read in order: one row of every step."""
+    out: list[list[np.ndarray]] = [[] for _ in range(min(rows, len(docs)))]
+    length = [0] * len(out)
+    for doc in sorted(docs, key=len, reverse=True):
+        i = length.index(min(length))
+        out[i].append(doc)
+        length[i] += len(doc)
+    return out
+
+
+def _adapt(model: nn.Module, opt: torch.optim.Optimizer, lanes: list[list[np.ndarray]], chunk: int, context: int,
+           carry: bool, device: torch.device, sums: PositionSums, advance: Callable[[int], None] | None) -> None:
+    """Every lane chunk by chunk, one row each: score the chunk, then one step on what was just scored.
+    A row's chunk never crosses a document's end (its tail is padding); the next document's first chunk
+    starts with its BOS, where a model that carries its state starts afresh (``forward(..., state)``)."""
+    cursor = [[0, 0] for _ in lanes]  # per lane: document index, first target of its next chunk
+    state = None
+    pad = ByteTokenizer().pad_id
+    while any(d < len(lane) for (d, _), lane in zip(cursor, lanes)):
+        spans = []  # per row: (document, first input, first target scored, end)
+        for (d, start), lane in zip(cursor, lanes):
+            if d >= len(lane):
+                spans.append(None)
+                continue
+            n = len(lane[d]) - 1
+            end = min(start + chunk, n)
+            spans.append((lane[d], start if carry else max(0, end - context), start, end))
+        width = max(e - b for _, b, _, e in filter(None, spans))
+        x = torch.full((len(lanes), width), pad, dtype=torch.long)
+        y = torch.full((len(lanes), width), -100, dtype=torch.long)
+        position = torch.zeros(len(lanes), width, dtype=torch.long)
+        for row, span in enumerate(spans):
+            if span is None:
+                continue
+            doc, begin, start, end = span
+            t = torch.from_numpy(doc)
+            x[row, :end - begin] = t[begin:end]
+            y[row, start - begin:end - begin] = t[start + 1:end + 1]
+            position[row, :end - begin] = torch.arange(begin, end)
+        x, y, position = x.to(device), y.to(device), position.to(device)
+        out = model_output(model, x, state=state) if carry else model_output(model, x)
+        state = out.state if carry else None
+        sums.add(out.logits.detach(), y, position)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for row, span in enumerate(spans):
+            if span is not None:
+                cursor[row][1] = span[3]
+                if span[3] >= len(span[0]) - 1:
+                    cursor[row] = [cursor[row][0] + 1, 0]
+        if advance is not None:
+            advance(sum(s[3] - s[2] for s in spans if s is not None))

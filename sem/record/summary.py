@@ -91,8 +91,11 @@ class RunSummary:
 
     def finish(self, status: Status, *, wall_s: float, steps: int | None = None,
                val_loss: float | None = None, val_bpb: float | None = None,
-               stream_bpb: float | None = None, gzip_bpb: float | None = None, bz2_bpb: float | None = None,
-               xz_bpb: float | None = None, tokens_per_s: float | None = None,
+               stream_bpb: float | None = None, test_bpb: float | None = None,
+               test_stream_bpb: float | None = None, test_dynamic_bpb: float | None = None,
+               gzip_bpb: float | None = None, bz2_bpb: float | None = None, xz_bpb: float | None = None,
+               val_anchors_bpb: dict[str, float | None] | None = None,
+               test_anchors_bpb: dict[str, float | None] | None = None, tokens_per_s: float | None = None,
                best_checkpoint: str | None = None, last_checkpoint: str | None = None,
                error: str | None = None) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -100,10 +103,18 @@ class RunSummary:
             "steps": steps,
             "val_loss": val_loss,
             "val_bpb": val_bpb,
-            "stream_bpb": stream_bpb,  # held-out documents scored whole (sem.engines.fit.stream_bpb)
-            "gzip_bpb": gzip_bpb,
+            "stream_bpb": stream_bpb,  # val documents scored whole (sem.engines.fit.final_scores)
+            # the test split, scored once at the end from the final checkpoint (the report; val chose)
+            "test_bpb": test_bpb,
+            "test_stream_bpb": test_stream_bpb,
+            "test_dynamic_bpb": test_dynamic_bpb,
+            "gzip_bpb": gzip_bpb,  # the val bytes under gzip -9, bz2 -9, xz -9e (also in val_anchors_bpb)
             "bz2_bpb": bz2_bpb,
             "xz_bpb": xz_bpb,
+            # each split's bytes under every anchor (sem.data.anchors): gzip, bz2, xz alone; xz_prior,
+            # ppmd_prior given the training set
+            "val_anchors_bpb": val_anchors_bpb,
+            "test_anchors_bpb": test_anchors_bpb,
             "tokens_per_s": tokens_per_s,
             "wall_s": round(wall_s, 2),
             "peak_rss_mb": peak_rss_mb(),

@@ -25,14 +25,10 @@ go to ``eval.json`` (``by_position``) and to ``<out stem>_context.png`` beside i
 
 from __future__ import annotations
 
-import bz2
 import json
 import logging
-import lzma
-import math
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,36 +42,22 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from sem.config.components import corpus_node
-from sem.config.store import register_configs
+from sem.config.schema import DynamicConf
+from sem.config.store import expand_switches, register_configs
+from sem.data.anchors import LABELS as ANCHOR_LABELS
+from sem.data.anchors import Alone
 from sem.data.corpus import Corpus, CorpusError
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
 from sem.data.user_corpus import as_corpus
-from sem.models.stream import StreamScore, stream_rows, stream_score
-from sem.tools.context_plot import COMPRESSORS, plot_context
+from sem.models.dynamic import DynamicSettings
+from sem.models.stream import StreamScore, dynamic_score, stream_rows, stream_score
+from sem.tools.context_plot import plot_context
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
-from sem.training.step import val_sums
+from sem.training.evaluation import Score, score_windows
 
 log = logging.getLogger("sem.evaluate")
-
-
-@dataclass
-class Score:
-    """Sums over scored windows."""
-
-    nats: float  # total cross-entropy over every target
-    tokens: int  # targets
-    bytes: int  # targets that are bytes (the bpb denominator)
-    windows: int
-
-    @property
-    def loss(self) -> float:
-        return self.nats / self.tokens  # nats/token
-
-    @property
-    def bpb(self) -> float:
-        return self.nats / math.log(2) / self.bytes
 
 
 @dataclass
@@ -84,33 +66,23 @@ class Text:
 
     x: torch.Tensor  # [n, T] int64 inputs
     y: torch.Tensor  # [n, T] int64 next-token targets
-    compressor_bpb: dict[str, float]
+    compressor_bpb: dict[str, float]  # gzip_bpb, bz2_bpb, xz_bpb: the bytes alone
     what: str  # one line: which corpus, which part of it
-    split: str  # "val" (a checkpoint's held-out split) or "all" (every document)
+    split: str  # "val" or "test" (a checkpoint's held-out splits) or "all" (every document)
     n_docs: int
     n_bytes: int  # bytes of the documents (what the compressors compress)
     n_tokens: int  # tokens in the stream (bytes + BOS/EOS per document)
     tokens: np.ndarray  # uint16 [n_tokens]: the stream itself (mode=stream reads its documents)
+    # every anchor of sem.data.anchors (a held-out split: given the training set too), bits per byte
+    anchors: dict[str, float | None] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
           device: torch.device | str = "cpu") -> Score:
-    """Cross-entropy sums of ``model`` over windows x, y [n, T], ``batch_size`` windows at a time.
-
-    The sums are the training run's validation sums (``sem.training.step.val_sums``: a batch's mean
-    loss times its targets, accumulated in float64), so the same windows in the same batches on the
-    same device give the same bpb.
-    """
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, byte targets, windows
+    """``sem.training.evaluation.score_windows`` with a progress bar."""
     progress, task = _progress(len(x))
     with progress:
-        for i in range(0, len(x), batch_size):
-            sums += val_sums(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
-            progress.update(task, advance=min(batch_size, len(x) - i))
-    nats, tokens, n_bytes, windows = (float(v) for v in sums)
-    return Score(nats, int(tokens), int(n_bytes), int(windows))
+        return score_windows(model, x, y, batch_size, device, advance=lambda n: progress.update(task, advance=n))
 
 
 def _progress(total: int, what: str = "windows") -> tuple[Any, Any]:
@@ -145,26 +117,17 @@ def pack(corpus: Corpus, tokenizer: ByteTokenizer | None = None) -> Packed:
     """Every document of ``corpus`` packed as in the token cache; the compressors see the same
     document bytes, streamed in the same order (as for the cache's held-out anchors)."""
     tokenizer = tokenizer or ByteTokenizer()
-    compressors = {
-        "gzip_bpb": zlib.compressobj(9, zlib.DEFLATED, 31),  # gzip container, as gzip -9
-        "bz2_bpb": bz2.BZ2Compressor(9),
-        "xz_bpb": lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME),  # xz -9e
-    }
-    packed = dict.fromkeys(compressors, 0)
-    pieces, n_docs, n_bytes = [], 0, 0
+    alone = Alone()
+    pieces, n_docs = [], 0
     for doc in corpus.documents():
         pieces.append(tokenizer.encode(doc.data))
         n_docs += 1
-        n_bytes += len(doc.data)
-        for name, comp in compressors.items():
-            packed[name] += len(comp.compress(doc.data))
-    for name, comp in compressors.items():
-        packed[name] += len(comp.flush())
+        alone.add(doc.data)
     what = corpus.describe()
+    n_bytes = alone.n_bytes
     if n_bytes == 0:
         raise CorpusError(f"the corpus holds no text ({n_docs} document{'s' * (n_docs != 1)}, 0 bytes): {what}")
-    return Packed(np.concatenate(pieces), {name: 8.0 * size / n_bytes for name, size in packed.items()},
-                  what, n_docs, n_bytes)
+    return Packed(np.concatenate(pieces), {f"{k}_bpb": v for k, v in alone.bpb().items()}, what, n_docs, n_bytes)
 
 
 def whole_corpus(packed: Packed, seq_len: int, windows: bool = True) -> Text:
@@ -177,9 +140,9 @@ def whole_corpus(packed: Packed, seq_len: int, windows: bool = True) -> Text:
                 packed.n_bytes, int(packed.tokens.size), packed.tokens)
 
 
-def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str) -> Text:
-    """Every window of the held-out split a checkpoint was validated on (its own corpus, split and
-    packing, rebuilt from the config inside it)."""
+def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str, split: str = "val") -> Text:
+    """Every window of a checkpoint's held-out split (``val``: what it was validated on; ``test``: what
+    its run reported), its own corpus, split and packing rebuilt from the config inside it."""
     try:
         node = corpus_node(ckpt_data["corpus"])[0]
         corpus = as_corpus(instantiate(node), node)
@@ -188,13 +151,22 @@ def held_out(ckpt_data: dict[str, Any], seq_len: int, cache_dir: str) -> Text:
     problems = getattr(corpus, "problems", lambda: [])()
     if problems:
         raise CorpusError(f"the checkpoint's corpus is not available here: {problems[0]}")
+    test_fraction = ckpt_data.get("test_fraction", 0.0)  # 0: trained before the test split existed
+    if split == "test" and not test_fraction:
+        raise CorpusError("split=test: the checkpoint was trained without a test split (its data.test_fraction "
+                          "is 0 or absent): its training set holds those documents; use split=val")
     dm = SEMDataModule(corpus, batch_size=1, seq_len=seq_len, val_seq_len=seq_len,
-                       val_fraction=ckpt_data.get("val_fraction", 0.05), cache_dir=cache_dir)
+                       val_fraction=ckpt_data.get("val_fraction", 0.05), cache_dir=cache_dir,
+                       test_fraction=test_fraction)
     dm.setup()
-    x, y = dm.val_windows(None)
     c = dm.cache
-    return Text(x, y, dm.compressor_bpb, f"{corpus.describe()}, held-out split", "val", c.n_val_docs,
-                c.val_bytes, int(c.val.size), c.val)
+    x, y = dm.val_windows(None) if split == "val" else dm.test_windows()
+    n_docs, n_bytes = (c.n_val_docs, c.val_bytes) if split == "val" else (c.n_test_docs, c.test_bytes)
+    anchors = dm.anchors(split)
+    tokens = dm.tokens(split)
+    flat = {f"{k}_bpb": anchors[k] for k in ("gzip", "bz2", "xz")}
+    return Text(x, y, flat, f"{corpus.describe()}, {split} split", split, n_docs, n_bytes, int(tokens.size),
+                tokens, anchors)
 
 
 def report(model_name: str, result: Score | StreamScore, text: Text, seq_len: int) -> None:
@@ -205,8 +177,9 @@ def report(model_name: str, result: Score | StreamScore, text: Text, seq_len: in
 
     console = Console(highlight=False)
     if isinstance(result, StreamScore):
-        how = (f"recurrent state carried across chunks of up to {result.chunk} tokens"
-               if result.method == "recurrent" else f"sliding window of {result.chunk} tokens, stride {result.stride}")
+        how = {"recurrent": f"recurrent state carried across chunks of up to {result.chunk} tokens",
+               "dynamic": f"dynamic evaluation: the weights take a step after every {result.chunk} tokens scored",
+               }.get(result.method, f"sliding window of {result.chunk} tokens, stride {result.stride}")
         console.print(f"{text.what}: {result.documents:,} documents scored whole ({how}; "
                       f"{text.n_bytes:,} bytes)", soft_wrap=True)
     else:
@@ -216,8 +189,9 @@ def report(model_name: str, result: Score | StreamScore, text: Text, seq_len: in
     table.add_column("model / compressor")
     table.add_column("bits per byte", justify="right")
     table.add_row(model_name, f"{result.bpb:.4f}", style="bold")
-    for name, key in COMPRESSORS:
-        table.add_row(name, f"{text.compressor_bpb[key]:.4f}")
+    for key, value in (text.anchors or {k.removesuffix("_bpb"): v for k, v in text.compressor_bpb.items()}).items():
+        if value is not None:
+            table.add_row(ANCHOR_LABELS.get(key, key), f"{value:.4f}")
     console.print(table)
     if isinstance(result, StreamScore):
         by_position = Table()
@@ -242,6 +216,9 @@ class EvaluateConf:
     # at least 8192 tokens per forward, the chunks of the run's stream_bpb)
     device: str = "auto"  # auto | cpu | cuda
     mode: str = "windows"  # windows (the training run's validation) | stream (every document whole)
+    split: str = "val"  # the checkpoint's held-out split scored without a data option: val | test
+    # mode=stream dynamic=true: the weights learn as they read (sem.models.stream.dynamic_score)
+    dynamic: DynamicConf = field(default_factory=DynamicConf)
     out: str = "eval.json"
     seed: int = 0  # not used by an evaluation: the data options interpolate ${seed}
 
@@ -265,6 +242,18 @@ def app(cfg: DictConfig) -> None:
     if cfg.mode not in ("windows", "stream"):
         problems.append(f"mode={cfg.mode!r}: expected windows (fixed windows, as the training run "
                         "validates) or stream (every document whole)")
+    if cfg.split != "val" and "corpus" in cfg.data:
+        problems.append(f"split={cfg.split}: a data option is scored whole (all of its documents); split picks "
+                        "a held-out split of the checkpoint's own corpus (leave the data option out)")
+    elif cfg.split not in ("val", "test"):
+        problems.append(f"split={cfg.split!r}: expected val (the checkpoint's validation split) or test (its "
+                        "report split)")
+    dynamic = cfg.dynamic.enabled
+    settings = DynamicSettings(**{k: v for k, v in OmegaConf.to_container(cfg.dynamic).items() if k != "enabled"})
+    if dynamic:
+        problems += settings.problems("dynamic")
+        if cfg.mode != "stream":
+            problems.append(f"dynamic=true: needs mode=stream (every document whole), not mode={cfg.mode}")
     if problems:
         usage_error(*problems)
     stream = cfg.mode == "stream"
@@ -297,18 +286,27 @@ def app(cfg: DictConfig) -> None:
     started = time.perf_counter()
     try:
         text = (whole_corpus(packed, seq_len, windows=not stream) if packed is not None
-                else held_out(ckpt_data, seq_len, data.cache_dir))
+                else held_out(ckpt_data, seq_len, data.cache_dir, cfg.split))
     except CorpusError as exc:
         usage_error(f"data.corpus: {exc}")
     log.info("loaded %s: %s, %s parameters", cfg.ckpt, type(model).__name__,
              f"{sum(p.numel() for p in model.parameters()):,}")
-    if stream:
+    if stream and dynamic:
+        log.info("dynamic evaluation of %s documents (%s tokens): %s lr %g, a step every %d tokens, up to %d "
+                 "documents side by side, on %s", f"{text.n_docs:,}", f"{text.n_tokens:,}", settings.optimizer,
+                 settings.lr, settings.chunk, settings.rows, device)
+        progress, task = _progress(text.n_tokens - text.n_docs, "document tokens")
+        context = getattr(model, "max_seq_len", None) or seq_len
+        with progress:
+            result: Score | StreamScore = dynamic_score(model, text.tokens, settings, context, device,
+                                                        advance=lambda n: progress.update(task, advance=n))
+    elif stream:
         log.info("scoring %s documents whole (%s tokens), up to %s tokens per forward, on %s",
                  f"{text.n_docs:,}", f"{text.n_tokens:,}", f"{batch_size * seq_len:,}", device)
         progress, task = _progress(text.n_tokens - text.n_docs, "document tokens")
         with progress:
-            result: Score | StreamScore = stream_score(model, text.tokens, seq_len, batch_size, device,
-                                                       advance=lambda n: progress.update(task, advance=n))
+            result = stream_score(model, text.tokens, seq_len, batch_size, device,
+                                  advance=lambda n: progress.update(task, advance=n))
     else:
         log.info("scoring %s windows of %d tokens (trained at %d), %d per batch, on %s",
                  f"{len(text.x):,}", seq_len, trained_at, batch_size, device)
@@ -333,10 +331,15 @@ def app(cfg: DictConfig) -> None:
         "loss": result.loss,
         "bpb": result.bpb,
         **text.compressor_bpb,
+        "anchors_bpb": text.anchors or None,
         "batch_size": batch_size,
         "device": str(device),
         "wall_s": round(wall, 3),
+        "s_per_mb": round(wall / (text.n_bytes / 1e6), 3),
     }
+    if stream and dynamic:
+        record["dynamic"] = {"lr": settings.lr, "chunk": settings.chunk, "optimizer": settings.optimizer,
+                             "rows": settings.rows}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -352,7 +355,7 @@ def app(cfg: DictConfig) -> None:
 
 def _stream_fields(result: StreamScore) -> dict[str, Any]:
     """eval.json's mode=stream fields: how the documents were read, the sums, bpb by position."""
-    how = ({"method": "recurrent", "chunk_tokens": result.chunk} if result.method == "recurrent"
+    how = ({"method": result.method, "chunk_tokens": result.chunk} if result.method in ("recurrent", "dynamic")
            else {"method": "sliding_window", "context": result.chunk, "stride": result.stride})
     return {**how, "tokens": sum(result.tokens), "byte_targets": sum(result.byte_targets),
             "by_position": result.by_position()}
@@ -360,6 +363,7 @@ def _stream_fields(result: StreamScore) -> dict[str, Any]:
 
 def cli() -> None:
     """``sem-eval``: see the module docstring."""
+    sys.argv[1:] = expand_switches(sys.argv[1:], {"dynamic": "dynamic.enabled"})  # dynamic=true: its defaults
     _cli(app)
 
 

@@ -194,6 +194,89 @@ def test_evaluate_stream_scores_every_held_out_document_whole(
         assert t.summary["stream_bpb"] is None
 
 
+# ---------------------------------------------------------------------------------- the test split
+
+
+@pytest.fixture(scope="module")
+def split_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+               ) -> dict[str, tuple[subprocess.CompletedProcess, dict[str, Any]]]:
+    """The evaluations of the test split (and a dynamic one), each run as a user would, all at once:
+    name -> (the process, its eval.json)."""
+    tmp = tmp_path_factory.mktemp("split")
+    cases = {f"{name} {what}": [f"ckpt={t.ckpt}", "device=cpu", *args]
+             for name, t in trained.items()
+             for what, args in (("windows test", ["split=test"]), ("stream test", ["mode=stream", "split=test"]))}
+    cases["sem dynamic lr=0"] = [f"ckpt={trained['sem'].ckpt}", "device=cpu", "mode=stream", "dynamic=true",
+                                 "dynamic.lr=0"]
+    procs = {name: subprocess.Popen([sys.executable, "-m", "sem.evaluate", *args, f"out=eval_{i}.json"], cwd=tmp,
+                                    env=_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i, (name, args) in enumerate(cases.items())}
+    results = {}
+    for i, (name, proc) in enumerate(procs.items()):
+        out, err = proc.communicate(timeout=300)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        results[name] = (done, json.loads((tmp / f"eval_{i}.json").read_text()) if proc.returncode == 0 else {})
+    return results
+
+
+def _ok(run: tuple[subprocess.CompletedProcess, dict[str, Any]]) -> dict[str, Any]:
+    """The eval.json of a run of ``split_runs``, which must have exited 0."""
+    proc, result = run
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return result
+
+
+def test_the_runs_report_the_test_split(trained: dict[str, Trained], model_name: str) -> None:
+    """The fixture's corpus (mod_000..039.py) holds 3 test documents at val 0.05 / test 0.05: every run
+    reports the test split once, its windows and its documents whole (the Transformer too: a sliding
+    window), beside the test bytes' anchors; no dynamic figure unless eval.dynamic is on."""
+    summary = trained[model_name].summary
+    assert 0 < summary["test_bpb"] < 12 and 0 < summary["test_stream_bpb"] < 12
+    assert summary["test_dynamic_bpb"] is None
+    assert set(summary["test_anchors_bpb"]) == {"gzip", "bz2", "xz", "xz_prior", "ppmd_prior"}
+    assert summary["test_anchors_bpb"] != summary["val_anchors_bpb"]  # other bytes
+
+
+@pytest.mark.slow  # the split_runs fixture: 5 evaluations at once, ~18 s (--durations, 2 busy cores)
+def test_evaluate_test_split_equals_the_training_runs_test_bpb(
+        trained: dict[str, Trained], model_name: str, split_runs: dict) -> None:
+    t = trained[model_name]
+    result = _ok(split_runs[f"{model_name} windows test"])
+    proc = split_runs[f"{model_name} windows test"][0]
+    assert result["split"] == "test" and result["mode"] == "windows" and result["documents"] == 3
+    # the run scored every test window at the end, in the validation's batches: the same number
+    assert abs(result["bpb"] - t.summary["test_bpb"]) <= 1e-6, (result["bpb"], t.summary["test_bpb"])
+    assert result["anchors_bpb"] == pytest.approx(t.summary["test_anchors_bpb"], rel=1e-12)
+    assert result["gzip_bpb"] == pytest.approx(t.summary["test_anchors_bpb"]["gzip"], rel=1e-12)
+    table = proc.stdout.decode()
+    for row in ("gzip -9", "xz -9e | train", "PPMd | train", f"{result['bpb']:.4f}"):
+        assert row in table, table
+
+
+@pytest.mark.slow  # the split_runs fixture: 5 evaluations at once, ~18 s (--durations, 2 busy cores)
+def test_evaluate_stream_test_split_equals_the_training_runs_test_stream_bpb(
+        trained: dict[str, Trained], model_name: str, split_runs: dict) -> None:
+    t = trained[model_name]
+    result = _ok(split_runs[f"{model_name} stream test"])
+    assert result["split"] == "test" and result["mode"] == "stream" and result["documents"] == 3
+    assert result["method"] == {"sem": "recurrent", "transformer": "sliding_window"}[model_name]
+    assert result["byte_targets"] == result["bytes"]  # every byte of every test document, once
+    assert result["bpb"] == pytest.approx(t.summary["test_stream_bpb"], rel=1e-6)
+
+
+@pytest.mark.slow  # the split_runs fixture: 5 evaluations at once, ~18 s (--durations, 2 busy cores)
+def test_dynamic_evaluation_at_lr_0_is_the_stream_score(trained: dict[str, Trained], split_runs: dict) -> None:
+    """``dynamic=true`` (the shorthand of dynamic.enabled=true) with weights that never move: the SEM's
+    plain stream figure, the summary's stream_bpb."""
+    result = _ok(split_runs["sem dynamic lr=0"])
+    proc = split_runs["sem dynamic lr=0"][0]
+    assert result["method"] == "dynamic" and result["split"] == "val"
+    assert result["dynamic"] == {"lr": 0.0, "chunk": 128, "optimizer": "adam", "rows": 16}
+    assert result["byte_targets"] == result["bytes"]
+    assert result["bpb"] == pytest.approx(trained["sem"].summary["stream_bpb"], rel=1e-5)
+    assert "dynamic evaluation" in proc.stdout.decode()
+
+
 # ---------------------------------------------------------------------------------------- sample
 
 
@@ -304,6 +387,11 @@ def bad_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFacto
     (tmp / "empty_dir").mkdir()
     (tmp / "empty.txt").write_bytes(b"")
     ckpt = f"ckpt={trained['sem'].ckpt}"
+    # a checkpoint of a run from before the test split: no data.test_fraction in its config
+    payload = torch.load(trained["sem"].ckpt, map_location="cpu", weights_only=True)
+    del payload["sem"]["config"]["data"]["test_fraction"]
+    no_test = tmp / "no_test.ckpt"
+    torch.save(payload, no_test)
     cases = {  # name: (module, args, what the one line must say)
         "missing checkpoint": ("sem.sample", [f"ckpt={tmp / 'nope.ckpt'}"], "no such file"),
         "corrupt checkpoint": ("sem.evaluate", [f"ckpt={corrupt}"], "not a checkpoint"),
@@ -313,6 +401,11 @@ def bad_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFacto
                                                    f"data.corpus.paths=[{tmp / 'empty_dir'}]"], "no files"),
         "empty corpus (file)": ("sem.evaluate", [ckpt, "data=text_files",
                                                  f"data.corpus.paths=[{tmp / 'empty.txt'}]"], "no text"),
+        "dynamic without mode=stream": ("sem.evaluate", [ckpt, "dynamic=true", "mode=windows"], "dynamic=true"),
+        "bad dynamic setting": ("sem.evaluate", [ckpt, "mode=stream", "dynamic=true", "dynamic.lr=-1"],
+                                "dynamic.lr=-1"),
+        "bad split": ("sem.evaluate", [ckpt, "split=foo"], "split='foo'"),
+        "split=test without a test split": ("sem.evaluate", [f"ckpt={no_test}", "split=test"], "split=test"),
     }
     assert sorted(cases) == sorted(BAD)
     procs = {name: (subprocess.Popen([sys.executable, "-m", module, *args], cwd=tmp, env=_env(cache_dir),
@@ -326,7 +419,8 @@ def bad_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFacto
 
 
 BAD = ["missing checkpoint", "corrupt checkpoint", "top_k <= 0", "top_p > 1", "empty corpus (folder)",
-       "empty corpus (file)"]
+       "empty corpus (file)", "dynamic without mode=stream", "bad dynamic setting", "bad split",
+       "split=test without a test split"]
 
 
 @pytest.mark.parametrize("case", BAD)
