@@ -82,7 +82,7 @@ class SEMDataModule:
         self.tokenizer = tokenizer or ByteTokenizer()
         self._cache: TokenCache | None = None
         self._val_windows: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._test_windows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._test_windows: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -221,14 +221,15 @@ class SEMDataModule:
             self._val_windows[max_windows] = _tile(self.cache.val, self.val_seq_len, max_windows)
         return self._val_windows[max_windows]
 
-    def test_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every window of the test split, int64 [n, val_seq_len]: the same tiling as ``val_windows(None)``.
-        Only the end of a run reads it (``sem.engines.fit``), never a choice made during one."""
+    def test_windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows of the test split, int64 [n, val_seq_len]: the same tiling as ``val_windows`` (every
+        window, or an evenly spaced fixed subset of ``max_windows``). Only the end of a run reads it
+        (``sem.engines.fit``), never a choice made during one."""
         if not self.has_test:
             raise CorpusError("no test split: data.test_fraction is 0")
-        if self._test_windows is None:
-            self._test_windows = _tile(self.cache.test, self.val_seq_len)
-        return self._test_windows
+        if max_windows not in self._test_windows:
+            self._test_windows[max_windows] = _tile(self.cache.test, self.val_seq_len, max_windows)
+        return self._test_windows[max_windows]
 
     def val_loader(self, max_windows: int | None | Literal["default"] = "default") -> DataLoader:
         """(x, y) int64 [b, val_seq_len] batches over val_windows; "default" = val_max_windows, None = all."""

@@ -93,7 +93,8 @@ def final_scores(built: Built) -> dict[str, float | None]:
 
     - ``stream_bpb``: every val document scored whole, the recurrent state carried across chunks
       (``sem.models.stream``); only for a model that carries its state, with ``eval.stream`` on;
-    - ``test_bpb``: every test window, as the final validation scores val's;
+    - ``test_bpb``: the test windows, as the final validation scores val's (every window, or as many as
+      ``data.final_val_max_windows``);
     - ``test_stream_bpb``: every test document scored whole (a model without a state: the sliding
       window), with ``eval.stream`` on;
     - ``test_dynamic_bpb``: the same while the weights learn from what they scored
@@ -125,7 +126,7 @@ def final_scores(built: Built) -> dict[str, float | None]:
         return result.bpb
 
     def test_windows() -> float:
-        x, y = dm.test_windows()
+        x, y = dm.test_windows(dm.final_val_max_windows)  # as many as the final validation reads of val
         return score_windows(model, x, y, dm.val_batch_size, device).bpb
 
     def test_stream() -> float:
@@ -133,7 +134,7 @@ def final_scores(built: Built) -> dict[str, float | None]:
 
     def test_dynamic() -> float:
         settings = DynamicSettings(**{k: v for k, v in OmegaConf.to_container(dynamic).items() if k != "enabled"})
-        context = getattr(model, "max_seq_len", None) or dm.val_seq_len
+        context = dm.val_seq_len  # the static stream's window too (a model without a state)
         result = dynamic_score(model, dm.tokens("test"), settings, context, device)  # changes the weights: last
         log.info("test_dynamic_bpb %.4f: %d test documents scored whole while the weights learn (%s lr %g, a "
                  "step every %d tokens)", result.bpb, result.documents, settings.optimizer, settings.lr,

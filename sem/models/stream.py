@@ -26,6 +26,7 @@ its bytes. A target's position is its byte offset in the document (the EOS: the 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -253,8 +254,7 @@ def _sliding(model: nn.Module, docs: list[np.ndarray], context: int, stride: int
 # ------------------------------------------------------------------------------ dynamic evaluation
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    import importlib
-
+    """``dynamic.optimizer`` (a name of ``OPTIMIZERS`` or a dotted class path) over ``params`` at ``lr``."""
     path = OPTIMIZERS.get(name, name)
     module, _, cls = path.rpartition(".")
     try:
@@ -268,8 +268,9 @@ def dynamic_score(model: nn.Module, tokens: np.ndarray, settings: DynamicSetting
                   device: torch.device | str = "cpu", advance: Callable[[int], None] | None = None) -> StreamScore:
     """Score every document of ``tokens`` (a packed stream) whole while adapting ``model``'s weights
     (see the module docstring); ``model`` is changed in place: pass a copy to keep the original.
-    ``context``: the longest input a forward may read (the model's ``max_seq_len``): the longest chunk,
-    and for a model without a carried state the chunk and its context together."""
+    ``context``: the longest input a forward reads (at most the model's ``max_seq_len``; sem passes
+    ``val_seq_len``, the static stream's window): the longest chunk, and for a model without a carried
+    state the chunk and its context together."""
     device = torch.device(device)
     carry = carries_training_state(model)
     chunk = min(settings.chunk, context)  # a forward reads at most the model's max_seq_len
@@ -305,7 +306,7 @@ def _adapt(model: nn.Module, opt: torch.optim.Optimizer, lanes: list[list[np.nda
     starts with its BOS, where a model that carries its state starts afresh (``forward(..., state)``)."""
     cursor = [[0, 0] for _ in lanes]  # per lane: document index, first target of its next chunk
     state = None
-    pad = ByteTokenizer().pad_id
+    pad = _TOKENIZER.pad_id
     while any(d < len(lane) for (d, _), lane in zip(cursor, lanes)):
         spans = []  # per row: (document, first input, first target scored, end)
         for (d, start), lane in zip(cursor, lanes):

@@ -30,8 +30,9 @@ def plot_context(record: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(list(xs), [r["position"] for r in rows])
     ax.set_xlabel("position of the byte in its document (bytes)")
     ax.set_ylabel("bits per byte")
-    how = ("recurrent state carried" if record["method"] == "recurrent"
-           else f"sliding window {record['context']}, stride {record['stride']}")
+    how = {"recurrent": "recurrent state carried",
+           "dynamic": f"dynamic evaluation, a step every {record.get('chunk_tokens')} tokens",
+           }.get(record["method"]) or f"sliding window {record['context']}, stride {record['stride']}"
     ax.set_title(f"{record['model'].rsplit('.', 1)[-1]}: {record['documents']} documents whole ({how})", fontsize=10)
     top = max([r["bpb"] for r in rows] + [record[key] for _, key in COMPRESSORS])
     ax.set_ylim(0, top * 1.35)

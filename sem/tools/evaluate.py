@@ -296,7 +296,7 @@ def app(cfg: DictConfig) -> None:
                  "documents side by side, on %s", f"{text.n_docs:,}", f"{text.n_tokens:,}", settings.optimizer,
                  settings.lr, settings.chunk, settings.rows, device)
         progress, task = _progress(text.n_tokens - text.n_docs, "document tokens")
-        context = getattr(model, "max_seq_len", None) or seq_len
+        context = seq_len  # as mode=stream's sliding window reads (a model without a state)
         with progress:
             result: Score | StreamScore = dynamic_score(model, text.tokens, settings, context, device,
                                                         advance=lambda n: progress.update(task, advance=n))

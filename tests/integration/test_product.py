@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import sem
+from sem.models.dynamic import DynamicSettings
 from sem.models.generate import generate, show, write_samples
 from tests.conftest import ROOT, tiny_data_overrides
 
@@ -271,10 +272,13 @@ def test_dynamic_evaluation_at_lr_0_is_the_stream_score(trained: dict[str, Train
     result = _ok(split_runs["sem dynamic lr=0"])
     proc = split_runs["sem dynamic lr=0"][0]
     assert result["method"] == "dynamic" and result["split"] == "val"
-    assert result["dynamic"] == {"lr": 0.0, "chunk": 128, "optimizer": "adam", "rows": 16}
+    defaults = DynamicSettings()
+    assert result["dynamic"] == {"lr": 0.0, "chunk": defaults.chunk, "optimizer": defaults.optimizer,
+                                 "rows": defaults.rows}
     assert result["byte_targets"] == result["bytes"]
     assert result["bpb"] == pytest.approx(trained["sem"].summary["stream_bpb"], rel=1e-5)
     assert "dynamic evaluation" in proc.stdout.decode()
+    assert "could not draw" not in proc.stderr.decode()  # its eval_context.png too
 
 
 # ---------------------------------------------------------------------------------------- sample

@@ -49,12 +49,14 @@ class FakeData:
         self.test = _stream(1, (200, 150, 40)) if has_test else np.zeros(0, dtype=np.uint16)
         self.has_test = has_test
         self.val_seq_len, self.val_batch_size = VAL_SEQ_LEN, VAL_BATCH
+        self.final_val_max_windows = None  # every window
         self.test_windows_read = 0
 
     def tokens(self, split: str) -> np.ndarray:
         return {"val": self.val, "test": self.test}[split]
 
-    def test_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def test_windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        assert max_windows is None, "the final validation reads every window here: so does the test's"
         assert self.has_test, "final_scores read the test windows of a datamodule without a test split"
         self.test_windows_read += 1
         t = self.val_seq_len
