@@ -158,7 +158,8 @@ def test_dynamic_bpb_only_when_enabled_in_the_checkpoints_config(tmp_path: Path,
     built = _built(tmp_path, net, node, dynamic={"enabled": True, **dynamic})
     model, _ = load(built.checkpoint.last())
     # dynamic_score changes the model in place: `model` is a fresh copy of the checkpoint's weights
-    expected = dynamic_score(model, built.datamodule.tokens("test"), DynamicSettings(**dynamic), 64)
+    # the context of a forward: val_seq_len, the static stream's window
+    expected = dynamic_score(model, built.datamodule.tokens("test"), DynamicSettings(**dynamic), VAL_SEQ_LEN)
     scores = final_scores(built)
     assert scores["test_dynamic_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
     assert scores["test_dynamic_bpb"] != pytest.approx(scores["test_stream_bpb"], rel=1e-6)  # it did learn
