@@ -133,7 +133,7 @@ PHASES = {p.name: p for p in (
           log_has("validation at step 10 "), what="2-rank DDP training"),
     Phase("final_validation", ("data.final_val_max_windows=null", "data.seq_len=512"),
           log_has("final validation on"), what="the final validation on every held-out window"),
-    Phase("sampling", ("sample.n=50", "sample.max_new_tokens=4000"), log_has("nats/token"),
+    Phase("sampling", ("sample.n=50", "sample.max_new_tokens=4000"), log_has("final: val/bpb"),
           what="samples.txt from the final checkpoint"),
     Phase("sweep_between_jobs", ("-m", "optimizer.lr=1e-3,2e-3,3e-3", "hydra.sweep.dir=sweep"),
           log_has("job 0: completed"), what="a 3-job sweep, as job 0 has ended"),
@@ -224,7 +224,7 @@ def _r(x: float | None) -> float | None:
 def _missed(phase: Phase, out: str) -> bool:
     """The run got past the phase before the signal landed (a phase too short on this machine)."""
     later = {"ddp_rendezvous": "All distributed processes registered", "sanity_check": "step 5/",
-             "final_validation": "nats/token", "sampling": "samples from", "sweep_between_jobs": "job 1: "
+             "final_validation": "final: val/bpb", "sampling": "samples from", "sweep_between_jobs": "job 1: "
              }.get(phase.name)
     return later is not None and later in out
 
