@@ -1,9 +1,9 @@
-"""Dynamic evaluation: ``sem.models.stream.dynamic_score`` (Krause et al., 2018, "Dynamic Evaluation of Neural Sequence Models"): every document
-scored whole, as ``stream_score`` scores it, but the model learns as it reads: each
-chunk of ``chunk`` tokens is scored first, then the model takes one gradient step on that chunk's
-cross-entropy. A chunk is always scored by weights that saw only earlier bytes, so the total stays a
-valid code length: a decoder holding the same weights and optimizer replays the same updates, as a
-PPMd decoder replays PPMd's counts.
+"""Dynamic evaluation: ``sem.models.stream.dynamic_score`` (Krause et al., 2018, "Dynamic Evaluation of
+Neural Sequence Models"): every document scored whole, as ``stream_score`` scores it, but the model learns
+as it reads: each chunk of ``chunk`` tokens is scored first, then the model takes one gradient step on
+that chunk's cross-entropy. A chunk is always scored by weights that saw only earlier bytes, so the total
+stays a valid code length: a decoder holding the same weights and optimizer replays the same updates, as
+a PPMd decoder replays PPMd's counts.
 
 The weights carry across documents (not reset at each): what the model learns of one file of a corpus
 (its names, its idioms) helps with the next, as PPMd's statistics and the xz window carry across the
