@@ -351,8 +351,7 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         p.append(f"threads={cfg.threads!r}: must be >= 1 (torch threads per job) or null")
     dynamic = cfg.eval.dynamic
     if dynamic.enabled:
-        settings = {k: v for k, v in OmegaConf.to_container(dynamic).items() if k != "enabled"}
-        p += DynamicSettings(**settings).problems("eval.dynamic")
+        p += DynamicSettings.of(OmegaConf.to_container(dynamic)).problems("eval.dynamic")
     return p
 
 

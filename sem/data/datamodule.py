@@ -218,7 +218,7 @@ class SEMDataModule:
         """
         _positive("max_windows", max_windows, allow_none=True)
         if max_windows not in self._val_windows:
-            self._val_windows[max_windows] = _tile(self.cache.val, self.val_seq_len, max_windows)
+            self._val_windows[max_windows] = tile_windows(self.cache.val, self.val_seq_len, max_windows)
         return self._val_windows[max_windows]
 
     def test_windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +228,7 @@ class SEMDataModule:
         if not self.has_test:
             raise CorpusError("no test split: data.test_fraction is 0")
         if max_windows not in self._test_windows:
-            self._test_windows[max_windows] = _tile(self.cache.test, self.val_seq_len, max_windows)
+            self._test_windows[max_windows] = tile_windows(self.cache.test, self.val_seq_len, max_windows)
         return self._test_windows[max_windows]
 
     def val_loader(self, max_windows: int | None | Literal["default"] = "default") -> DataLoader:
@@ -248,7 +248,7 @@ class SEMDataModule:
                 f"test_fraction={self.test_fraction}, seed={self.seed})")
 
 
-def _tile(tokens: np.ndarray, t: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_windows(tokens: np.ndarray, t: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of a packed stream: window i holds tokens [i*t, i*t + t] (consecutive targets that tile
     it), or an evenly spaced fixed subset of ``max_windows`` of them."""
     n = (tokens.size - 1) // t

@@ -133,7 +133,7 @@ def final_scores(built: Built) -> dict[str, float | None]:
         return stream_score(model, dm.tokens("test"), dm.val_seq_len, rows, device).bpb
 
     def test_dynamic() -> float:
-        settings = DynamicSettings(**{k: v for k, v in OmegaConf.to_container(dynamic).items() if k != "enabled"})
+        settings = DynamicSettings.of(OmegaConf.to_container(dynamic))
         context = dm.val_seq_len  # the static stream's window too (a model without a state)
         result = dynamic_score(model, dm.tokens("test"), settings, context, device)  # changes the weights: last
         log.info("test_dynamic_bpb %.4f: %d test documents scored whole while the weights learn (%s lr %g, a "

@@ -38,6 +38,11 @@ class DynamicSettings:
     optimizer: str = "adam"
     rows: int = 4
 
+    @classmethod
+    def of(cls, node: dict) -> DynamicSettings:
+        """The settings of a config node (``eval.dynamic``, sem.evaluate's ``dynamic``): its keys but ``enabled``."""
+        return cls(**{k: v for k, v in dict(node).items() if k != "enabled"})
+
     def problems(self, prefix: str = "dynamic") -> list[str]:
         p = []
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr >= 0:

@@ -47,7 +47,7 @@ from sem.config.store import expand_switches, register_configs
 from sem.data.anchors import LABELS as ANCHOR_LABELS
 from sem.data.anchors import Alone
 from sem.data.corpus import Corpus, CorpusError
-from sem.data.datamodule import SEMDataModule
+from sem.data.datamodule import SEMDataModule, tile_windows
 from sem.data.tokenizer import ByteTokenizer
 from sem.data.user_corpus import as_corpus
 from sem.models.dynamic import DynamicSettings
@@ -94,14 +94,6 @@ def _progress(total: int, what: str = "windows") -> tuple[Any, Any]:
     return progress, progress.add_task("score", total=total)
 
 
-def tile(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every whole window of a token stream: window i holds tokens [i*T, i*T + T]; int64 [n, T] each.
-    The same tiling as ``SEMDataModule.val_windows(None)``."""
-    n = (tokens.size - 1) // seq_len
-    w = torch.from_numpy(tokens[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)].astype(np.int64))
-    return w[:, :-1], w[:, 1:]
-
-
 @dataclass
 class Packed:
     """A whole corpus as one token stream, and the compressors' bpb of its bytes."""
@@ -135,7 +127,7 @@ def whole_corpus(packed: Packed, seq_len: int, windows: bool = True) -> Text:
     if windows and packed.tokens.size < seq_len + 1:
         raise CorpusError(f"the corpus has {packed.tokens.size} tokens, fewer than one window of "
                           f"val_seq_len+1 = {seq_len + 1}; use a shorter data.val_seq_len or more text")
-    x, y = tile(packed.tokens, seq_len) if windows else (torch.empty(0, seq_len, dtype=torch.long),) * 2
+    x, y = tile_windows(packed.tokens, seq_len) if windows else (torch.empty(0, seq_len, dtype=torch.long),) * 2
     return Text(x, y, packed.compressor_bpb, f"{packed.what}, all documents", "all", packed.n_docs,
                 packed.n_bytes, int(packed.tokens.size), packed.tokens)
 
@@ -249,7 +241,7 @@ def app(cfg: DictConfig) -> None:
         problems.append(f"split={cfg.split!r}: expected val (the checkpoint's validation split) or test (its "
                         "report split)")
     dynamic = cfg.dynamic.enabled
-    settings = DynamicSettings(**{k: v for k, v in OmegaConf.to_container(cfg.dynamic).items() if k != "enabled"})
+    settings = DynamicSettings.of(OmegaConf.to_container(cfg.dynamic))
     if dynamic:
         problems += settings.problems("dynamic")
         if cfg.mode != "stream":
