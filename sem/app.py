@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from sem.config.store import CONF_DIR, expand_switches, register_configs
 from sem.config.validate import run_dir_problems, validate_run
+from sem.engines.cluster import bind_ranks
 from sem.errors import EXIT_BAD_CONFIG, SweepExit, exit_if_invalid
 from sem.plan.dry_run import plan
 from sem.recipe import train
@@ -55,10 +56,15 @@ class ValidateFirst(HydraCallback):
         with open_dict(job_cfg):
             del job_cfg["hydra"]  # what the job itself will see
         run_dir = Path(config.hydra.run.dir)
-        holder = busy(run_dir) if is_global_zero() else None  # at once, before the validation's imports
+        ranks, cluster = bind_ranks(job_cfg)
+        holder = busy(run_dir) if ranks.is_global_zero else None  # at once, before the validation's imports
         if holder:
             exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: {holder}"])
-        exit_if_invalid(validate_run(job_cfg)[0] + run_dir_problems(run_dir))
+        exit_if_invalid(cluster + validate_run(job_cfg)[0] + run_dir_problems(run_dir))
+        if not ranks.is_global_zero:  # another node's process joins the run dir: its log is rank_<n>.log
+            with open_dict(config.hydra):
+                config.hydra.output_subdir = None
+                config.hydra.job.name = f"rank_{ranks.global_rank}"
         try:  # what Hydra does next; a dir that cannot be made is a usage error, not a traceback
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -77,6 +83,7 @@ def main(cfg: DictConfig) -> float | None:
     global _main_started
     _main_started = True
     apply_job_threads(cfg.get("threads"))  # every job: loky reuses its worker processes between jobs
+    bind_ranks(cfg)  # (again in a sweep: each job is a run of its own shape)
     job = plan if cfg.get("dry_run") else train
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(job, cfg)

@@ -24,6 +24,10 @@ class BadConfig(SystemExit):
         self.problems = problems
 
 
+class RunFailed(RuntimeError):
+    """A failure sem has put in its own words: the message is the whole line (no exception name)."""
+
+
 class TrainingFailed(RuntimeError):
     """Raised in multirun so Hydra records the job as failed; a single run exits 1 instead."""
 

@@ -26,12 +26,13 @@ from sem.config.validate import run_dir_problems, validate_run
 from sem.contracts import ContractError
 from sem.data.corpus import CorpusError
 from sem.engines.build import Built, build, make, resolve_lengths
+from sem.engines.cluster import bind_ranks
 from sem.engines.fit import fit, summarise, write_samples
 from sem.engines.resume import Resume, already_finished, find_resume
-from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, TrainingFailed, exit_if_invalid
+from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, RunFailed, TrainingFailed, exit_if_invalid
 from sem.record.lock import RunDirBusy, hold
-from sem.record.summary import RunSummary, is_global_zero
-from sem.training.distributed import ddp_env, end_distributed
+from sem.record.summary import RunSummary, Status, is_global_zero
+from sem.training.distributed import at_lost, ddp_env, end_distributed, peers_gone
 from sem.training.preemption import Stopped, StopSignals
 
 log = logging.getLogger("sem.recipe")
@@ -83,6 +84,7 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
     saved; either way ``summary.json`` says preempted and the exit code is 75. A failure is written to
     ``summary.json`` (exit 1; in a sweep, ``TrainingFailed`` so Hydra records the job)."""
     problems, corpus = validate_run(cfg)
+    problems = bind_ranks(cfg)[1] + problems
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     exit_if_invalid(problems or run_dir_problems(run_dir))
     if is_global_zero():  # one process per run dir (taken already by a single run or a sweep job)
@@ -102,6 +104,7 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
         signals.abandon("the set-up before training")
         checkpoints = make(cfg.checkpoint, dirpath=str(run_dir / "checkpoints"))
         signals.last_words = lambda why: _stopped(summary, checkpoints, started, why)
+        at_lost.append(lambda why: _stopped(summary, checkpoints, started, why, status="failed"))
         yield Run(cfg, run_dir, corpus, checkpoints, signals, summary, started)
     except Stopped as stop:  # a phase with nothing to save: the newest checkpoint (if any) is the run
         signals.defer()  # summary.json is written whole (a second signal still exits at once)
@@ -121,24 +124,28 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
         summary.finish("preempted", wall_s=time.time() - started, error=f"interrupted ({type(exc).__name__})")
         raise SystemExit(code if code not in (None, 0) else EXIT_TRAINING_FAILED) from None
     except Exception as exc:  # a training failure: say why in summary.json, exit 1
-        log.error("training failed: %s: %s", type(exc).__name__, exc)
-        summary.finish("failed", wall_s=time.time() - started, error=f"{type(exc).__name__}: {exc}")
+        why = str(exc) if isinstance(exc, RunFailed) else peers_gone(exc) or f"{type(exc).__name__}: {exc}"
+        log.error("training failed: %s", why)
+        summary.finish("failed", wall_s=time.time() - started, error=why)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise TrainingFailed(str(exc)) from exc
         log.debug("traceback", exc_info=True)
         sys.exit(EXIT_TRAINING_FAILED)
     finally:
+        at_lost.clear()
         signals.restore()
         end_distributed(saved_env)  # the next job of a sweep in this process starts without a process group
         signals.hand_over()  # submitit's SIGUSR2, after the stop's checkpoint: submitit requeues (SystemExit)
 
 
-def _stopped(summary: RunSummary, checkpoints: Any, started: float, why: str) -> Path | None:
-    """``summary.json`` of a run stopped where there was nothing to save: preempted, at the newest
-    checkpoint's step (0 and none before the first). The newest checkpoint, if any."""
+def _stopped(summary: RunSummary, checkpoints: Any, started: float, why: str,
+             status: Status = "preempted") -> Path | None:
+    """``summary.json`` of a run stopped where there was nothing to save (or ``failed``: a peer lost, the
+    step in flight abandoned): at the newest checkpoint's step (0 and none before the first). The newest
+    checkpoint, if any."""
     step = getattr(checkpoints, "last_saved_step", None)
     last = checkpoints.last() if checkpoints is not None else None
-    summary.finish("preempted", wall_s=time.time() - started, steps=step if step is not None else 0,
+    summary.finish(status, wall_s=time.time() - started, steps=step if step is not None else 0,
                    last_checkpoint=str(last) if last is not None else None, error=why)
     return last
 

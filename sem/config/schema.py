@@ -306,7 +306,8 @@ class StrategyConf:
     name: str = "auto"  # auto | ddp | fsdp
     backend: str | None = None  # null: gloo (cpu), nccl (cuda), xccl (xpu)
     find_unused_parameters: bool = False
-    timeout_s: int = 1800
+    timeout_s: int = 1800  # a collective waits this long for the other ranks
+    join_timeout_s: int = 300  # joining (and a rank gone silent afterwards): every process exits 1 after it
     sharding_strategy: str = "FULL_SHARD"  # fsdp only
 
 

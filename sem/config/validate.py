@@ -357,11 +357,14 @@ def _run_problems(cfg: DictConfig) -> list[str]:
 
 def _strategy_value_problems(cfg: DictConfig) -> list[str]:
     """The strategy's own numbers (what the machine allows is ``sem.config.hardware``'s)."""
-    timeout = cfg.strategy.get("timeout_s")
-    if timeout is not None and not (isinstance(timeout, int) and 0 < timeout <= MAX_TIMEOUT_S):
-        return [f"strategy.timeout_s={timeout!r}: must be in [1, {MAX_TIMEOUT_S}] (seconds a rank waits for "
-                "the others)"]
-    return []
+    p = []
+    for key, what in (("timeout_s", "a collective waits for the other ranks"),
+                      ("join_timeout_s", "every rank has to join, or to stay heard")):
+        value = cfg.strategy.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 < value <= MAX_TIMEOUT_S):
+            p.append(f"strategy.{key}={value!r}: must be in [1, {MAX_TIMEOUT_S}] (seconds {what})")
+    return p
 
 
 def _checkpoint_problems(cfg: DictConfig) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from sem.record.provenance import environment
+from sem.training.distributed import ranks
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,9 @@ Status = Literal["completed", "failed", "preempted"]
 
 
 def is_global_zero() -> bool:
-    # The same environment variables Lightning reads for its rank_zero_only.rank.
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
-        if key in os.environ:
-            return int(os.environ[key]) == 0
-    return True
+    """This process writes the run's files (``sem.training.distributed.ranks``, read from the cluster
+    environment Lightning selects)."""
+    return ranks().is_global_zero
 
 
 def _finite(value: Any) -> Any:

@@ -53,10 +53,10 @@ def test_step_by_step_equals_full_forward(recurrence: str, readout: str, power: 
     # The Born readout's logits are log(|z|^2 + born_eps): for an improbable token |z|^2 is ~born_eps
     # and its logit sits near log(born_eps) ~ -13.8, where the log amplifies fp32 round-off of |z|^2
     # (~1e-4 absolute at worst over 512 tokens, hence rtol on top of atol). Those tokens carry no
-    # probability: the two paths' softmax probabilities agree to ~3e-8, checked below.
-    # (born_power b multiplies both by b.)
-    torch.testing.assert_close(step, full, atol=1e-4 * power, rtol=2e-5)
-    torch.testing.assert_close(step.softmax(-1), full.softmax(-1), atol=1e-6, rtol=0)
+    # probability: the two paths' softmax probabilities agree to ~1e-6 (relative ~3e-6 on CPUs whose
+    # kernels sum in another order), checked below. (born_power b multiplies both by b.)
+    torch.testing.assert_close(step, full, atol=1e-4 * power, rtol=4e-5)
+    torch.testing.assert_close(step.softmax(-1), full.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("recurrence, power, offset", [("fft", 1.0, 0.0), ("scan", 1.0, 0.0), ("fft", 4.0, 0.0),
@@ -240,7 +240,7 @@ def test_the_ring_initialisation_spans_its_moduli_and_decodes_exactly() -> None:
     torch.testing.assert_close(moduli.min(), torch.tensor(0.36788), atol=1e-5, rtol=0)
     torch.testing.assert_close(moduli.max(), torch.tensor(0.999), atol=1e-5, rtol=0)
     assert spread.blocks[0].theta.max() > 0.314  # phases over [0, pi]
-    _decodes_as_the_forward(ring, _tokens(2, 96, seed=13), [37], 1e-4, 2e-5)
+    _decodes_as_the_forward(ring, _tokens(2, 96, seed=13), [37], 1e-4, 4e-5)  # logits ~13: fp32 round-off
     for bad, key in (({"r_min": 0.0}, "r_min"), ({"r_min": 0.99, "r_max": 0.9}, "r_max"),
                      ({"r_max": 1.0}, "r_max"), ({"max_phase": -1.0}, "max_phase")):
         with pytest.raises(ValueError, match=f"invalid {key}="):

@@ -53,6 +53,7 @@ SINGLE = {
     "devices_words": (["trainer.devices=many"], ["trainer.devices='many'"]),
     "devices_repeated": (["trainer.devices=[0,0]"], ["trainer.devices=", "twice"]),
     "num_nodes_zero": (["trainer.num_nodes=0"], ["trainer.num_nodes=0"]),
+    "join_timeout_zero": (["strategy=ddp", "strategy.join_timeout_s=0"], ["strategy.join_timeout_s=0", "[1,"]),
     "fsdp_on_cpu": (["strategy=fsdp"], ["strategy=fsdp", "CPU", "strategy=ddp"]),
     "nccl_on_cpu": (["strategy=ddp", "strategy.backend=nccl"], ["strategy.backend=nccl", "cpu"]),
     "backend_unknown": (["strategy=ddp", "strategy.backend=carrier_pigeon"], ["strategy.backend='carrier_pigeon'"]),

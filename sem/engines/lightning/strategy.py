@@ -12,6 +12,11 @@ Hydra sweep that re-runs the whole sweep (basic launcher) or a loky worker (jobl
 scatter into directories of their own (PLATFORM.md). ``JobScriptLauncher`` starts each extra rank as
 a *single run of this job*: ``python -m sem <the job's own overrides> hydra.run.dir=<the job's dir>``,
 so a DDP job inside ``-m`` has one directory, whatever launcher runs the sweep.
+
+Joining is bounded (``BoundedJoin``): a peer that never comes ends every process that is up within
+``strategy.join_timeout_s`` with a line naming the missing ranks; once joined, a heartbeat names a rank
+that goes silent within the same time (``sem.training.distributed``), apart from the collective
+``strategy.timeout_s``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from sem.training.distributed import at_job_end, backend_for, world_size
+from sem.training.distributed import Heartbeat, Ranks, at_job_end, backend_for, join, lost, store_client, world_size
 from sem.training.preemption import forward_to
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,8 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "ddp", "fsdp")
 def make_strategy(name: str, device_type: str, devices: Any = 1, num_nodes: int = 1, precision: str = "32-true",
                   backend: str | None = None, find_unused_parameters: bool = False,
-                  timeout_s: int = 1800, sharding_strategy: str = "FULL_SHARD") -> Strategy | str:
+                  timeout_s: int = 1800, join_timeout_s: int = 300,
+                  sharding_strategy: str = "FULL_SHARD") -> Strategy | str:
     """The Lightning strategy for ``strategy=<name>`` on ``device_type`` (see the module docstring)."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r}: must be one of {', '.join(STRATEGIES)}")
@@ -54,16 +60,52 @@ def make_strategy(name: str, device_type: str, devices: Any = 1, num_nodes: int 
 
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         mixed = MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype) if dtype else None
-        return FSDPStrategy(sharding_strategy=sharding_strategy, mixed_precision=mixed,
-                            process_group_backend=backend or backend_for(device_type),
-                            timeout=timedelta(seconds=timeout_s))
+        return SEMFSDPStrategy(sharding_strategy=sharding_strategy, mixed_precision=mixed,
+                               process_group_backend=backend or backend_for(device_type),
+                               timeout=timedelta(seconds=timeout_s), join_timeout_s=join_timeout_s)
     return SEMDDPStrategy(process_group_backend=backend or backend_for(device_type),
-                          find_unused_parameters=find_unused_parameters, timeout=timedelta(seconds=timeout_s))
+                          find_unused_parameters=find_unused_parameters, timeout=timedelta(seconds=timeout_s),
+                          join_timeout_s=join_timeout_s)
 
 
-class SEMDDPStrategy(DDPStrategy):
+class BoundedJoin:
+    """Joins the process group with ``sem.training.distributed.join`` (bounded by ``join_timeout_s``, the
+    missing ranks named) and starts the heartbeat, before Lightning's own set-up, which then finds the
+    process group made. Mixed into a Lightning DDP/FSDP strategy."""
+
+    join_timeout_s: float = 300
+
+    def setup_distributed(self) -> None:
+        if not torch.distributed.is_initialized():
+            strategy: Any = self
+            strategy.set_world_ranks()
+            env = strategy.cluster_environment
+            me = Ranks(strategy.global_rank, strategy.local_rank, strategy.node_rank, strategy.world_size,
+                       type(env).__name__)
+            device = strategy.root_device
+            join(me, env.main_address, env.main_port, strategy._get_process_group_backend(), self.join_timeout_s,
+                 strategy._timeout.total_seconds(), device_id=device if device.type != "cpu" else None)
+            client = store_client(env.main_address, env.main_port, min(30.0, self.join_timeout_s))
+            at_job_end.append(Heartbeat(client, me, self.join_timeout_s, lost).start().stop)
+        super().setup_distributed()  # type: ignore[misc]
+
+
+class SEMFSDPStrategy(BoundedJoin, FSDPStrategy):
+    """Lightning's FSDPStrategy with a bounded join."""
+
+    def __init__(self, *args: Any, join_timeout_s: float = 300, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.join_timeout_s = join_timeout_s
+
+
+class SEMDDPStrategy(BoundedJoin, DDPStrategy):
     """DDPStrategy whose extra ranks are single runs of this job (``JobScriptLauncher``), and that builds
-    the DDP wrapper without a CUDA stream on XPU (Lightning's would raise on a torch without CUDA)."""
+    the DDP wrapper without a CUDA stream on XPU (Lightning's would raise on a torch without CUDA), and
+    that joins within ``join_timeout_s`` (``BoundedJoin``)."""
+
+    def __init__(self, *args: Any, join_timeout_s: float = 300, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.join_timeout_s = join_timeout_s
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -103,15 +145,16 @@ class JobScriptLauncher(_SubprocessScriptLauncher):
         os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
         for local_rank in range(1, self.num_processes):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
-            command, cwd = rank_command(local_rank)
+            command, cwd = rank_command(env.node_rank() * self.num_processes + local_rank)
             log.info("starting rank %d: %s", local_rank, " ".join(command))
             # Its own session: a Ctrl-C at the terminal reaches rank zero only, which passes it on
             # (``forward_to``); the rank dies with rank zero (``sem.training.preemption``).
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd, start_new_session=True))
 
 
-def rank_command(local_rank: int) -> tuple[list[str], str | None]:
-    """The command line of extra rank ``local_rank``: this job as a single run in this job's directory."""
+def rank_command(global_rank: int) -> tuple[list[str], str | None]:
+    """The command line of extra rank ``global_rank``: this job as a single run in this job's directory,
+    logging to ``rank_<global_rank>.log``."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():  # a plain script (tests, notebooks): re-run it as Lightning does
@@ -125,7 +168,7 @@ def rank_command(local_rank: int) -> tuple[list[str], str | None]:
             if s.provider == "command-line" and s.schema == "file"]
     command = [sys.executable, "-m", "sem", f"--config-name={hc.job.config_name}", *dirs, *hc.overrides.task,
                f"hydra.run.dir={hc.runtime.output_dir}", "hydra.output_subdir=null",
-               f"hydra.job.name=rank_{local_rank}"]
+               f"hydra.job.name=rank_{global_rank}"]
     return command, hc.runtime.cwd
 
 
