@@ -16,7 +16,7 @@ test-full:
 	$(PY) -m pytest -m "" -n 2 --dist loadgroup
 
 lint:
-	$(PY) -m ruff check sem tests bench launch.py
+	$(PY) -m ruff check sem hydra_plugins tests bench launch.py
 	lint-imports
 
 bench:

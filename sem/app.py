@@ -24,7 +24,9 @@ from sem.recipe import train
 from sem.record.lock import RunDirBusy, busy, hold
 from sem.record.summary import is_global_zero
 from sem.sweeps.job import apply_job_threads, sweep_job
+from sem.sweeps.trial import trial_reports
 from sem.training.preemption import after_run
+from sem.training.pruning import Pruned, judged
 
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
@@ -76,7 +78,7 @@ class ValidateFirst(HydraCallback):
                 exit_if_invalid([f"hydra.run.dir={str(run_dir)!r}: {exc}"])
 
 
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | Pruned | None:
     """Run one job from a composed config: train it, or print its plan (``dry_run=true``); return the
     final ``val/bpb`` for sweepers. A sweep job runs inside ``sem.sweeps.job.sweep_job``: a job that
     fails is recorded (summary.json, ledger) and returns None, and the sweep goes on to its next job."""
@@ -87,7 +89,8 @@ def main(cfg: DictConfig) -> float | None:
     job = plan if cfg.get("dry_run") else train
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(job, cfg)
-    return job(cfg)
+    with judged(trial_reports(HydraConfig.get())):  # an extra DDP rank of an Optuna trial decides with rank 0
+        return job(cfg)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -34,12 +34,14 @@ from sem.record.lock import RunDirBusy, hold
 from sem.record.summary import RunSummary, Status, is_global_zero
 from sem.training.distributed import at_lost, ddp_env, end_distributed, peers_gone
 from sem.training.preemption import Stopped, StopSignals
+from sem.training.pruning import Pruned
 
 log = logging.getLogger("sem.recipe")
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Train one run from a composed config; the final ``val/bpb`` (what a sweeper minimises)."""
+def train(cfg: DictConfig) -> float | Pruned | None:
+    """Train one run from a composed config; the final ``val/bpb`` (what a sweeper minimises), or where a
+    sweeper's judge stopped it (``sem.training.pruning``)."""
     with run_guard(cfg) as run:
         resume = find_resume(cfg, run.checkpoints)
         if (done := already_finished(cfg, run.dir, resume)) is not None:
@@ -47,7 +49,8 @@ def train(cfg: DictConfig) -> float | None:
         built = prepare(run, resume)
         with run.signals.deferred():  # the run's records are written whole
             run.summary.begin(run.cfg, parent_checkpoint=built.resume_from)
-        fit(built, run.summary, run.started)  # the engine defers stop signals to its step boundary
+        if (pruned := fit(built, run.summary, run.started)) is not None:  # (stop signals: at a step boundary)
+            return pruned  # a sweeper's judge stopped it: the sweeper records the trial as pruned
         bpb = summarise(built, run.summary, run.started)
         if not built.quick:  # trainer.fast_dev_run saves no checkpoint to sample from
             write_samples(run.cfg, built.checkpoint, run.dir, run.signals)

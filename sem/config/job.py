@@ -49,8 +49,8 @@ def job_id(run_dir: Path, sweep_dir: Path) -> str:
 def job_subdir(sweep_dir: str, num: int) -> str:
     """Resolver ``${sem.job_subdir:${hydra.sweep.dir},${hydra.job.num}}``: the job's number after the
     folders an earlier invocation left in the same sweep dir (recorded in ``sweep.json`` before any job
-    starts). An Optuna study continued in its own dir asks new trials, numbered from 0 again by the
-    sweeper: they get new folders instead of overwriting the earlier trials'."""
+    starts): a basic sweep continued in its own dir gets new folders instead of overwriting the earlier
+    jobs'. (sem's Optuna sweeper numbers each job by its trial, so a continued study needs no offset.)"""
     return str(int(read_json(Path(sweep_dir) / "sweep.json").get("first_job", 0)) + int(num))
 
 

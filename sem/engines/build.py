@@ -22,6 +22,8 @@ from sem.engines.resume import Resume, shape_problems
 from sem.errors import exit_if_invalid
 from sem.record.summary import is_global_zero
 from sem.training.preemption import StopSignals
+from sem.training.pruning import Reports
+from sem.training.pruning import current as current_trial
 
 log = logging.getLogger("sem.build")
 
@@ -38,6 +40,7 @@ class Built:
     precision_note: str
     signals: StopSignals | None = None
     quick: bool = False  # trainer.fast_dev_run: one validation batch at the end too
+    trial: Reports | None = None  # a sweeper's judge of this run's validations (sem.training.pruning)
 
     def describe(self) -> None:
         from sem.models.common import count_parameters
@@ -117,18 +120,21 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
     if policy.forward is not None:
         log.info("compile: the training forward and backward run through torch.compile (inductor); "
                  "validation and evaluation run the model as it is")
+    trial = current_trial()
     if cfg.engine == "standalone":
-        engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+        engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals,
+                                   trial)
     else:
         from sem.engines.lightning.build import lightning_engine
 
-        engine, note = lightning_engine(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals)
+        engine, note = lightning_engine(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals,
+                                        trial)
     resume = resume or Resume()
     if resume.payload is not None:
         exit_if_invalid(shape_problems(engine.model, resume.payload, resume.path))
     return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
                  quick=bool(cfg.trainer.get("fast_dev_run")),
-                 precision_note=note, signals=signals)
+                 precision_note=note, signals=signals, trial=trial)
 
 
 def _log_memory_estimate(cfg: DictConfig) -> None:
@@ -164,7 +170,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
-                checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+                checkpoints: Any, signals: StopSignals | None, trial: Reports | None = None) -> tuple[Any, str]:
     import torch
 
     from sem.engines.standalone import SEMTrainer
@@ -184,7 +190,7 @@ def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, op
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
-        console_every_n_steps=console.every_n_steps if console else 10**9, signals=signals)
+        console_every_n_steps=console.every_n_steps if console else 10**9, signals=signals, trial=trial)
     dtype = {None: "fp32"}.get(precision.autocast_dtype, str(precision.autocast_dtype))
     return trainer, f"{precision.precision} on {device_type} (autocast {dtype}); complex regions in complex64"
 

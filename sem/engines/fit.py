@@ -20,6 +20,7 @@ from sem.models.stream import carries_state, dynamic_score, stream_rows, stream_
 from sem.record.summary import RunSummary, is_global_zero
 from sem.training.evaluation import score_windows
 from sem.training.preemption import Stopped, StopSignals, abandonable
+from sem.training.pruning import Pruned
 
 log = logging.getLogger("sem.fit")
 
@@ -28,14 +29,25 @@ def _str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
-def fit(built: Built, summary: RunSummary, started: float) -> None:
+def fit(built: Built, summary: RunSummary, started: float) -> Pruned | None:
     """Train to ``trainer.max_steps``. Stopped by a signal before that: ``summary.json`` says
-    preempted, and ``SystemExit(75)`` (a sweep job records it and launches no more jobs here)."""
+    preempted, and ``SystemExit(75)`` (a sweep job records it and launches no more jobs here). Stopped by
+    the sweeper's judge at a validation (``sem.training.pruning``): ``summary.json`` says pruned, with
+    that step and val/bpb, and the verdict is returned (no final validation, test scores or samples)."""
     engine, checkpoints = built.engine, built.checkpoint
     engine.fit(built.resume_from)
+    pruned = built.trial.pruned if built.trial is not None else None
+    if pruned is not None:
+        summary.finish("pruned", wall_s=time.time() - started, steps=engine.global_step, val_bpb=pruned.value,
+                       pruned_at={"step": pruned.step, "val_bpb": pruned.value}, tokens_per_s=engine.tokens_per_s,
+                       **built.datamodule.compressor_bpb, best_checkpoint=_str(checkpoints.best()),
+                       last_checkpoint=_str(checkpoints.last()),
+                       error=f"pruned by the sweeper at step {pruned.step} (val/bpb {pruned.value:.4f})")
+        log.warning("pruned at step %d (val/bpb %.4f): checkpoint %s", pruned.step, pruned.value, checkpoints.last())
+        return pruned
     stopped_by = built.signals.received if built.signals is not None else None
     if stopped_by is None or engine.global_step >= engine.max_steps:
-        return
+        return None
     last = checkpoints.last()
     summary.finish("preempted", wall_s=time.time() - started, steps=engine.global_step,
                    **built.datamodule.compressor_bpb, tokens_per_s=engine.tokens_per_s,

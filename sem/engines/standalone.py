@@ -23,6 +23,7 @@ from sem.training.checkpoint import MODEL_PREFIX, CheckpointManager, model_state
 from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
 from sem.training.precision import PrecisionPolicy
 from sem.training.preemption import StopSignals
+from sem.training.pruning import Reports
 from sem.training.step import StepPolicy, val_metrics, val_sums
 
 log = logging.getLogger("sem")
@@ -35,8 +36,10 @@ class SEMTrainer:
                  checkpoints: CheckpointManager, precision: PrecisionPolicy, device: torch.device,
                  run_dir: Path, max_steps: int, val_check_interval: int, log_every_n_steps: int,
                  accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None,
-                 console_every_n_steps: int = 50, signals: StopSignals | None = None) -> None:
+                 console_every_n_steps: int = 50, signals: StopSignals | None = None,
+                 trial: Reports | None = None) -> None:
         self.policy = policy
+        self.trial = trial
         self.model: nn.Module = policy.model
         self.dm = datamodule
         self.checkpoints = checkpoints
@@ -87,6 +90,10 @@ class SEMTrainer:
                 break  # no validation on the way out: a preempted run exits as soon as it is saved
             if done % self.val_check_interval == 0:
                 self.validate(self.dm.val_loader())
+                if self.trial is not None and done < self.max_steps:
+                    self.trial.pruned = self.trial.validated(done, self.last_val)
+                    if self.trial.pruned is not None:
+                        break
         self.metrics.clock.pause()
         self.console.clock.pause()
         if self.checkpoints.save_on_exit and self.checkpoints.last_saved_step != self.global_step \

@@ -19,7 +19,7 @@ from sem.training.distributed import ranks
 
 log = logging.getLogger(__name__)
 
-Status = Literal["completed", "failed", "preempted"]
+Status = Literal["completed", "failed", "preempted", "pruned"]
 
 
 def is_global_zero() -> bool:
@@ -96,7 +96,7 @@ class RunSummary:
                val_anchors_bpb: dict[str, float | None] | None = None,
                test_anchors_bpb: dict[str, float | None] | None = None, tokens_per_s: float | None = None,
                best_checkpoint: str | None = None, last_checkpoint: str | None = None,
-               error: str | None = None) -> dict[str, Any]:
+               error: str | None = None, pruned_at: dict[str, Any] | None = None) -> dict[str, Any]:
         record: dict[str, Any] = {
             "status": status,
             "steps": steps,
@@ -119,6 +119,7 @@ class RunSummary:
             "peak_rss_mb": peak_rss_mb(),
             "best_checkpoint": best_checkpoint,
             "last_checkpoint": last_checkpoint,
+            "pruned_at": pruned_at,  # status pruned: the step and val/bpb where the sweeper stopped the trial
         }
         if error is not None:
             record["error"] = error

@@ -34,7 +34,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)  # Optuna's sqlite storage lives here
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # Optuna's journal storage lives here
         write_json(sweep_dir / "sweep.json", sweep_info(config, sweep_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

@@ -23,7 +23,9 @@ from sem.record.summary import RunSummary, is_global_zero
 from sem.record.units import fmt_duration
 from sem.sweeps.ledger import append_ledger, identity_conflict
 from sem.sweeps.records import job_record
+from sem.sweeps.trial import trial_reports
 from sem.training.preemption import StopSignals
+from sem.training.pruning import Pruned, judged
 
 log = logging.getLogger("sem.sweep")
 
@@ -94,13 +96,14 @@ def _sweep_signals() -> StopSignals:
     return _between_jobs
 
 
-def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
+def sweep_job(run: Callable[[DictConfig], float | Pruned | None], cfg: DictConfig) -> float | Pruned | None:
     """Run one sweep job so that its failure is the job's, not the sweep's, and write its ledger line.
 
     A bad config, a health stop or an exception in fit is written to the job's ``summary.json``
     (status ``failed`` and the error) and the job returns None: Hydra's basic sweeper would stop the
-    sweep at the first raised job, and Optuna 2.10 cannot take NaN (``study.tell`` raises), while a
-    None is a failed trial it records and moves past. A job preempted by a stop signal (NaN from
+    sweep at the first raised job, while a None is a failed trial a sweeper records and moves past. In
+    an Optuna sweep each validation is reported to the job's trial, and a trial its pruner stops returns
+    ``sem.training.pruning.Pruned`` (``summary.json`` status ``pruned``). A job preempted by a stop signal (NaN from
     ``run`` exits 75) returns None too, and the jobs after it in this process do not start (status
     ``not_started``): Ctrl-C or a scheduler's SIGTERM stops the sweep, saved; the same command with
     ``resume=auto`` carries on. A second signal (SystemExit) ends the process at once.
@@ -124,7 +127,8 @@ def sweep_job(run: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
             log.error("job %s: %s", job, error)
             return None
         try:
-            value = run(cfg)
+            with judged(trial_reports(hc)):  # an Optuna trial: each validation reported, pruned where it says
+                value = run(cfg)
         except SystemExit as exc:
             if exc.code == EXIT_PREEMPTED:  # stopped by a signal, saved: summary.json says so
                 sweep.received = sweep.received or "a stop signal"  # (a second one exits at once)

@@ -66,6 +66,8 @@ def job_record(run_dir: Path, job: str, overrides: list[str], *, started: float 
                steps=summary.get("steps"), val_bpb=_num(summary.get("val_bpb")),
                val_loss=_num(summary.get("val_loss")), best_val_bpb=best_val_bpb(run_dir),
                tokens_per_s=_num(summary.get("tokens_per_s")), wall_s=_num(summary.get("wall_s")))
+    if summary.get("pruned_at"):
+        rec["pruned_at"] = summary["pruned_at"]
     if summary.get("error"):
         rec["error"] = summary["error"]
     return rec

@@ -26,7 +26,7 @@ from sem.record.summary import read_json
 from sem.record.units import fmt_duration
 from sem.sweeps.records import _metrics, _num, is_sweep_dir, run_dir_record, sweep_records
 
-ORDER = {"completed": 0, "preempted": 1, "not_started": 2, "failed": 3}
+ORDER = {"completed": 0, "pruned": 1, "preempted": 2, "not_started": 3, "failed": 4}
 UNFINISHED = ("preempted", "not_started")  # resume=auto carries them on: the sweep exits 75
 
 
@@ -61,7 +61,7 @@ def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple[int, float, str]:
         bpb = _num(r.get("val_bpb"))
         job = str(r["job"])
-        return (ORDER.get(r.get("status", ""), 4), bpb if bpb is not None else math.inf,
+        return (ORDER.get(r.get("status", ""), 5), bpb if bpb is not None else math.inf,
                 f"{int(job):09d}" if job.isdigit() else job)
     return sorted(records, key=key)
 
@@ -112,12 +112,15 @@ def optuna_trials(info: dict[str, Any], sweep_dir: Path) -> tuple[list[dict[str,
     if path.exists():
         results = yaml.safe_load(path.read_text())
     trials: list[dict[str, Any]] = []
-    if info.get("storage") and info.get("study_name"):
+    if info.get("study_name"):
         try:
             import optuna
 
+            from sem.sweeps.trial import open_storage, storage_spec
+
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
+            storage = open_storage(storage_spec(info.get("storage"), sweep_dir))
+            study = optuna.load_study(study_name=info["study_name"], storage=storage)
             trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
                       for t in study.trials]
         except Exception:  # optuna missing or the storage moved: the results file still names the best
@@ -145,7 +148,12 @@ class Report:
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("status") not in ("completed", "dry_run", *UNFINISHED)]
+        return [r for r in self.records if r.get("status") not in ("completed", "pruned", "dry_run", *UNFINISHED)]
+
+    @property
+    def pruned(self) -> list[dict[str, Any]]:
+        """Trials a sweeper's pruner stopped: neither failed nor completed."""
+        return [r for r in self.records if r.get("status") == "pruned"]
 
     @property
     def preempted(self) -> list[dict[str, Any]]:
@@ -205,7 +213,7 @@ def build_report(records: list[dict[str, Any]], out_dir: Path, *, title: str,
                              + (f"{statistics.stdev(v):.4f}" if len(v) > 1 else "-")] for s, v in groups])
     if trials or results:
         lines += ["", "## Optuna study", ""]
-        study = f"Study `{info.get('study_name')}` in `{info.get('storage') or 'memory'}`"
+        study = f"Study `{info.get('study_name')}` in `{info.get('storage') or sweep_dir / 'optuna.journal'}`"
         if trials:
             states = ", ".join(f"{n} {s.lower()}" for s, n in _count(t["state"] for t in trials).items())
             study += f": {len(trials)} trials ({states}), this dir's jobs included"
@@ -221,9 +229,16 @@ def build_report(records: list[dict[str, Any]], out_dir: Path, *, title: str,
     if failed:
         lines += ["", "## Not completed", ""]
         lines += [f"- job {r['job']} (`{' '.join(identity(r.get('overrides', [])))}`): {r.get('status')}: "
-                  f"{r.get('error') or 'no error recorded'}" for r in failed]
+                  f"{_not_completed(r)}" for r in failed]
     rep.lines = lines + [""]
     return rep
+
+
+def _not_completed(r: dict[str, Any]) -> str:
+    at = r.get("pruned_at")
+    if r.get("status") == "pruned" and isinstance(at, dict):
+        return f"stopped by the pruner at step {at.get('step')} (val/bpb {_fmt(at.get('val_bpb'))})"
+    return r.get("error") or "no error recorded"
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -261,7 +261,7 @@ def test_optuna_study(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None
     common = ["-m", *tiny, "hparams_search=optuna_lr", f"hydra.sweep.dir={sweep}"]
     proc = run_launch([*common, "hydra.sweeper.n_trials=3"], cwd=tmp_path, timeout=400, env=_env(cache_dir))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert (sweep / "optuna.db").exists()
+    assert (sweep / "optuna.journal").exists()  # the study, in the sweep dir
     ledger = _latest(sweep)
     assert sorted(ledger) == ["0", "1", "2"]
     lrs, bpb = {}, {}
@@ -279,16 +279,19 @@ def test_optuna_study(tmp_path: Path, corpus_dir: Path, cache_dir: Path) -> None
     md = (sweep / "summary.md").read_text()
     assert f"Best trial {best} (job {best})" in md and f"optimizer.lr={results['best_params']['optimizer.lr']}" in md
 
-    # continued in its dir: the 4th trial fails (NaN at step 1, health stop), the study records it
-    proc = run_launch([*common, "hydra.sweeper.n_trials=1", "faults.nan_at_step=1", "health.nonfinite_loss=stop"],
+    # continued in its dir up to 4 trials: the 4th fails (NaN at step 1, health stop), the study records it
+    proc = run_launch([*common, "hydra.sweeper.n_trials=4", "faults.nan_at_step=1", "health.nonfinite_loss=stop"],
                       cwd=tmp_path, timeout=300, env=_env(cache_dir))
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     ledger = _latest(sweep)
     assert sorted(ledger) == ["0", "1", "2", "3"] and ledger["3"]["status"] == "failed"
     assert _summary(sweep / "0")["val_bpb"] == pytest.approx(bpb["0"])  # earlier trials untouched
     import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
 
-    trials = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{sweep}/optuna.db").trials
+    storage = JournalStorage(JournalFileBackend(str(sweep / "optuna.journal")))
+    trials = optuna.load_study(study_name="optuna_lr", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL"]
     assert yaml.safe_load((sweep / "3" / "config_resolved.yaml").read_text())["optimizer"]["lr"] not in lrs.values()
     assert "4 trials (3 complete, 1 fail)" in (sweep / "summary.md").read_text()

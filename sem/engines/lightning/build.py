@@ -13,15 +13,16 @@ from omegaconf import DictConfig
 
 from sem.engines.instantiate import make, without
 from sem.training.preemption import StopSignals
+from sem.training.pruning import Reports
 
 log = logging.getLogger("sem.build")
 
 
 def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
-               checkpoints: Any, signals: StopSignals | None) -> tuple[Any, str]:
+               checkpoints: Any, signals: StopSignals | None, trial: Reports | None = None) -> tuple[Any, str]:
     from pytorch_lightning.callbacks import ProgressBar
 
-    from sem.engines.lightning.callbacks import CheckpointCallback, ManagedCheckpointIO
+    from sem.engines.lightning.callbacks import CheckpointCallback, ManagedCheckpointIO, TrialCallback
     from sem.engines.lightning.engine import LightningEngine
     from sem.engines.lightning.module import SEMLightningModule
     from sem.engines.lightning.precision import device_type_of
@@ -47,6 +48,8 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
                  1 if quick is True else int(quick))
     else:
         callbacks.append(CheckpointCallback(checkpoints, signals))
+    if trial is not None:
+        callbacks.append(TrialCallback(trial))
     from sem.config.job import logger_kwargs
 
     loggers = [make(node, **_save_dir(node, run_dir), **logger_kwargs(node, run_dir))

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from sem.training.checkpoint import CheckpointManager
 from sem.training.metrics import ConsoleLine, MetricsLog, TrainClock, is_logging_step, plain
 from sem.training.preemption import StopSignals
+from sem.training.pruning import Pruned, Reports
 
 __all__ = ["CheckpointCallback", "CurriculumCallback", "ManagedCheckpointIO", "MetricsWriter",
            "SEMConsoleLogger", "is_logging_step"]
@@ -219,6 +220,27 @@ class CheckpointCallback(pl.Callback):
         if self.manager.save_on_exit and self.manager.last_saved_step != trainer.global_step \
                 and trainer.global_step > 0:
             self.save(trainer, pl_module)
+
+
+class TrialCallback(pl.Callback):
+    """A sweeper's judge of this trial (``sem.training.pruning``): global rank 0 reports each validation
+    during fit; where the judge says stop, every rank stops at that step (a broadcast: the decision is
+    rank 0's), and ``CheckpointCallback.on_train_end`` saves it."""
+
+    def __init__(self, reports: Reports) -> None:
+        self.reports = reports
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not pl_module.last_val:
+            return
+        if trainer.global_step >= (trainer.max_steps or 0):
+            return  # the last validation: the run is complete, not pruned
+        verdict = self.reports.validated(trainer.global_step, pl_module.last_val) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            verdict = trainer.strategy.broadcast(verdict, src=0)
+        if verdict is not None:
+            self.reports.pruned = Pruned(*verdict)
+            trainer.should_stop = True
 
 
 class ManagedCheckpointIO(TorchCheckpointIO):
