@@ -351,3 +351,21 @@ def test_a_continued_study_runs_the_missing_trials(tmp_path: Path, monkeypatch: 
     sweep3, launcher3 = _sweep(tmp_path, monkeypatch, False, n_trials=3)
     sweep3.sweep([])  # the study has 4 already: nothing to run
     assert launcher3.jobs == []
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "grid", "qmc", "nsgaii"])
+def test_optuna_lr_takes_every_sampler(sampler: str) -> None:
+    """`hparams_search=optuna_lr hydra/sweeper/sampler=<any>`: the search's yaml sets only what every
+    sampler takes (its seed), so switching the sampler composes and builds."""
+    from hydra import compose, initialize_config_dir
+
+    from hydra_plugins.sem_optuna_sweeper._impl import _build
+    from sem.config.store import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna_lr", f"hydra/sweeper/sampler={sampler}"],
+                      return_hydra_config=True)
+    built, problem = _build("sampler", cfg.hydra.sweeper.sampler, optuna.samplers.BaseSampler,
+                            **({"search_space": {"x": [1, 2]}} if sampler == "grid" else {}))
+    assert problem is None and built is not None, problem
