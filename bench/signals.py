@@ -123,7 +123,7 @@ PHASES = {p.name: p for p in (
     Phase("token_cache", (), file_appears(".tmp-tokens-*", under="cache"), fresh_cache=True,
           what="the token cache is being built (its temp dir exists)"),
     Phase("ddp_rendezvous", ("strategy=ddp", "trainer.devices=2", "accelerator=cpu"),
-          log_has("Initializing distributed: GLOBAL_RANK: 0"),
+          log_has("joining the process group: global rank 0"),
           what="rank 0 waits in the gloo rendezvous for rank 1 (still importing)"),
     Phase("sanity_check", ("trainer.num_sanity_val_steps=100000", "data.val_max_windows=null", "data.seq_len=512"),
           log_has("Total FLOPs"), what="Lightning's sanity check (every held-out window)"),
@@ -223,7 +223,7 @@ def _r(x: float | None) -> float | None:
 
 def _missed(phase: Phase, out: str) -> bool:
     """The run got past the phase before the signal landed (a phase too short on this machine)."""
-    later = {"ddp_rendezvous": "All distributed processes registered", "sanity_check": "step 5/",
+    later = {"ddp_rendezvous": "joined the process group", "sanity_check": "step 5/",
              "final_validation": "final: val/bpb", "sampling": "samples from", "sweep_between_jobs": "job 1: "
              }.get(phase.name)
     return later is not None and later in out

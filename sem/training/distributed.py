@@ -166,6 +166,8 @@ def join(me: Ranks, address: str, port: int, backend: str, join_timeout_s: float
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     host = me.is_global_zero and not agent
     started = time.monotonic()
+    log.info("joining the process group: %s, rendezvous %s:%d (within strategy.join_timeout_s=%g s)", me, address,
+             port, join_timeout_s)
     try:
         if not host:
             _reachable(address, port, started + join_timeout_s)
