@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from sem.sweeps.trial import open_storage, storage_spec
+from sem.sweeps.trial import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, open_storage, storage_spec
 
 from ._params import ParamError, SearchSpace, grid_values, legacy_distribution, quote, search_space
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 PARALLEL_LAUNCHERS = ("joblib", "submitit", "ray_launcher", "rq_launcher")  # jobs in other processes
 RESULTS_FILE = "optimization_results.yaml"
-ENV_TRIAL, ENV_STUDY, ENV_STORAGE = "SEM_OPTUNA_TRIAL", "SEM_OPTUNA_STUDY", "SEM_OPTUNA_STORAGE"
 
 
 @dataclass

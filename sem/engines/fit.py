@@ -17,7 +17,7 @@ from sem.engines.build import Built
 from sem.errors import EXIT_PREEMPTED
 from sem.models.dynamic import DynamicSettings
 from sem.models.stream import carries_state, dynamic_score, stream_rows, stream_score
-from sem.record.summary import RunSummary, is_global_zero
+from sem.record.summary import RunSummary, Status, is_global_zero
 from sem.training.evaluation import score_windows
 from sem.training.preemption import Stopped, StopSignals, abandonable
 from sem.training.pruning import Pruned
@@ -38,25 +38,28 @@ def fit(built: Built, summary: RunSummary, started: float) -> Pruned | None:
     engine.fit(built.resume_from)
     pruned = built.trial.pruned if built.trial is not None else None
     if pruned is not None:
-        summary.finish("pruned", wall_s=time.time() - started, steps=engine.global_step, val_bpb=pruned.value,
-                       pruned_at={"step": pruned.step, "val_bpb": pruned.value}, tokens_per_s=engine.tokens_per_s,
-                       **built.datamodule.compressor_bpb, best_checkpoint=_str(checkpoints.best()),
-                       last_checkpoint=_str(checkpoints.last()),
-                       error=f"pruned by the sweeper at step {pruned.step} (val/bpb {pruned.value:.4f})")
+        _ended_early(built, summary, started, "pruned", val_bpb=pruned.value,
+                     pruned_at={"step": pruned.step, "val_bpb": pruned.value},
+                     error=f"pruned by the sweeper at step {pruned.step} (val/bpb {pruned.value:.4f})")
         log.warning("pruned at step %d (val/bpb %.4f): checkpoint %s", pruned.step, pruned.value, checkpoints.last())
         return pruned
     stopped_by = built.signals.received if built.signals is not None else None
     if stopped_by is None or engine.global_step >= engine.max_steps:
         return None
     last = checkpoints.last()
-    summary.finish("preempted", wall_s=time.time() - started, steps=engine.global_step,
-                   **built.datamodule.compressor_bpb, tokens_per_s=engine.tokens_per_s,
-                   best_checkpoint=_str(checkpoints.best()), last_checkpoint=_str(last),
-                   error=f"stopped by {stopped_by} at step {engine.global_step}")
+    _ended_early(built, summary, started, "preempted", error=f"stopped by {stopped_by} at step {engine.global_step}")
     log.warning("preempted by %s at step %d: checkpoint %s; `resume=auto` (same run dir) continues",
                 stopped_by, engine.global_step, last)
     log.warning("exit code %d (preempted)", EXIT_PREEMPTED)
     raise SystemExit(EXIT_PREEMPTED)
+
+
+def _ended_early(built: Built, summary: RunSummary, started: float, status: Status, **extra: Any) -> None:
+    """``summary.json`` of a fit that ended before ``trainer.max_steps``, at the engine's step, saved."""
+    engine, checkpoints = built.engine, built.checkpoint
+    summary.finish(status, wall_s=time.time() - started, steps=engine.global_step, tokens_per_s=engine.tokens_per_s,
+                   **built.datamodule.compressor_bpb, best_checkpoint=_str(checkpoints.best()),
+                   last_checkpoint=_str(checkpoints.last()), **extra)
 
 
 def summarise(built: Built, summary: RunSummary, started: float) -> float:

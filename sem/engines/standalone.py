@@ -90,10 +90,8 @@ class SEMTrainer:
                 break  # no validation on the way out: a preempted run exits as soon as it is saved
             if done % self.val_check_interval == 0:
                 self.validate(self.dm.val_loader())
-                if self.trial is not None and done < self.max_steps:
-                    self.trial.pruned = self.trial.validated(done, self.last_val)
-                    if self.trial.pruned is not None:
-                        break
+                if self.trial is not None and done < self.max_steps and self.trial.validated(done, self.last_val):
+                    break
         self.metrics.clock.pause()
         self.console.clock.pause()
         if self.checkpoints.save_on_exit and self.checkpoints.last_saved_step != self.global_step \

@@ -15,7 +15,8 @@ from sem.training.pruning import Reports
 
 log = logging.getLogger("sem.sweep")
 
-ENV = ("SEM_OPTUNA_TRIAL", "SEM_OPTUNA_STUDY", "SEM_OPTUNA_STORAGE")
+# what the sweeper sets in each job's environment (hydra.job.env_set) and the job reads
+ENV_TRIAL, ENV_STUDY, ENV_STORAGE = "SEM_OPTUNA_TRIAL", "SEM_OPTUNA_STUDY", "SEM_OPTUNA_STORAGE"
 JOURNAL = "journal:"
 JOURNAL_FILE = "optuna.journal"  # the default storage, in the sweep dir: a file, no server, safe for parallel jobs
 
@@ -57,7 +58,7 @@ class OptunaJudge:
     def from_env(cls, pruner_cfg: Any = None) -> OptunaJudge | None:
         """The judge of the trial named in this process's environment, with the pruner the sweep's config
         describes (``hydra.sweeper.pruner``); None outside an Optuna sweep."""
-        trial_id = os.environ.get("SEM_OPTUNA_TRIAL")
+        trial_id = os.environ.get(ENV_TRIAL)
         if trial_id is None:
             return None
         import optuna
@@ -65,8 +66,8 @@ class OptunaJudge:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         pruner = instantiate(pruner_cfg) if pruner_cfg is not None else optuna.pruners.NopPruner()
-        study = optuna.load_study(study_name=os.environ["SEM_OPTUNA_STUDY"],
-                                  storage=open_storage(os.environ["SEM_OPTUNA_STORAGE"]), pruner=pruner)
+        study = optuna.load_study(study_name=os.environ[ENV_STUDY], storage=open_storage(os.environ[ENV_STORAGE]),
+                                  pruner=pruner)
         log.info("Optuna trial %s of study %r: val/bpb reported at each validation (pruner %s)", trial_id,
                  study.study_name, type(pruner).__name__)
         return cls(optuna.trial.Trial(study, int(trial_id)))
@@ -80,7 +81,7 @@ def trial_reports(hc: Any) -> Reports | None:
     """The reports of the Optuna trial this process runs (``SEM_OPTUNA_TRIAL`` set by the sweeper), or None.
     Every rank of a trial gets one (the stop is decided together: a rank without would leave the others in
     the verdict's broadcast); only global rank 0's reports to the study. ``hc``: the job's HydraConfig."""
-    if os.environ.get("SEM_OPTUNA_TRIAL") is None:
+    if os.environ.get(ENV_TRIAL) is None:
         return None
     from omegaconf import OmegaConf
 

@@ -153,13 +153,13 @@ def _joined_key(rank: int) -> str:
 
 
 def join(me: Ranks, address: str, port: int, backend: str, join_timeout_s: float, timeout_s: float,
-         device_id: Any = None) -> Any:
+         device_id: Any = None) -> None:
     """Join the default process group, or fail within ``join_timeout_s`` naming what is missing.
 
     Global rank 0 hosts the rendezvous store at ``address:port`` (torchrun's agent hosts it instead when
     it says so); each rank announces itself there (``sem/joined/<rank>``: its node and host) and waits
     for every other one. Joining is bounded by ``join_timeout_s``; the collectives afterwards by
-    ``timeout_s``. Returns the store (``Heartbeat`` watches the ranks through it)."""
+    ``timeout_s``."""
     from torch.distributed import TCPStore
 
     join_timeout = timedelta(seconds=join_timeout_s)
@@ -198,7 +198,6 @@ def join(me: Ranks, address: str, port: int, backend: str, join_timeout_s: float
     torch.distributed.init_process_group(backend, store=store, rank=me.global_rank, world_size=me.world_size,
                                          timeout=timedelta(seconds=timeout_s), **kwargs)
     log.info("joined the process group: %s (%.1f s)", me, time.monotonic() - started)
-    return store
 
 
 def _reachable(address: str, port: int, deadline: float) -> None:

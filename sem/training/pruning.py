@@ -41,7 +41,7 @@ class Reports:
         self.pruned: Pruned | None = None
 
     def validated(self, step: int, metrics: Mapping[str, Any]) -> Pruned | None:
-        """Report this validation; the verdict (where the trial stops) or None to go on."""
+        """Report this validation; the verdict (where the trial stops, kept as ``pruned``) or None to go on."""
         value = metrics.get(self.metric)
         if self.judge is None or value is None:
             return None
@@ -51,7 +51,8 @@ class Reports:
         if self.judge.report(step, value):
             log.warning("pruned by the sweeper at step %d (%s %.4f): stopping this trial, saved", step,
                         self.metric, value)
-            return Pruned(step, value)
+            self.pruned = Pruned(step, value)
+            return self.pruned
         return None
 
 

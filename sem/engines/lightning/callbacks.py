@@ -239,7 +239,7 @@ class TrialCallback(pl.Callback):
         if trainer.world_size > 1:
             verdict = trainer.strategy.broadcast(verdict, src=0)
         if verdict is not None:
-            self.reports.pruned = Pruned(*verdict)
+            self.reports.pruned = Pruned(*verdict)  # (rank 0's own; the broadcast's on the other ranks)
             trainer.should_stop = True
 
 

@@ -73,7 +73,9 @@ class BoundedJoin:
     missing ranks named) and starts the heartbeat, before Lightning's own set-up, which then finds the
     process group made. Mixed into a Lightning DDP/FSDP strategy."""
 
-    join_timeout_s: float = 300
+    def __init__(self, *args: Any, join_timeout_s: float = 300, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.join_timeout_s = join_timeout_s
 
     def setup_distributed(self) -> None:
         if not torch.distributed.is_initialized():
@@ -93,19 +95,11 @@ class BoundedJoin:
 class SEMFSDPStrategy(BoundedJoin, FSDPStrategy):
     """Lightning's FSDPStrategy with a bounded join."""
 
-    def __init__(self, *args: Any, join_timeout_s: float = 300, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.join_timeout_s = join_timeout_s
-
 
 class SEMDDPStrategy(BoundedJoin, DDPStrategy):
     """DDPStrategy whose extra ranks are single runs of this job (``JobScriptLauncher``), and that builds
     the DDP wrapper without a CUDA stream on XPU (Lightning's would raise on a torch without CUDA), and
     that joins within ``join_timeout_s`` (``BoundedJoin``)."""
-
-    def __init__(self, *args: Any, join_timeout_s: float = 300, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.join_timeout_s = join_timeout_s
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
