@@ -61,7 +61,7 @@ def syncs_per_step(overrides: list[str], run_dir: Path) -> tuple[dict[int, int],
     """({step: host reads}, tokens/s) of one fit. Reads between ``policy.start(s)`` and
     ``policy.start(s + 1)`` belong to step s (its callbacks, logging and saving included)."""
     built = build_run(overrides, run_dir)
-    policy = built.engine.module.policy if hasattr(built.engine, "module") else built.engine.policy
+    policy = built.engine.train_step
     current = [-1]
     start = policy.start
 

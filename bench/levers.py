@@ -41,7 +41,7 @@ VARIANTS = {  # the default has model.conv_width=4 and model.attention_every=2 s
     "attention_window=64": {"attention_window": 64},
     "attention_rope": {"attention_rope": True},
     "recurrence=scan": {"recurrence": "scan"},
-    "compile=true": {"compile": True},  # not a model key: the run's top-level compile (StepPolicy.forward)
+    "compile=true": {"compile": True},  # not a model key: the run's top-level compile (TrainStep.forward)
 }
 
 

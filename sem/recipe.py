@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -23,15 +22,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sem.config.validate import run_dir_problems, validate_run
-from sem.contracts import ContractError
+from sem.contracts import ContractError, Corpus
 from sem.data.corpus import CorpusError
 from sem.engines.build import Built, build, make, resolve_lengths
 from sem.engines.cluster import bind_ranks
-from sem.engines.fit import fit, summarise, write_samples
+from sem.engines.final import summarise
+from sem.engines.fit import fit
 from sem.engines.resume import Resume, already_finished, find_resume
+from sem.engines.samples import write_samples
 from sem.errors import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_TRAINING_FAILED, RunFailed, TrainingFailed, exit_if_invalid
 from sem.record.lock import RunDirBusy, hold
 from sem.record.summary import RunSummary, Status, is_global_zero
+from sem.training.checkpoint import CheckpointManager
 from sem.training.distributed import at_lost, ddp_env, end_distributed, peers_gone
 from sem.training.preemption import Stopped, StopSignals
 from sem.training.pruning import Pruned
@@ -53,7 +55,7 @@ def train(cfg: DictConfig) -> float | Pruned | None:
             return pruned  # a sweeper's judge stopped it: the sweeper records the trial as pruned
         bpb = summarise(built, run.summary, run.started)
         if not built.quick:  # trainer.fast_dev_run saves no checkpoint to sample from
-            write_samples(run.cfg, built.checkpoint, run.dir, run.signals)
+            write_samples(run.cfg, built.checkpoints, run.dir, run.signals)
         return bpb
     return None  # not reached: run_guard re-raises or exits
 
@@ -73,8 +75,8 @@ class Run:
 
     cfg: DictConfig
     dir: Path
-    corpus: Any
-    checkpoints: Any
+    corpus: Corpus
+    checkpoints: CheckpointManager
     signals: StopSignals
     summary: RunSummary
     started: float
@@ -100,7 +102,7 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
     signals = StopSignals()
     signals.install()
     summary = RunSummary(run_dir)
-    checkpoints = None
+    checkpoints: CheckpointManager | None = None
     try:
         # Until training starts (the token cache, the build, the rendezvous, the sanity check) a stop
         # abandons the run at once: nothing to save yet (the engine defers stops from its first step).
@@ -141,7 +143,7 @@ def run_guard(cfg: DictConfig) -> Iterator[Run]:
         signals.hand_over()  # submitit's SIGUSR2, after the stop's checkpoint: submitit requeues (SystemExit)
 
 
-def _stopped(summary: RunSummary, checkpoints: Any, started: float, why: str,
+def _stopped(summary: RunSummary, checkpoints: CheckpointManager | None, started: float, why: str,
              status: Status = "preempted") -> Path | None:
     """``summary.json`` of a run stopped where there was nothing to save (or ``failed``: a peer lost, the
     step in flight abandoned): at the newest checkpoint's step (0 and none before the first). The newest

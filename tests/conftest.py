@@ -140,10 +140,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config._sem_slow = sum(1 for item in items if item.get_closest_marker("slow"))  # before -m deselects them
 
 
+# `slow` is a measurement, not a kind (the folders say the kind: unit/, integration/): a test is marked
+# slow when its call takes more than SLOW_S seconds in the fast tier's own run (-n 2 on 2 cores; a
+# module's shared launches are its fixtures' setup, paid once, and not counted).
+SLOW_S = 15.0
+_TIMES: dict[str, tuple[float, bool]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        took, slow = _TIMES.get(report.nodeid, (0.0, "slow" in report.keywords))
+        _TIMES[report.nodeid] = (took + report.duration, slow)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    """Say how to run the rest when the default (fast) tier left slow tests out."""
+    """Say how to run the rest when the default (fast) tier left slow tests out, and name any test whose
+    measured time says it is in the wrong tier (a fast-tier test over SLOW_S seconds)."""
     slow = getattr(config, "_sem_slow", 0)
     if slow and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(
             f"fast tier: {slow} slow tests not run; the full suite: python -m pytest -m \"\" -n 2 "
             "(make test-full; what .ci/run runs)", yellow=True)
+    over = sorted((took, nodeid) for nodeid, (took, marked) in _TIMES.items() if not marked and took > SLOW_S)
+    for took, nodeid in over[::-1][:10]:
+        terminalreporter.write_line(f"tier: {nodeid} took {took:.1f} s (> {SLOW_S:g} s): mark it slow, or make it "
+                                    "faster", yellow=True)

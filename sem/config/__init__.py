@@ -1,2 +1,3 @@
-"""The config: ``schema`` (a dataclass per group option), ``store`` (registration and resolvers),
-``validate`` (value and cross-field checks, every problem at once) and ``job`` (what a job of a sweep is)."""
+"""The config: ``groups`` (per config group: its schemas and its checks), ``schema`` (the root ``Config``),
+``store`` (registration and resolvers), ``validate`` (the list of checks, every problem at once),
+``components`` (checks by contract for classes sem has never seen) and ``job`` (what a job of a sweep is)."""

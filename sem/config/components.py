@@ -1,10 +1,12 @@
 """Validation by contract, for components sem has never seen: the ``_target_`` is imported, its
 constructor's signature is bound to the config node (missing required arguments, keys it does not
-take, wrong types where annotated), and the built object is checked against its contract
-(``sem.contracts``). Every problem is one line naming the key, the class and what the contract wants.
+take, wrong types where annotated), and the built object is checked against its contract, the
+Protocols of ``sem.contracts`` (``LanguageModel`` and ``ModelOutput``, ``OptimizerFactory``,
+``SchedulerFactory``; a corpus's ``Corpus`` in ``sem.data.user_corpus``). Every problem is one line
+naming the key, the class and what the contract wants.
 
-Known classes (sem's own models, optimizers, schedules and corpora) keep their schemas and value
-checks in ``sem.config.validate``; these checks run for every other ``_target_``."""
+Known classes (sem's own models, optimizers, schedules and corpora) are checked by their groups
+(``sem.config.groups``), with the checks their constructors run; these run for every other ``_target_``."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sem.contracts import VOCAB_SIZE, model_kwargs
+from sem.contracts import VOCAB_SIZE, OptimizerFactory, SchedulerFactory, model_kwargs
 
 log = logging.getLogger("sem.config")
 
@@ -136,9 +138,9 @@ _PROBED: dict[str, tuple[list[str], int | None]] = {}
 
 
 def model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tuple[list[str], int | None]:
-    """Build the model and run a 2 x 8 probe batch: it must be an ``nn.Module`` returning logits
-    ``[2, 8, V]`` with ``V >= 259``. Returns (problems, the model's ``max_seq_len`` or None). Once per
-    process and node (a single run validates in ValidateFirst and again in the recipe)."""
+    """Build the model and run a 2 x 8 probe batch against ``sem.contracts.LanguageModel`` (below).
+    Returns (problems, the model's ``max_seq_len`` or None). Once per process and node (a single run
+    validates in ValidateFirst and again in the recipe)."""
     cache_key = json.dumps([key, dict(node)], sort_keys=True, default=str)
     if cache_key not in _PROBED:
         _PROBED[cache_key] = _model_contract_problems(key, cls, node)
@@ -146,12 +148,14 @@ def model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tupl
 
 
 def _model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tuple[list[str], int | None]:
-    """Build the model and run a 2 x 8 probe batch: it must be an ``nn.Module`` returning logits
-    ``[2, 8, V]`` with ``V >= 259``. Returns (problems, the model's ``max_seq_len`` or None)."""
+    """Build the model and run a 2 x 8 probe batch: it must be a ``LanguageModel`` (an ``nn.Module``
+    with a forward) returning logits ``[2, 8, V]`` with ``V >= 259``, and with targets a scalar loss and
+    ``ModelOutput`` terms that are scalars named apart from sem's own (``output_problems``). Returns
+    (problems, the model's ``max_seq_len`` or None)."""
     import torch
     from hydra.utils import instantiate
 
-    from sem.contracts import model_output
+    from sem.contracts import LanguageModel, model_output
 
     where = f"{cls.__module__}.{cls.__qualname__}" if hasattr(cls, "__qualname__") else repr(cls)
     try:  # as the run builds it: nested _target_ nodes instantiated, vocab_size passed where taken
@@ -160,33 +164,107 @@ def _model_contract_problems(key: str, cls: Any, node: Mapping[str, Any]) -> tup
     except Exception as exc:
         exc = exc.__cause__ or exc
         return [f"{key}: {where}(...) raised {type(exc).__name__}: {exc}"], None
-    if not isinstance(model, torch.nn.Module):
-        return [f"{key}: {where} built a {type(model).__name__}; the model contract wants a torch.nn.Module"], None
+    if not isinstance(model, torch.nn.Module) or not isinstance(model, LanguageModel):
+        return [f"{key}: {where} built a {type(model).__name__}; the model contract (sem.contracts.LanguageModel) "
+                "wants a torch.nn.Module"], None
     max_len = getattr(model, "max_seq_len", None)
+    max_len = int(max_len) if isinstance(max_len, int) else None
+    contract = ("(the model contract, sem.contracts.LanguageModel: forward(input_ids LongTensor[B, T]) -> "
+                "logits [B, T, V])")
+    if type(model).forward is torch.nn.Module.forward:
+        return [f"{key}: {where} defines no forward {contract}"], max_len
+    ids = torch.zeros(2, 8, dtype=torch.long)
     try:
         with torch.no_grad():
-            logits = model_output(model.eval(), torch.zeros(2, 8, dtype=torch.long)).logits
+            logits = model_output(model.eval(), ids).logits
     except Exception as exc:
-        return [f"{key}: {where}.forward(input_ids [2, 8]) raised {type(exc).__name__}: {exc} (the model "
-                "contract: forward(input_ids LongTensor[B, T]) -> logits [B, T, V])"], max_len
+        return [f"{key}: {where}.forward(input_ids [2, 8]) raised {type(exc).__name__}: {exc} {contract}"], max_len
     shape = tuple(logits.shape)
     if len(shape) != 3 or shape[:2] != (2, 8) or shape[2] < VOCAB_SIZE:
         return [f"{key}: {where}.forward(input_ids [2, 8]) returned logits of shape {list(shape)}; the model "
                 f"contract wants [2, 8, V] with V >= {VOCAB_SIZE} (256 bytes + BOS/EOS/PAD)"], max_len
-    return [], int(max_len) if isinstance(max_len, int) else None
+    try:  # with targets: the loss and the model's own terms
+        with torch.no_grad():
+            out = model_output(model, ids, targets=ids)
+    except Exception as exc:
+        return [f"{key}: {where}.forward(input_ids [2, 8], targets [2, 8]) raised {type(exc).__name__}: "
+                f"{exc}"], max_len
+    return output_problems(key, f"{where}.forward(input_ids, targets)", out), max_len
+
+
+def output_problems(key: str, call: str, out: Any) -> list[str]:
+    """A ``ModelOutput`` (as ``model_output`` returns it, with targets) by its contract: a scalar
+    ``loss``; ``aux_losses`` and ``metrics`` scalar tensors under names of their own, each logged as
+    ``train/<name>`` (not ``loss``/``ce_loss``, not in both dicts)."""
+    import torch
+
+    from sem.contracts import RESERVED_NAMES
+
+    wants = "the model contract (sem.contracts.ModelOutput) wants"
+    problems = []
+    for field in ("aux_losses", "metrics"):
+        terms = getattr(out, field)
+        if not isinstance(terms, Mapping):
+            problems.append(f"{key}: {call} returned {field} of type {type(terms).__name__}; {wants} a dict")
+            continue
+        for name, value in terms.items():
+            label = ("unitary_divergence" if field == "metrics" and value is out.unitary_divergence
+                     else f"{field}[{name!r}]")
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                what = f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                problems.append(f"{key}: {call} returned {label} of {what}; {wants} a scalar tensor")
+            if not isinstance(name, str) or not name or name in RESERVED_NAMES:
+                problems.append(f"{key}: {call} returned {label}: {name!r} is not a name of its own "
+                                f"(logged as train/<name>; {', '.join(RESERVED_NAMES)} are sem's)")
+    if isinstance(out.aux_losses, Mapping) and isinstance(out.metrics, Mapping):
+        for name in sorted(set(out.aux_losses) & set(out.metrics), key=str):
+            problems.append(f"{key}: {call} returned {name!r} in both aux_losses and metrics; {wants} "
+                            "one name per logged value (train/<name>)")
+    if not problems and (not isinstance(out.loss, torch.Tensor) or out.loss.dim() != 0):  # else: from a term
+        what = f"shape {list(out.loss.shape)}" if isinstance(out.loss, torch.Tensor) else type(out.loss).__name__
+        problems.append(f"{key}: {call} returned a loss of {what}; {wants} a scalar tensor")
+    return problems
+
+
+def factory_contract(protocol: type) -> tuple[str, type]:
+    """(the type a factory Protocol of ``sem.contracts`` says its ``__call__`` returns, as written there;
+    that type): what a built optimizer or scheduler is checked against."""
+    return str(protocol.__call__.__annotations__["return"]), typing.get_type_hints(protocol.__call__)["return"]
+
+
+def target_problems(key: str, target: Any, obj: Any, protocol: type) -> list[str]:
+    """The ``_target_`` of a factory node (``OptimizerFactory``, ``SchedulerFactory``): a class of the
+    type the Protocol returns, or a callable (checked on what it builds: ``built_problems``)."""
+    written, wants = factory_contract(protocol)
+    contract = f"(the {key} contract, sem.contracts.{protocol.__name__}: a {written} class, or a callable returning one)"
+    if not isinstance(obj, protocol):  # runtime_checkable: has __call__
+        return [f"{key}._target_={target!r}: not callable (an object of type {type(obj).__name__}) {contract}"]
+    if inspect.isclass(obj) and not issubclass(obj, wants):
+        return [f"{key}._target_={target!r}: {obj.__name__} is not a {written} {contract}"]
+    return []
+
+
+def built_problems(key: str, call: str, built: Any, protocol: type) -> list[str]:
+    """What a factory built is of the type its Protocol returns."""
+    written, wants = factory_contract(protocol)
+    if isinstance(built, wants):
+        return []
+    return [f"{key}: {call} returned {type(built).__name__}; the {key} contract (sem.contracts.{protocol.__name__}) "
+            f"wants a {written}"]
 
 
 def optimizer_problems(node: Mapping[str, Any]) -> list[str]:
     """An optimizer node whose ``_target_`` is not one of sem's schemas: an ``Optimizer`` class taking
-    the configured keys (``fused``/``foreach`` dropped where not taken), or a callable returning one."""
+    the configured keys (``fused``/``foreach`` dropped where not taken), or a callable returning one
+    (``sem.contracts.OptimizerFactory``)."""
     import torch
 
     cls, err = locate("optimizer", node.get("_target_"))
     if err:
         return [err]
-    if inspect.isclass(cls) and not issubclass(cls, torch.optim.Optimizer):
-        return [f"optimizer._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.Optimizer "
-                "(the optimizer contract: an Optimizer class, or a callable returning one)"]
+    problems = target_problems("optimizer", node["_target_"], cls, OptimizerFactory)
+    if problems:
+        return problems
     drop = [k for k in PERF_KEYS if k in node and not takes(cls, k)]
     problems = signature_problems("optimizer", cls, node, injected=("params",), ignored=drop)
     if problems:
@@ -197,15 +275,14 @@ def optimizer_problems(node: Mapping[str, Any]) -> list[str]:
         except Exception as exc:
             exc = exc.__cause__ or exc
             return [f"optimizer: {node['_target_']}(params=...) raised {type(exc).__name__}: {exc}"]
-        if not isinstance(built, torch.optim.Optimizer):
-            return [f"optimizer: {node['_target_']}(params=...) returned {type(built).__name__}; the optimizer "
-                    "contract wants a torch.optim.Optimizer"]
+        return built_problems("optimizer", f"{node['_target_']}(params=...)", built, OptimizerFactory)
     return []
 
 
 def scheduler_problems(node: Mapping[str, Any]) -> list[str]:
     """A scheduler node whose ``_target_`` is not sem's WSD: an ``LRScheduler`` class (not
-    ``ReduceLROnPlateau``) taking the configured keys. sem's schedule keys it inherits from the default
+    ``ReduceLROnPlateau``) taking the configured keys, or a callable returning one
+    (``sem.contracts.SchedulerFactory``). sem's schedule keys it inherits from the default
     option (``warmup_fraction``, ...) do not apply to it: a warning says so, and they are not passed."""
     import torch
 
@@ -215,9 +292,9 @@ def scheduler_problems(node: Mapping[str, Any]) -> list[str]:
     if inspect.isclass(cls) and issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau):
         return [f"scheduler._target_={node['_target_']!r}: ReduceLROnPlateau needs a metric at every step "
                 "and is not supported (use a schedule of the step: sem's wsd/cosine, or a torch LRScheduler)"]
-    if inspect.isclass(cls) and not issubclass(cls, torch.optim.lr_scheduler.LRScheduler):
-        return [f"scheduler._target_={node['_target_']!r}: {cls.__name__} is not a torch.optim.lr_scheduler."
-                "LRScheduler (the scheduler contract)"]
+    problems = target_problems("scheduler", node["_target_"], cls, SchedulerFactory)
+    if problems:
+        return problems
     return signature_problems("scheduler", cls, node, injected=("optimizer",), ignored=inherited_schedule_keys(cls, node))
 
 
@@ -262,16 +339,19 @@ def optimizer_schedule_problems(optimizer: Mapping[str, Any], scheduler: Mapping
     except Exception as exc:
         exc = exc.__cause__ or exc
         return [f"optimizer: {optimizer.get('_target_')}(...) raised {type(exc).__name__}: {exc}"]
+    problems = built_problems("optimizer", f"{optimizer.get('_target_')}(params=...)", opt, OptimizerFactory)
+    if problems:
+        return problems
     sched_cls, _ = locate("scheduler", scheduler.get("_target_"))
+    call = f"{scheduler.get('_target_')}(optimizer={type(opt).__name__}, ...)"
     try:
         factory = partial_of(scheduler, inherited_schedule_keys(sched_cls, scheduler))
         extra = {"lr_scale": lambda step: 1.0} if "lr_scale" in parameters(sched_cls)[0] else {}
-        factory(optimizer=opt, **extra)
+        built = factory(optimizer=opt, **extra)
     except Exception as exc:
         exc = exc.__cause__ or exc
-        return [f"scheduler: {scheduler.get('_target_')}(optimizer={type(opt).__name__}, ...) raised "
-                f"{type(exc).__name__}: {exc}"]
-    return []
+        return [f"scheduler: {call} raised {type(exc).__name__}: {exc}"]
+    return built_problems("scheduler", call, built, SchedulerFactory)
 
 
 def partial_of(node: Mapping[str, Any], drop: Iterable[str] = ()) -> Any:

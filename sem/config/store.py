@@ -36,22 +36,29 @@ from sem.config.schema import (
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's configs (pip install -e .)
 
 
+# Registered at the root as ``schema_<group>[_<variant>]``, not as options of their group, so Hydra's
+# ``--help`` lists only what a user can pick; each option of conf/<group>/ extends one of them
+# (``defaults: [/schema_model_sem@_here_, _self_]``).
 _SCHEMAS: dict[str | None, dict[str, Any]] = {
     None: {"config_schema": Config},
-    "model": {"sem_schema": SEMModelConf, "transformer_schema": TransformerConf},
-    "data": {"stdlib_schema": StdlibDataConf, "text_files_schema": TextFilesDataConf,
-             "jsonl_schema": JsonlDataConf},
-    "optimizer": {"adamw_schema": AdamWConf, "sgd_schema": SGDConf, "muon_schema": MuonConf},
-    "scheduler": {"scheduler_schema": SchedulerConf},
-    "curriculum": {"curriculum_schema": CurriculumConf},
-    "distillation": {"distillation_schema": DistillationConf, "ema_teacher_schema": EMADistillationConf},
-    "precision": {"precision_schema": PrecisionConf},
-    "accelerator": {"accelerator_schema": AcceleratorConf},
-    "strategy": {"strategy_schema": StrategyConf},
-    "trainer": {"trainer_schema": TrainerConf},
-    "checkpoint": {"checkpoint_schema": CheckpointConf},
-    "health": {"health_schema": HealthConf},
+    "model": {"sem": SEMModelConf, "transformer": TransformerConf},
+    "data": {"stdlib": StdlibDataConf, "text_files": TextFilesDataConf, "jsonl": JsonlDataConf},
+    "optimizer": {"adamw": AdamWConf, "sgd": SGDConf, "muon": MuonConf},
+    "scheduler": {"": SchedulerConf},
+    "curriculum": {"": CurriculumConf},
+    "distillation": {"": DistillationConf, "ema_teacher": EMADistillationConf},
+    "precision": {"": PrecisionConf},
+    "accelerator": {"": AcceleratorConf},
+    "strategy": {"": StrategyConf},
+    "trainer": {"": TrainerConf},
+    "checkpoint": {"": CheckpointConf},
+    "health": {"": HealthConf},
 }
+
+
+def schema_name(group: str | None, variant: str) -> str:
+    """The ConfigStore name of a group's schema: ``schema_model_sem``, ``schema_trainer``."""
+    return variant if group is None else "_".join(part for part in ("schema", group, variant) if part)
 
 
 def _run_dir(name: str | None) -> str:
@@ -63,8 +70,8 @@ def register_configs() -> None:
     """Put every schema into Hydra's ConfigStore and register the run-dir resolver (idempotent)."""
     cs = ConfigStore.instance()
     for group, entries in _SCHEMAS.items():
-        for name, node in entries.items():
-            cs.store(group=group, name=name, node=node)
+        for variant, node in entries.items():
+            cs.store(name=schema_name(group, variant), node=node)
     if not OmegaConf.has_resolver("sem.run_dir"):
         OmegaConf.register_new_resolver("sem.run_dir", _run_dir, use_cache=True)
     if not OmegaConf.has_resolver("sem.job_subdir"):  # sweeps that continue in their own dir (Optuna)

@@ -1,9 +1,11 @@
 """Corpus sources, the deterministic train/val split and the packed, memory-mapped token cache.
 
-A corpus is anything with ``documents()`` (sorted, deterministic ``Document``s), a cheap ``fingerprint()``
-(names, sizes, mtimes and parameters: no file contents are read), ``describe()`` and ``problems()`` (cheap
-pre-flight checks for the config validator). Documents are split into train/val/test by a hash of their
-stable relative name, so the split never depends on file order, machine or absolute location.
+A corpus is a ``sem.contracts.Corpus``: ``documents()`` (sorted, deterministic ``Document``s). The token
+cache also reads its ``fingerprint()`` (names, sizes, mtimes and parameters: no file contents are read)
+and ``describe()``: sem's corpora here have them, with ``problems()`` (cheap pre-flight checks for the
+config validator); a user's gets sem's defaults through ``sem.data.user_corpus.as_corpus``. Documents
+are split into train/val/test by a hash of their stable relative name, so the split never depends on
+file order, machine or absolute location.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 import numpy as np
 
+from sem.contracts import Corpus
 from sem.data import anchors
 from sem.data.tokenizer import ByteTokenizer
 
@@ -49,14 +52,6 @@ class CorpusError(ValueError):
 class Document(NamedTuple):
     name: str  # stable relative name (posix); the train/val/test split hashes it
     data: bytes
-
-
-class Corpus(Protocol):
-    """What the token cache reads: sem's corpora, or a user's through ``as_corpus``."""
-
-    def documents(self) -> Iterator[Document]: ...
-    def fingerprint(self) -> str: ...
-    def describe(self) -> str: ...
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from sem.data.corpus import Corpus, CorpusError, TokenCache, load_or_build_cache
+from sem.contracts import Corpus
+from sem.data.corpus import CorpusError, TokenCache, load_or_build_cache
 from sem.data.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,33 @@ def byte_targets(y: torch.Tensor | np.ndarray) -> int:
     document's bytes rather than dropped.
     """
     return int(((y >= 0) & (y < 256)).sum())  # -100: an ignored target (padding), not a byte
+
+
+def settings_problems(prefix: str = "data.", **s: Any) -> list[str]:
+    """Every problem with the datamodule's numbers ``s`` (its constructor's names), one line each naming
+    ``<prefix><key>``: run by its constructor and by the config's validation (``sem.config.groups.data``)."""
+    p = []
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in ("batch_size", "seq_len", "val_seq_len", "val_max_windows", "final_val_max_windows", "val_batch_size"):
+        value = s.get(key)
+        required = key in ("batch_size", "seq_len")
+        if key in s and not (value is None and not required) and not (whole(value) and value > 0):
+            p.append(f"{prefix}{key}={value!r}: must be an integer > 0" + ("" if required else " or null"))
+    val, test = s.get("val_fraction", 0.05), s.get("test_fraction", 0.0)
+    if not (isinstance(val, (int, float)) and not isinstance(val, bool) and 0.0 < val < 1.0):
+        p.append(f"{prefix}val_fraction={val!r}: must be in (0, 1)")
+    elif not (isinstance(test, (int, float)) and not isinstance(test, bool) and 0.0 <= test < 1.0 - val):
+        p.append(f"{prefix}test_fraction={test!r}: must be in [0, 1 - {prefix}val_fraction = {1 - val:g})")
+    tbptt = s.get("tbptt", 0)
+    if not (whole(tbptt) and tbptt >= 0):
+        p.append(f"{prefix}tbptt={tbptt!r}: must be an integer >= 0 (K >= 2: lanes of K consecutive windows; 0: off)")
+    seed = s.get("seed", 0)
+    if "seed" in s and not (whole(seed) and seed >= 0):
+        p.append(f"seed={seed!r}: must be an integer >= 0")
+    return p
 
 
 def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -47,25 +75,17 @@ def rank_world() -> tuple[int, int]:
 
 
 class SEMDataModule:
-    def __init__(self, corpus: Corpus, batch_size: int = 32, seq_len: int = 256, val_seq_len: int | None = None,
+    def __init__(self, corpus: Corpus, batch_size: int = 16, seq_len: int = 128, val_seq_len: int | None = None,
                  val_fraction: float = 0.05, val_max_windows: int | None = 256,
                  final_val_max_windows: int | None = None, val_batch_size: int | None = None,
                  cache_dir: str = "~/.cache/sem", seed: int = 0, tokenizer: ByteTokenizer | None = None,
                  tbptt: int = 0, test_fraction: float = 0.05) -> None:
-        _positive("data.batch_size", batch_size)
-        if isinstance(tbptt, bool) or not isinstance(tbptt, int) or tbptt < 0:
-            raise ValueError(f"data.tbptt must be an integer >= 0, got {tbptt!r}")
-        _positive("data.seq_len", seq_len)
-        _positive("data.val_seq_len", val_seq_len, allow_none=True)
-        _positive("data.val_max_windows", val_max_windows, allow_none=True)
-        _positive("data.final_val_max_windows", final_val_max_windows, allow_none=True)
-        _positive("data.val_batch_size", val_batch_size, allow_none=True)
-        if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
-        if not isinstance(test_fraction, (int, float)) or not 0.0 <= test_fraction < 1.0 - val_fraction:
-            raise ValueError(f"data.test_fraction must be in [0, 1 - data.val_fraction), got {test_fraction!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        bad = settings_problems(batch_size=batch_size, seq_len=seq_len, val_seq_len=val_seq_len,
+                                val_fraction=val_fraction, val_max_windows=val_max_windows,
+                                final_val_max_windows=final_val_max_windows, val_batch_size=val_batch_size,
+                                seed=seed, tbptt=tbptt, test_fraction=test_fraction)
+        if bad:
+            raise ValueError("; ".join(bad))
         self.corpus = corpus
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -224,7 +244,7 @@ class SEMDataModule:
     def test_windows(self, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows of the test split, int64 [n, val_seq_len]: the same tiling as ``val_windows`` (every
         window, or an evenly spaced fixed subset of ``max_windows``). Only the end of a run reads it
-        (``sem.engines.fit``), never a choice made during one."""
+        (``sem.engines.final``), never a choice made during one."""
         if not self.has_test:
             raise CorpusError("no test split: data.test_fraction is 0")
         if max_windows not in self._test_windows:

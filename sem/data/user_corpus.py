@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from sem.contracts import documents_of
+from sem.contracts import Corpus, documents_of
 from sem.data.corpus import Document, StdlibCorpus, TextFilesCorpus
 
 
@@ -18,7 +18,7 @@ class UserCorpus:
     encoded), ``fingerprint()`` = a hash of the class, its config arguments and the documents' names
     and sizes (read once per run), ``describe()`` = the class name, ``problems()`` = none."""
 
-    def __init__(self, inner: Any, target: str, args: dict[str, Any]) -> None:
+    def __init__(self, inner: Corpus, target: str, args: dict[str, Any]) -> None:
         self.inner, self.target, self.args = inner, target, args
 
     def documents(self) -> Iterator[Document]:
@@ -43,7 +43,7 @@ class UserCorpus:
         return list(own()) if callable(own) else []
 
 
-def as_corpus(obj: Any, node: dict[str, Any] | None = None) -> Any:
+def as_corpus(obj: Any, node: dict[str, Any] | None = None) -> Corpus:
     """``obj`` itself when it is one of sem's corpora, else a ``UserCorpus`` around it (``node``: its
     config, ``_target_`` and arguments, for the default fingerprint)."""
     if isinstance(obj, (StdlibCorpus, TextFilesCorpus, UserCorpus)):
@@ -54,14 +54,15 @@ def as_corpus(obj: Any, node: dict[str, Any] | None = None) -> Any:
 
 
 def corpus_contract_problems(key: str, corpus: Any) -> list[str]:
-    """A user's corpus must have ``documents()`` yielding at least one well-formed document."""
+    """A user's corpus is a ``sem.contracts.Corpus`` whose ``documents()`` yields at least one
+    well-formed document (the first is read)."""
     if isinstance(corpus, (StdlibCorpus, TextFilesCorpus)):
         return []
     inner = getattr(corpus, "inner", corpus)
     where = f"{type(inner).__module__}.{type(inner).__qualname__}"
-    if not callable(getattr(inner, "documents", None)):
-        return [f"{key}: {where} has no documents() (the corpus contract: documents() yields "
-                "Document(name, data) or (name, bytes | str))"]
+    if not isinstance(inner, Corpus) or not callable(inner.documents):
+        return [f"{key}: {where} has no documents() method (the corpus contract, sem.contracts.Corpus: "
+                "documents() yields Document(name, data) or (name, bytes | str))"]
     try:
         first = next(iter(documents_of(inner)), None)
     except Exception as exc:

@@ -8,34 +8,46 @@ With ``sem.recipe`` this is the composition root: objects are built only here (`
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from sem.config.hardware import compile_choice
-from sem.contracts import model_kwargs
+from sem.engines.base import Engine
 from sem.engines.instantiate import make, optimizer_factory, scheduler_factory, without
 from sem.engines.resume import Resume, shape_problems
 from sem.errors import exit_if_invalid
 from sem.record.summary import is_global_zero
+from sem.training.checkpoint import CheckpointManager
 from sem.training.preemption import StopSignals
 from sem.training.pruning import Reports
 from sem.training.pruning import current as current_trial
+from sem.training.restore import build_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from sem.contracts import Corpus
+    from sem.data.datamodule import SEMDataModule
+    from sem.engines.standalone import SEMTrainer
+    from sem.training.step import TrainStep
 
 log = logging.getLogger("sem.build")
 
 
 @dataclass
 class Built:
-    """Everything a fit needs, built from the config. ``engine`` is a LightningEngine or an SEMTrainer:
-    both have fit, validate, global_step, max_steps, tokens_per_s and model."""
+    """Everything a fit needs, built from the config: the data, the engine (``sem.engines.base.Engine``:
+    a LightningEngine or an SEMTrainer) and the run's checkpoint manager."""
 
-    datamodule: Any
-    engine: Any
-    checkpoint: Any
+    datamodule: SEMDataModule
+    engine: Engine
+    checkpoints: CheckpointManager
     resume_from: str | None
     precision_note: str
     signals: StopSignals | None = None
@@ -54,8 +66,8 @@ class Built:
         log.info("engine: %s, max_steps=%d", engine, self.engine.max_steps)
 
 
-def resolve_lengths(cfg: DictConfig, recorded: dict[str, Any] | None = None
-                    ) -> tuple[DictConfig, dict[str, Any]]:
+def resolve_lengths(cfg: DictConfig, recorded: dict[str, int] | None = None
+                    ) -> tuple[DictConfig, dict[str, int]]:
     """The run's config with every fraction of ``trainer.max_steps`` turned into steps (once, here),
     and the record of what was resolved (saved in checkpoints; ``recorded`` from the checkpoint a run
     resumes wins, so a decay branch keeps its parent's warm-up and stage boundaries)."""
@@ -68,23 +80,24 @@ def resolve_lengths(cfg: DictConfig, recorded: dict[str, Any] | None = None
     return OmegaConf.create(resolved), record
 
 
-def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = None,
-          budget: dict[str, Any] | None = None, checkpoints: Any = None,
+def build(cfg: DictConfig, run_dir: Path, corpus: Corpus, resume: Resume | None = None,
+          budget: dict[str, int] | None = None, checkpoints: CheckpointManager | None = None,
           signals: StopSignals | None = None) -> Built:
     """Build data, model, optimizer, scheduler, curriculum, distillation, health monitor, checkpoint
     manager, then the engine (Lightning: callbacks, loggers, precision plugin, accelerator, Trainer;
     standalone: SEMTrainer), in that order. ``cfg`` has its lengths resolved (``resolve_lengths``).
     A checkpoint to resume from that does not fit the built model is a config error (exit 2)."""
     from sem.training.health import Faults
-    from sem.training.step import StepPolicy
+    from sem.training.step import TrainStep
 
     _seed_everything(cfg.seed)
-    datamodule = make(without(cfg.data, "corpus"), corpus=corpus)
+    datamodule: SEMDataModule = make(without(cfg.data, "corpus"), corpus=corpus)
     datamodule.setup()
     log.info("data: %s", datamodule.describe())
     _log_memory_estimate(cfg)
 
-    model = build_model(cfg.model)
+    # vocab_size (the tokenizer's) passed where the constructor takes it and the config does not set it
+    model = build_model(cfg.model, make=functools.partial(make, _convert_="all"))
     curriculum = make(cfg.curriculum)
     optimizer = optimizer_factory(cfg.optimizer)
     scheduler = scheduler_factory(cfg.scheduler)
@@ -105,34 +118,36 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Any, resume: Resume | None = N
 
     compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps,
                                    device_type_for(cfg.accelerator.name), model)
+    forward = None
+    if compiled:  # auto falls back to the eager step if inductor fails on this model; true lets it fail
+        from sem.training.compiled import compiled_forward
+
+        forward = compiled_forward(model, eager_fallback=cfg.get("compile") == "auto")
     # The teacher is a plain object, not a submodule: it must never appear in the student's
     # parameters, optimizer or state_dict. It is saved under checkpoint["sem"] instead.
-    policy = StepPolicy(model, curriculum, teacher(student=model) if teacher is not None else None,
-                        distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
-                        OmegaConf.to_container(cfg, resolve=True),
-                        continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None,
-                        compile=compiled)
+    train_step = TrainStep(model, curriculum, teacher(student=model) if teacher is not None else None,
+                           distill_loss, Faults(**cfg.faults), health, cfg.seed, budget,
+                           OmegaConf.to_container(cfg, resolve=True),
+                           continues=datamodule.continues if cfg.data.get("tbptt", 0) >= 2 else None,
+                           forward=forward)
     log.info("%s", why)
-    if compiled:  # auto falls back to the eager step if inductor fails on this model; true lets it fail
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = cfg.get("compile") == "auto"
-    if policy.forward is not None:
+    if forward is not None:
         log.info("compile: the training forward and backward run through torch.compile (inductor); "
                  "validation and evaluation run the model as it is")
     trial = current_trial()
+    engine: Engine
     if cfg.engine == "standalone":
-        engine, note = _standalone(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals,
+        engine, note = _standalone(cfg, run_dir, train_step, datamodule, optimizer, scheduler, checkpoints, signals,
                                    trial)
     else:
         from sem.engines.lightning.build import lightning_engine
 
-        engine, note = lightning_engine(cfg, run_dir, policy, datamodule, optimizer, scheduler, checkpoints, signals,
-                                        trial)
+        engine, note = lightning_engine(cfg, run_dir, train_step, datamodule, optimizer, scheduler, checkpoints,
+                                        signals, trial)
     resume = resume or Resume()
     if resume.payload is not None:
         exit_if_invalid(shape_problems(engine.model, resume.payload, resume.path))
-    return Built(datamodule=datamodule, engine=engine, checkpoint=checkpoints, resume_from=resume.path,
+    return Built(datamodule=datamodule, engine=engine, checkpoints=checkpoints, resume_from=resume.path,
                  quick=bool(cfg.trainer.get("fast_dev_run")),
                  precision_note=note, signals=signals, trial=trial)
 
@@ -147,16 +162,6 @@ def _log_memory_estimate(cfg: DictConfig) -> None:
         log.info("peak memory estimate: not available (%s: %s)", type(exc).__name__, exc)
 
 
-def build_model(node: DictConfig) -> Any:
-    """The model of ``node``, with ``vocab_size`` (the tokenizer's) passed when its constructor takes one
-    and the config does not set it (``sem.contracts.model_kwargs``)."""
-    from sem.config.components import locate
-
-    cls, _ = locate("model", node._target_)
-    extra = model_kwargs(cls, OmegaConf.to_container(node, resolve=True))
-    return make(node, _convert_="all", **{k: v for k, v in extra.items() if k not in node})
-
-
 def _seed_everything(seed: int) -> None:
     """What ``pl.seed_everything`` does, without Lightning: the same initial weights in both engines."""
     import random
@@ -169,8 +174,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
-                checkpoints: Any, signals: StopSignals | None, trial: Reports | None = None) -> tuple[Any, str]:
+def _standalone(cfg: DictConfig, run_dir: Path, train_step: TrainStep, datamodule: SEMDataModule,
+                optimizer: Callable[..., torch.optim.Optimizer],
+                scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
+                checkpoints: CheckpointManager, signals: StopSignals | None,
+                trial: Reports | None = None) -> tuple[SEMTrainer, str]:
     import torch
 
     from sem.engines.standalone import SEMTrainer
@@ -184,7 +192,7 @@ def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, op
     precision = PrecisionPolicy.of(cfg.precision.precision, device_type)
     console = cfg.callbacks.get("console")
     trainer = SEMTrainer(
-        policy=policy, datamodule=datamodule, optimizer=optimizer, scheduler=scheduler, checkpoints=checkpoints,
+        train_step=train_step, datamodule=datamodule, optimizer=optimizer, scheduler=scheduler, checkpoints=checkpoints,
         precision=precision, device=torch.device(device_type), run_dir=run_dir,
         max_steps=cfg.trainer.max_steps, val_check_interval=cfg.trainer.val_check_interval,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -193,5 +201,3 @@ def _standalone(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, op
         console_every_n_steps=console.every_n_steps if console else 10**9, signals=signals, trial=trial)
     dtype = {None: "fp32"}.get(precision.autocast_dtype, str(precision.autocast_dtype))
     return trainer, f"{precision.precision} on {device_type} (autocast {dtype}); complex regions in complex64"
-
-

@@ -5,10 +5,14 @@ factories of a config node (any torch class, the keys it takes)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("sem.build")
 
@@ -25,7 +29,7 @@ def without(node: DictConfig, *keys: str) -> DictConfig:
     return OmegaConf.create({k: v for k, v in resolved.items() if k not in keys})
 
 
-def optimizer_factory(node: DictConfig) -> Any:
+def optimizer_factory(node: DictConfig) -> Callable[..., torch.optim.Optimizer]:
     """``factory(params=...)``: the configured optimizer class with the keys it takes. The speed flags
     ``fused``/``foreach`` are passed only where the class takes them (validation named any other key)."""
     from sem.config.components import PERF_KEYS, locate, takes
@@ -35,7 +39,7 @@ def optimizer_factory(node: DictConfig) -> Any:
     return make(without(node, *drop) if drop else node, _partial_=True, _convert_="all")
 
 
-def scheduler_factory(node: DictConfig) -> Any:
+def scheduler_factory(node: DictConfig) -> Callable[..., torch.optim.lr_scheduler.LRScheduler]:
     """``factory(optimizer=...)``: the configured schedule. A torch scheduler swapped in for sem's WSD
     (``scheduler._target_=...``) inherits keys of the default option it does not take: they are not
     passed, and a warning names them."""

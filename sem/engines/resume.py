@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from torch import nn
 
 from sem.errors import exit_if_invalid
 from sem.record.summary import is_global_zero
-from sem.training.checkpoint import CheckpointError, model_state
+from sem.training.checkpoint import CheckpointError, CheckpointManager, model_state
 
 log = logging.getLogger("sem.resume")
 
@@ -26,12 +27,12 @@ class Resume:
     payload: dict[str, Any] | None = None
 
     @property
-    def budget(self) -> dict[str, Any] | None:
+    def budget(self) -> dict[str, int] | None:
         """The lengths the checkpoint's run resolved (warm-up, stages): a resumed run keeps them."""
         return (self.payload.get("sem") or {}).get("budget") if self.payload is not None else None
 
 
-def find_resume(cfg: DictConfig, checkpoints: Any) -> Resume:
+def find_resume(cfg: DictConfig, checkpoints: CheckpointManager) -> Resume:
     """The checkpoint to resume from (path and verified payload), or a fresh start. ``resume=auto``
     takes the newest checkpoint that verifies (bad ones are skipped with a warning); an explicit path
     that does not verify is a usage error (exit 2)."""
@@ -77,7 +78,7 @@ def already_finished(cfg: DictConfig, run_dir: Path, resume: Resume) -> float | 
     return float(bpb) if bpb is not None else float("inf")
 
 
-def shape_problems(model: Any, payload: dict[str, Any], path: str | None) -> list[str]:
+def shape_problems(model: nn.Module, payload: dict[str, Any], path: str | None) -> list[str]:
     """One line naming the mismatching keys when a checkpoint does not fit the configured model."""
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in model_state(payload["state_dict"]).items() if hasattr(v, "shape")}

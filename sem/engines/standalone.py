@@ -2,7 +2,7 @@
 
 The same model, data, optimizer, scheduler, curriculum, distillation, health monitor, checkpoint
 manager, precision policy and metrics writer as the Lightning engine: every training decision lives in
-the core (``StepPolicy``, ``CheckpointManager``, ``MetricsLog``...); this loop only orders the calls,
+the core (``TrainStep``, ``CheckpointManager``, ``MetricsLog``...); this loop only orders the calls,
 in the order Lightning makes them, so both engines give the same per-step losses and each resumes the
 other's checkpoints. No Lightning import: it runs where Lightning is not installed.
 """
@@ -10,9 +10,9 @@ other's checkpoints. No Lightning import: it runs where Lightning is not install
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,23 +24,31 @@ from sem.training.metrics import ConsoleLine, MetricsLog, is_logging_step, plain
 from sem.training.precision import PrecisionPolicy
 from sem.training.preemption import StopSignals
 from sem.training.pruning import Reports
-from sem.training.step import StepPolicy, val_metrics, val_sums
+from sem.training.step import TrainStep, val_metrics, val_sums
+
+if TYPE_CHECKING:
+    from sem.data.datamodule import SEMDataModule
 
 log = logging.getLogger("sem")
 
-class SEMTrainer:
-    """Fit ``policy.model`` for ``max_steps`` optimizer steps; see the module docstring."""
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, targets) [B, T] int64
 
-    def __init__(self, *, policy: StepPolicy, datamodule: Any, optimizer: Callable[..., torch.optim.Optimizer],
+
+class SEMTrainer:
+    """Fit ``train_step.model`` for ``max_steps`` optimizer steps; see the module docstring. An
+    ``Engine`` (``sem.engines.base``)."""
+
+    def __init__(self, *, train_step: TrainStep, datamodule: SEMDataModule,
+                 optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
                  checkpoints: CheckpointManager, precision: PrecisionPolicy, device: torch.device,
                  run_dir: Path, max_steps: int, val_check_interval: int, log_every_n_steps: int,
                  accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None,
                  console_every_n_steps: int = 50, signals: StopSignals | None = None,
                  trial: Reports | None = None) -> None:
-        self.policy = policy
+        self.train_step = train_step
         self.trial = trial
-        self.model: nn.Module = policy.model
+        self.model: nn.Module = train_step.model
         self.dm = datamodule
         self.checkpoints = checkpoints
         self.precision = precision
@@ -53,14 +61,14 @@ class SEMTrainer:
         self.clip = float(gradient_clip_val) if gradient_clip_val else None
         self.signals = signals
         self.global_step = 0
-        self.last_val: dict[str, Any] = {}
+        self.last_val: dict[str, float] = {}
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", log_every_n_steps, max_steps)
         self.console = ConsoleLine(console_every_n_steps)
 
         self.model.to(device=device, dtype=precision.weights_dtype)
         self.optimizer = build_optimizer(optimizer, self.model)
         self.scheduler_factory = scheduler  # the dry-run calendar builds its own copy
-        self.scheduler = build_scheduler(scheduler, self.optimizer, policy.lr_scale)
+        self.scheduler = build_scheduler(scheduler, self.optimizer, train_step.lr_scale)
         self.scaler = precision.scaler()
 
     # ---------------------------------------------------------------------------------- fit
@@ -69,19 +77,19 @@ class SEMTrainer:
         """Train to ``max_steps``, from the checkpoint ``resume_from`` (either engine's) when given."""
         if resume_from is not None:
             self.load_payload(self.checkpoints.load(resume_from))
-        if self.policy.teacher is not None:
-            self.policy.teacher.to(self.device)
+        if self.train_step.teacher is not None:
+            self.train_step.teacher.to(self.device)
         self.metrics.trim(self.global_step)
         if self.signals is not None:
             self.signals.install()
             self.signals.defer()  # training: a stop finishes the step and saves it
         batches = self._prefetched(self.dm.train_loader(
             start_step=lambda: self.global_step,
-            shape_at=self.policy.curriculum.shape_at if self.policy.curriculum is not None else None,
+            shape_at=self.train_step.curriculum.shape_at if self.train_step.curriculum is not None else None,
             accumulate=self.accumulate))
         self.model.train()
         while self.global_step < self.max_steps:
-            self._train_step(batches)
+            self._step(batches)
             done = self.global_step
             stop = self.signals is not None and self.signals.received is not None
             if self.checkpoints.due(done) or (stop and self.checkpoints.save_on_exit and done < self.max_steps):
@@ -99,32 +107,33 @@ class SEMTrainer:
             self.save()
 
     @staticmethod
-    def _prefetched(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefetched(loader: Iterable[Batch]) -> Iterator[Batch]:
         """Batches one ahead, as Lightning's fetcher builds them: a gated curriculum then sees the same
         highest-served step, and decides the same boundaries, in both engines. The loader's iterator
         is made here, before any step seeds the RNG (making one draws a seed from it)."""
         it = iter(loader)
         ahead = [next(it)]
 
-        def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def stream() -> Iterator[Batch]:
             while True:
                 current, ahead[0] = ahead[0], next(it)
                 yield current
 
         return stream()
 
-    def _train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        step, policy = self.global_step, self.policy
+    def _step(self, batches: Iterator[Batch]) -> None:
+        """One optimizer step: its micro-batches' forward and backward, the verdict, the update."""
+        step, train_step = self.global_step, self.train_step
         if not self.metrics.clock.running:
             self.metrics.clock.start()
             self.console.clock.start()
-        policy.start(step)
+        train_step.start(step)
         row: dict[str, Any] = {}
         for _ in range(self.accumulate):
             x, y = (t.to(self.device, non_blocking=True) for t in next(batches))
             with self.precision.autocast():
-                loss, metrics = policy.micro_loss(x, y, step)
-            stage_index, stage = policy.stage(step)
+                loss, metrics = train_step.micro_loss(x, y, step)
+            stage_index, stage = train_step.stage(step)
             row = {"step": step, "lr": self.optimizer.param_groups[0]["lr"], "seq_len": int(x.shape[1]),
                    "batch_size": int(x.shape[0]), "stage": stage, "stage_index": stage_index, **metrics}
             scaled = loss / self.accumulate
@@ -132,8 +141,8 @@ class SEMTrainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        means = policy.step_means()
-        decision = policy.judge(step, params, means[0], self.clip, scaler_active=self.scaler is not None,
+        means = train_step.step_means()
+        decision = train_step.judge(step, params, means[0], self.clip, scaler_active=self.scaler is not None,
                                 optimizer=self.optimizer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -142,12 +151,12 @@ class SEMTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         row.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
-                    "tokens": policy.tokens, "grad_norm": policy.grad_norm})
+                    "tokens": train_step.tokens, "grad_norm": train_step.grad_norm})
         logging_step = is_logging_step(step, self.log_every_n_steps, self.max_steps)
         # Device-judged steps are read back on logging steps and before anything is saved.
         flush = (logging_step or step + 1 >= self.max_steps or self.checkpoints.due(step + 1)
                  or (self.signals is not None and self.signals.received is not None))
-        row.update(policy.finish(step, means, decision, flush, self._rollback))
+        row.update(train_step.finish(step, means, decision, flush, self._rollback))
         if self.scheduler is not None:
             self.scheduler.step()  # after finish, as Lightning: a rollback's optimizer state gets this step's LR
         self.global_step = step + 1
@@ -160,17 +169,17 @@ class SEMTrainer:
             log.info("curriculum: %s %r at step %d (%s)", event.kind.replace("_", " "), event.stage,
                      event.step, event.reason)
             if (event.kind == "stage_start" and event.step == self.global_step
-                    and policy.curriculum is not None and policy.curriculum.stages[event.index].checkpoint):
+                    and train_step.curriculum is not None and train_step.curriculum.stages[event.index].checkpoint):
                 path = self.save(milestone=event.stage)
                 log.info("curriculum: milestone checkpoint %s", path)
 
     def _rollback(self, step: int) -> None:
-        self.policy.rollback(step, self.checkpoints, self._load_model, [self.optimizer])
+        self.train_step.rollback(step, self.checkpoints, self._load_model, [self.optimizer])
 
     # ---------------------------------------------------------------------------- validation
 
     @torch.no_grad()
-    def validate(self, loader: Any, final: bool = False) -> dict[str, Any]:
+    def validate(self, loader: Iterable[Batch], final: bool = False) -> dict[str, float]:
         self.metrics.clock.pause()
         self.console.clock.pause()
         was_training = self.model.training
@@ -209,23 +218,23 @@ class SEMTrainer:
             "optimizer_states": [self.optimizer.state_dict()],
             "lr_schedulers": [self.scheduler.state_dict()] if self.scheduler is not None else [],
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "sem": self.policy.state_dict(self.global_step),
+            "sem": self.train_step.state_dict(self.global_step),
         }
 
     def save(self, milestone: str | None = None) -> Path | None:
         row = getattr(self, "_last_row", {})
         metrics = {k: plain(row.get(k)) for k in ("train/loss", "train/ce_loss") if k in row}
         return self.checkpoints.save(self.payload(), step=self.global_step, stage=milestone or row.get("stage"),
-                                     metrics=metrics, config=self.policy.config, milestone=milestone)
+                                     metrics=metrics, config=self.train_step.config, milestone=milestone)
 
     def _load_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(model_state(state_dict))
 
     def load_payload(self, payload: dict[str, Any]) -> None:
-        """Restore a checkpoint written by either engine. The policy first (as Lightning restores the
-        module before the optimizers): the scheduler's LR at the restored step depends on the
+        """Restore a checkpoint written by either engine. The step's state first (as Lightning restores
+        the module before the optimizers): the scheduler's LR at the restored step depends on the
         curriculum's gate decisions."""
-        self.policy.load_state_dict(payload.get("sem") or {})
+        self.train_step.load_state_dict(payload.get("sem") or {})
         self._load_model(payload["state_dict"])
         if payload.get("optimizer_states"):
             self.optimizer.load_state_dict(payload["optimizer_states"][0])
@@ -235,4 +244,3 @@ class SEMTrainer:
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)
         self.global_step = int(payload["global_step"])
-

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -13,8 +12,6 @@ from torch.utils.checkpoint import checkpoint
 
 from sem.contracts import ModelOutput, cross_entropy
 from sem.models.common import check_input_length
-
-logger = logging.getLogger(__name__)
 
 
 class TransformerBlock(nn.Module):
@@ -42,12 +39,37 @@ class TransformerBlock(nn.Module):
         return x + self.drop(self.fc_out(F.gelu(self.fc(self.norm2(x)))))
 
 
+def settings_problems(prefix: str = "", **s: Any) -> list[str]:
+    """Every problem with TransformerLM's arguments ``s``, one line each naming ``<prefix><key>``: run
+    by its constructor and by the config's validation (``sem.config.groups.model``)."""
+    p = []
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        value = s.get(key)
+        if key in s and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            p.append(f"{prefix}{key}={value!r}: must be an integer > 0")
+    if isinstance(s.get("vocab_size"), int) and 0 < s["vocab_size"] < 259:
+        p.append(f"{prefix}vocab_size={s['vocab_size']}: the byte tokenizer needs at least 259 (256 bytes + BOS/EOS/PAD)")
+    heads, width = s.get("n_heads"), s.get("d_model")
+    if isinstance(heads, int) and heads > 0 and isinstance(width, int) and width % heads:
+        p.append(f"{prefix}n_heads={heads}: must divide {prefix}d_model={width}")
+    ratio = s.get("mlp_ratio", 4.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
+        p.append(f"{prefix}mlp_ratio={ratio!r}: must be > 0")
+    dropout = s.get("dropout", 0.0)
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
+        p.append(f"{prefix}dropout={dropout!r}: must be in [0, 1)")
+    return p
+
+
 class TransformerLM(nn.Module):
     """Token + learned position embeddings -> N pre-norm blocks -> LayerNorm -> linear head."""
 
     no_decay_keywords: ClassVar[tuple[str, ...]] = ("norm", "bias")
     # >=2-D weights that are not hidden matrices (kept out of Muon): tok_emb, pos_emb and the head.
     non_matrix_keywords: ClassVar[tuple[str, ...]] = ("emb", "head")
+    # Taken (and ignored: it has no unitary state) by earlier versions, whose configs and checkpoints
+    # hold it: sem.contracts.model_kwargs drops it when a model is rebuilt from one.
+    retired_arguments: ClassVar[tuple[str, ...]] = ("unitary_lambda",)
 
     def __init__(
         self,
@@ -59,22 +81,12 @@ class TransformerLM(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
-        unitary_lambda: float = 0.0,
     ) -> None:
+        bad = settings_problems(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                                max_seq_len=max_seq_len, mlp_ratio=mlp_ratio, dropout=dropout)
+        if bad:
+            raise ValueError("; ".join(bad))
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
-                            ("n_heads", n_heads), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if d_model % n_heads != 0:
-            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
-        if mlp_ratio <= 0:
-            raise ValueError(f"invalid mlp_ratio={mlp_ratio!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"invalid dropout={dropout!r}")
-        if unitary_lambda:
-            logger.warning("unitary_lambda=%s has no effect on TransformerLM (it has no unitary state)",
-                           unitary_lambda)
         self.max_seq_len = max_seq_len
         self.gradient_checkpointing = gradient_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -107,8 +119,7 @@ class TransformerLM(nn.Module):
             else:
                 x = block(x)
         logits = self.head(self.norm_f(x)).float()  # [B, T, V]
-        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
         if targets is None:
-            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=zero)
-        ce = cross_entropy(logits, targets)
-        return ModelOutput(logits=logits, loss=ce, ce_loss=ce, unitary_divergence=zero)
+            return ModelOutput(logits)
+        ce = cross_entropy(logits, targets)  # no loss terms of its own
+        return ModelOutput(logits, loss=ce, ce_loss=ce)

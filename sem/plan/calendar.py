@@ -17,10 +17,19 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sem.contracts import model_output
 from sem.engines.optim import build_scheduler
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from sem.engines.build import Built
+    from sem.training.checkpoint import CheckpointManager
+    from sem.training.curriculum import CurriculumManager
+    from sem.training.distillation import EMATeacher
 
 log = logging.getLogger("sem.calendar")
 
@@ -129,25 +138,25 @@ def build_calendar(*, max_steps: int, base_lr: float, multiplier: Callable[[int]
 class RunParts:
     """What the plan needs from a built run, whichever engine built it."""
 
-    model: Any
-    curriculum: Any
-    teacher: Any
-    optimizer: Callable[..., Any]  # factory: optimizer(params=...) -> a fresh optimizer
-    scheduler: Any  # has multiplier(step); WSDScheduler also warmup_steps, decay_start, decay_steps
-    device: Any
-    autocast: Callable[[], Any]
+    model: nn.Module
+    curriculum: CurriculumManager | None
+    teacher: EMATeacher | None
+    optimizer: Callable[..., torch.optim.Optimizer]  # factory: optimizer(params=...) -> a fresh optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # sem's WSD says multiplier(step), warmup_steps...
+    device: torch.device
+    autocast: Callable[[], Any]  # a context manager: the run's mixed precision
     world: int
 
 
-def parts_of(built: Any, optimizer: Callable[..., Any], base_lr: float = 1e-3) -> RunParts:
+def parts_of(built: Built, optimizer: Callable[..., torch.optim.Optimizer], base_lr: float = 1e-3) -> RunParts:
     """Find the parts in ``sem.engines.build.Built`` (the Lightning engine keeps the scheduler factory in its
     module, the standalone engine the built scheduler); ``optimizer`` is the configured factory."""
     import torch
 
     engine = built.engine
     module = getattr(engine, "module", None)
-    policy = getattr(engine, "policy", None) or getattr(module, "policy", None)
-    curriculum = getattr(policy, "curriculum", None)
+    train_step = engine.train_step
+    curriculum = train_step.curriculum
     scale = curriculum.lr_scale if curriculum is not None else None
     trainer = getattr(engine, "trainer", None)
     if module is not None and hasattr(module, "scheduler_factory"):  # Lightning
@@ -159,13 +168,13 @@ def parts_of(built: Any, optimizer: Callable[..., Any], base_lr: float = 1e-3) -
             device, world = torch.device("cpu"), 1
     else:  # standalone
         factory = getattr(engine, "scheduler_factory", None)
-        device = getattr(engine, "device", torch.device("cpu"))
+        device = engine.device
         autocast = getattr(getattr(engine, "precision", None), "autocast", nullcontext)
         world = 1
     # the schedule as the run builds it, on a stand-in optimizer (nothing of the run is stepped)
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
     scheduler = build_scheduler(factory, dummy, scale or (lambda step: 1.0))
-    return RunParts(model=engine.model, curriculum=curriculum, teacher=getattr(policy, "teacher", None),
+    return RunParts(model=engine.model, curriculum=curriculum, teacher=train_step.teacher,
                     optimizer=optimizer, scheduler=scheduler, device=device, autocast=autocast, world=world)
 
 
@@ -196,7 +205,7 @@ def multiplier_of(scheduler: Any, max_steps: int) -> Callable[[int], float]:
     return lambda step: lrs[min(step, len(lrs) - 1)] if lrs else 1.0
 
 
-def calendar_of(cfg: Any, parts: RunParts, checkpoints: Any) -> Calendar:
+def calendar_of(cfg: Any, parts: RunParts, checkpoints: CheckpointManager) -> Calendar:
     """The calendar of a built run, from the objects the run itself uses."""
     curriculum, sched = parts.curriculum, parts.scheduler
     max_steps = int(cfg.trainer.max_steps)

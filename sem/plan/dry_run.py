@@ -69,7 +69,7 @@ def dry_run(cfg: Any, built: Any, run_dir: Path, *, optimizer: Callable[..., Any
     dm = built.datamodule
     parts = parts_of(built, optimizer, base_lr_of(cfg))
     n_params = count_parameters(parts.model)
-    cal = calendar_of(cfg, parts, built.checkpoint)
+    cal = calendar_of(cfg, parts, built.checkpoints)
     shapes = sorted({(s.seq_len, s.batch_size) for s in cal.segments})
     t0 = time.perf_counter()
     per_step, per_window = probe_seconds(parts.model, parts.optimizer, shapes,

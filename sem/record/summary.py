@@ -102,7 +102,7 @@ class RunSummary:
             "steps": steps,
             "val_loss": val_loss,
             "val_bpb": val_bpb,
-            "stream_bpb": stream_bpb,  # val documents scored whole (sem.engines.fit.final_scores)
+            "stream_bpb": stream_bpb,  # val documents scored whole (sem.engines.final.final_scores)
             # the test split, scored once at the end from the final checkpoint (the report; val chose)
             "test_bpb": test_bpb,
             "test_stream_bpb": test_stream_bpb,

@@ -44,9 +44,10 @@ from torch import nn
 from sem.config.components import corpus_node
 from sem.config.schema import DynamicConf
 from sem.config.store import expand_switches, register_configs
+from sem.contracts import Corpus
 from sem.data.anchors import LABELS as ANCHOR_LABELS
 from sem.data.anchors import Alone
-from sem.data.corpus import Corpus, CorpusError
+from sem.data.corpus import CorpusError
 from sem.data.datamodule import SEMDataModule, tile_windows
 from sem.data.tokenizer import ByteTokenizer
 from sem.data.user_corpus import as_corpus

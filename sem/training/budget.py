@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any
 
+from sem.lengths import fraction_steps, length_problems  # noqa: F401 (length_problems: re-exported)
+
 log = logging.getLogger(__name__)
-
-
-def fraction_steps(fraction: float, max_steps: int) -> int:
-    """``fraction * max_steps`` rounded to the nearest step (halves up)."""
-    return int(math.floor(fraction * max_steps + 0.5))
 
 
 def _field(stage: Any, name: str) -> Any:
@@ -52,26 +48,6 @@ def stage_lengths(stages: list[Any], max_steps: int) -> list[int | None]:
         else:
             lengths.append(None)
     return lengths
-
-
-def length_problems(steps_key: str, steps: Any, fraction_key: str, fraction: Any, max_steps: int, *,
-                    required: bool = True, strictly_inside: bool = False, may_overrun: bool = False
-                    ) -> list[str]:
-    """Problems with one length given in steps or as a fraction of ``trainer.max_steps`` (steps win
-    when both are set). An explicit step count that cannot fit is a problem naming both keys, unless
-    ``may_overrun`` (a ramp that simply stops where the run ends)."""
-    if steps is None and fraction is None:
-        return [f"{steps_key} / {fraction_key}: both null, give one"] if required else []
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            return [f"{steps_key}={steps!r} must be an integer >= 0"]
-        if not may_overrun and (steps > max_steps or (strictly_inside and steps >= max_steps)):
-            return [f"{steps_key}={steps} does not fit in trainer.max_steps={max_steps} "
-                    f"(give {fraction_key} instead, or fewer steps)"]
-        return []
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        return [f"{fraction_key}={fraction!r} must be in [0, 1]"]
-    return []
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -111,27 +87,24 @@ def resolve_budget(cfg: dict[str, Any], recorded: dict[str, Any] | None = None
     n = int(out["trainer"]["max_steps"])
     record: dict[str, Any] = {}
 
-    def resolve(node: dict[str, Any], steps_key: str, fraction_key: str, prefix: str,
-                drop_fraction_key: bool) -> None:
+    def resolve(node: dict[str, Any], steps_key: str, fraction_key: str, prefix: str) -> None:
         fraction = node.get(fraction_key)
         if fraction is not None and node.get(steps_key) is None:
             key = f"{prefix}.{steps_key}"
             node[steps_key] = record[key] = _pick(key, fraction_steps(float(fraction), n), recorded, n)
-        if drop_fraction_key:
-            node.pop(fraction_key, None)
-        elif fraction is not None and node.get(steps_key) is not None:
-            node[fraction_key] = None
+        if fraction is not None and node.get(steps_key) is not None:
+            node[fraction_key] = None  # the steps are the length now (a resumed run keeps them)
 
     sched = out.get("scheduler") or {}
     if sched:
-        resolve(sched, "warmup_steps", "warmup_fraction", "scheduler", drop_fraction_key=False)
+        resolve(sched, "warmup_steps", "warmup_fraction", "scheduler")
     model = out.get("model") or {}
     if "propagator_warmup_fraction" in model:
-        resolve(model, "propagator_warmup_steps", "propagator_warmup_fraction", "model", drop_fraction_key=True)
+        resolve(model, "propagator_warmup_steps", "propagator_warmup_fraction", "model")
     teacher = _get(out, "distillation.teacher")
     if teacher:
-        resolve(teacher, "start_step", "start_fraction", "distillation.teacher", drop_fraction_key=True)
-        resolve(teacher, "ramp_steps", "ramp_fraction", "distillation.teacher", drop_fraction_key=True)
+        resolve(teacher, "start_step", "start_fraction", "distillation.teacher")
+        resolve(teacher, "ramp_steps", "ramp_fraction", "distillation.teacher")
 
     curriculum = out.get("curriculum") or {}
     if curriculum.get("stages"):

@@ -76,6 +76,24 @@ class Saved:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def settings_problems(every_n_steps: Any = 500, keep_last: Any = 2, keep_best: Any = 1, mode: Any = "min",
+                      every_n_train_steps: Any = None, **_: Any) -> list[str]:
+    """Every problem with the retention settings, one line each naming ``checkpoint.<key>``: run by
+    ``CheckpointManager`` and by the config's validation (``sem.config.groups.run``)."""
+    p = []
+    if every_n_train_steps is not None:
+        p.append(f"checkpoint.every_n_train_steps={every_n_train_steps}: removed; use "
+                 f"checkpoint.every_n_steps={every_n_train_steps}")
+    for key, value, low, why in (("every_n_steps", every_n_steps, 0, ""),
+                                 ("keep_last", keep_last, 1, " (the newest is always kept)"),
+                                 ("keep_best", keep_best, 0, "")):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            p.append(f"checkpoint.{key}={value!r}: must be an integer >= {low}{why}")
+    if mode not in ("min", "max"):
+        p.append(f"checkpoint.mode={mode!r}: must be min or max")
+    return p
+
+
 class CheckpointManager:
     """Owns ``<run>/checkpoints/``.
 
@@ -88,17 +106,10 @@ class CheckpointManager:
     def __init__(self, dirpath: str | Path, every_n_steps: int = 500, keep_last: int = 2,
                  keep_best: int = 1, monitor: str = "val/bpb", mode: Literal["min", "max"] = "min",
                  save_on_exit: bool = True, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None:
-            raise ValueError(f"checkpoint.every_n_train_steps={every_n_train_steps}: removed; use "
-                             f"checkpoint.every_n_steps={every_n_train_steps}")
-        if every_n_steps < 0:
-            raise ValueError(f"checkpoint.every_n_steps={every_n_steps}: must be >= 0")
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last}: must be >= 1 (the newest is always kept)")
-        if keep_best < 0:
-            raise ValueError(f"checkpoint.keep_best={keep_best}: must be >= 0")
-        if mode not in ("min", "max"):
-            raise ValueError(f"checkpoint.mode={mode!r}: must be min or max")
+        bad = settings_problems(every_n_steps=every_n_steps, keep_last=keep_last, keep_best=keep_best, mode=mode,
+                                every_n_train_steps=every_n_train_steps)
+        if bad:
+            raise ValueError("; ".join(bad))
         self.dir = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sem.contracts import model_output
+from sem.lengths import fraction_steps
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +137,30 @@ class EMATeacher:
         student: nn.Module,
         decay_start: float = 0.99,
         decay_end: float = 0.999,
-        ramp_steps: int = 1000,
+        ramp_steps: int | None = None,
+        ramp_fraction: float | None = 0.5,
         start_step: int | None = None,
+        start_fraction: float | None = None,
         start_stage: str | None = None,
+        max_steps: int | None = None,
     ) -> None:
         found = distill_problems(
             decay_start=decay_start, decay_end=decay_end, ramp_steps=ramp_steps,
             start_step=start_step, prefix="EMATeacher",
         )
+        for key, steps, fraction in (("ramp", ramp_steps, ramp_fraction), ("start", start_step, start_fraction)):
+            if steps is None and fraction is not None and max_steps is None:
+                found.append(f"EMATeacher.{key}_fraction={fraction!r}: a fraction of max_steps, which is not given: "
+                             f"pass max_steps (the training budget) or the length in steps")
         if found:
             raise ValueError("; ".join(found))
         self.decay_start = decay_start
         self.decay_end = decay_end
-        self.ramp_steps = ramp_steps
-        self.start_step = start_step
+        # Steps win; else a fraction of max_steps (the run's trainer.max_steps, given by the config node).
+        self.ramp_steps = ramp_steps if ramp_steps is not None else (
+            fraction_steps(ramp_fraction, max_steps) if ramp_fraction is not None else 0)
+        self.start_step = start_step if start_step is not None or start_fraction is None else (
+            fraction_steps(start_fraction, max_steps))
         self.start_stage = start_stage
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)

@@ -23,7 +23,7 @@ log = logging.getLogger("sem")
 
 TRAIN_KEYS = ("train/loss", "train/ce_loss", "train/unitary_div", "lr", "seq_len", "batch_size", "stage",
               "grad_norm")
-EXTRA_PREFIXES = ("distill/", "sem/", "health/")
+EXTRA_PREFIXES = ("train/", "distill/", "sem/", "health/")  # train/<name>: a model's ModelOutput.logged()
 
 
 def plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 def cpu_has_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16: AMD Zen 4 on, Intel Cooper Lake and
     Sapphire Rapids on; torch's own check)? There bf16 autocast trains the default SEM 1.6x as fast
-    as fp32 (README "Measured"); without it torch emulates bf16 and autocast is slower than fp32."""
+    as fp32 (docs/results.md); without it torch emulates bf16 and autocast is slower than fp32."""
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     try:
         return bool(check()) if callable(check) else False

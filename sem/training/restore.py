@@ -1,5 +1,7 @@
 """``sem.load(path) -> (model, cfg)``: rebuild a trained model from one checkpoint file, or from a
-directory written by ``sem-export`` (``model.safetensors`` + ``config.yaml``), on any device.
+directory written by ``sem-export`` (``model.safetensors`` + ``config.yaml``), on any device; and
+``build_model``, the one way a model is built from its config node (a run builds it through Hydra's
+``instantiate``, a checkpoint's model is rebuilt without Hydra).
 
 A checkpoint holds the resolved run config (``checkpoint["sem"]["config"]``), so nothing else is
 needed: not the run directory (it may have moved), not the original shell command. Loading is
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +31,58 @@ LEGACY_TARGETS = {
 }
 
 
-def _locate(target: str) -> Any:
-    module, _, name = LEGACY_TARGETS.get(target, target).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        raise CheckpointError(f"the model class {target} cannot be imported: no module {exc.name!r} on the "
-                              "path (put the folder that holds it on PYTHONPATH)") from None
-    except AttributeError:
-        raise CheckpointError(f"the model class {target} cannot be imported: {module} has no {name!r}") from None
+def _locate(target: str) -> Callable[..., Any]:
+    """What a ``_target_`` names (a class, or a class's constructor such as ``Class.from_config``): the
+    longest importable module of the dotted path, then attributes; the legacy model paths mapped."""
+    parts = LEGACY_TARGETS.get(target, target).split(".")
+    if len(parts) < 2:
+        raise CheckpointError(f"the model class {target!r} cannot be imported: not a dotted path (module.Class)")
+    missing: str | None = None  # the first module found missing, from the longest path down
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj: Any = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            missing = missing or exc.name
+            if i > 1 and exc.name is not None and module.startswith(exc.name):
+                continue  # perhaps ``module.Class.constructor``: its owner may import
+            break
+        for j, name in enumerate(parts[i:]):
+            if not hasattr(obj, name):
+                if j == 0 and missing == f"{module}.{name}":
+                    break  # neither a module nor an attribute: the module is what is missing
+                raise CheckpointError(f"the model class {target} cannot be imported: {obj.__name__} has no {name!r}")
+            obj = getattr(obj, name)
+        else:
+            return obj
+        break
+    raise CheckpointError(f"the model class {target} cannot be imported: no module {missing!r} on the "
+                          "path (put the folder that holds it on PYTHONPATH)")
 
 
-def build_model(model_cfg: dict[str, Any]) -> nn.Module:
-    """The model a ``model`` config node describes (``_target_`` + constructor arguments)."""
-    cls = _locate(model_cfg["_target_"])
-    return cls(**{k: _built(v) for k, v in model_kwargs(cls, model_cfg).items()})
+def build_model(node: Mapping[str, Any], make: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """The model a ``model`` config node describes (``_target_`` + constructor arguments), with
+    ``vocab_size`` (the tokenizer's) passed when its constructor takes one and the node does not set it
+    (``sem.contracts.model_kwargs``).
+
+    ``make(node, **extra)``: how a run builds it (``hydra.utils.instantiate`` through the composition
+    root, with its target checks and errors); without it the core builds the node itself, as Hydra
+    would (nested ``_target_`` nodes, ``_partial_``, ``_args_``), to rebuild a checkpoint's model."""
+    cls = _locate(str(node["_target_"]))
+    kwargs = model_kwargs(cls, dict(node))
+    if make is not None:
+        return make(node, **{k: v for k, v in kwargs.items() if k not in node})
+    return cls(*_built(list(node.get("_args_", []))), **{k: _built(v) for k, v in kwargs.items()})
 
 
 def _built(value: Any) -> Any:
     """A constructor argument as the run built it: nested ``_target_`` nodes instantiated (what
     ``hydra.utils.instantiate`` does for the run; the core loads checkpoints without Hydra)."""
     if isinstance(value, dict) and "_target_" in value:
-        args = {k: _built(v) for k, v in value.items() if not str(k).startswith("_")}
+        args = [_built(v) for v in value.get("_args_", [])]
+        kwargs = {k: _built(v) for k, v in value.items() if not str(k).startswith("_")}
         target = _locate(str(value["_target_"]))
-        return functools.partial(target, **args) if value.get("_partial_") else target(**args)
+        return functools.partial(target, *args, **kwargs) if value.get("_partial_") else target(*args, **kwargs)
     if isinstance(value, dict):
         return {k: _built(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -1,16 +1,20 @@
-"""StepPolicy: what happens in one optimizer step, whichever engine drives it.
+"""TrainStep: one optimizer step's training semantics, whichever engine drives it.
 
 Both engines (the Lightning adapter and the standalone loop) call, per optimizer step::
 
-    policy.start(step, rank)                      # seed the step's random draws, set the model's step
-    loss = policy.micro_loss(x, y, step)          # per micro-batch: forward, distillation, faults
+    train_step.start(step, rank)                      # seed the step's random draws, set the model's step
+    loss = train_step.micro_loss(x, y, step)          # per micro-batch: forward, distillation, faults
     ... backward (scaled, accumulated) ...
-    decision = policy.judge(step, params, loss, clip)   # true grad norm, health verdict, skip or clip
+    decision = train_step.judge(step, params, loss, clip)   # true grad norm, health verdict, skip or clip
     ... optimizer.step() (a skipped update has no gradients: the optimizer leaves it alone) ...
-    row = policy.finish(step, means, decision, logging)  # teacher, curriculum gate, probes, rollback/stop
+    row = train_step.finish(step, means, decision, logging)  # teacher, curriculum gate, probes, rollback/stop
 
 so the training semantics (the loss, the distillation mix, fault injection, per-step seeding, health
-actions, the gate's input, probes) are written once. Plain PyTorch: no Lightning, no Hydra.
+actions, the gate's input, probes) are written once. Its state (``state_dict``: ``checkpoint["sem"]``)
+is everything of a run that is not model, optimizer or scheduler; ``rollback`` puts a run back to its
+newest valid checkpoint. The forward it runs may be compiled (``sem.training.compiled``); under truncated
+BPTT each micro-batch starts from the state its lanes carried (``sem.training.lanes``). Plain PyTorch:
+no Lightning, no Hydra.
 
 **No host syncs between logging steps.** With an optimizer that can skip an update on the device
 (torch's fused AdamW/SGD: ``found_inf``) and no fp16 loss scaler, ``judge`` reads nothing back: the
@@ -28,20 +32,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from sem.contracts import model_output, set_step
-from sem.data.datamodule import rank_world
 from sem.training.checkpoint import CheckpointManager, rng_state, set_rng_state
-from sem.training.curriculum import CurriculumManager
+from sem.training.curriculum import CurriculumManager, StageEvent
 from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.training.distributed import every_rank
 from sem.training.health import _SEVERITY, Decision, Faults, HealthMonitor, HealthStop
+from sem.training.lanes import Lanes
 
 log = logging.getLogger(__name__)
 
@@ -54,39 +56,27 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def _not_profiler_note(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Profiler record function")
+class TrainStep:
+    """The per-step training semantics shared by both engines (see the module docstring).
 
-
-class StepPolicy:
-    """The per-step training semantics shared by both engines (see the module docstring)."""
+    ``forward``: what the training step calls in place of ``model`` (``compiled_forward(model)``);
+    None: the model itself. ``continues``: truncated BPTT's ``SEMDataModule.continues`` (None: off)."""
 
     def __init__(self, model: nn.Module, curriculum: CurriculumManager | None = None,
                  teacher: EMATeacher | None = None, distill_loss: DistillationLoss | None = None,
                  faults: Faults | None = None, health: HealthMonitor | None = None, seed: int = 0,
-                 budget: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                 continues: Callable[[int], bool] | None = None, compile: bool = False) -> None:
+                 budget: dict[str, int] | None = None, config: dict[str, Any] | None = None,
+                 continues: Callable[[int], bool] | None = None,
+                 forward: Callable[..., Any] | None = None) -> None:
         self.model = model
-        # ``compile``: the training forward (and its backward) through torch.compile, the model's
-        # parameters and state_dict untouched; validation, sampling and evaluation run the model itself
-        # (a compiled graph per shape and mode would cost more there than it saves).
-        self.forward: Callable[..., Any] | None = None
-        if compile:
-            # Each run compiles afresh: a sweep's jobs in one process would otherwise share dynamo's
-            # caches and its recompile limit (and past it run eager, unannounced).
-            torch._dynamo.reset()
-            self.forward = torch.compile(model)
-            # Expected, not news: complex ops (SEM's recurrence) stay torch's own kernels, unfused, and the
-            # profiler labels (record_function, for bench/profile_sem.py) are left out of the graph.
-            warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
-            logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_profiler_note)
+        self.forward = forward  # the model's parameters and state_dict either way
         self.curriculum = curriculum
         self.teacher = teacher
         self.distill_loss = distill_loss
         self.faults = faults or Faults()
         self.health = health or HealthMonitor.off()
         self.seed = seed
-        self.budget = dict(budget or {})  # lengths resolved from fractions of max_steps (sem.training.budget)
+        self.budget: dict[str, int] = dict(budget or {})  # lengths resolved from fractions of max_steps (sem.training.budget)
         self.config = config  # the resolved run config, stored in every checkpoint
         self.micro: list[torch.Tensor] = []  # [loss, ce, unitary_div] per micro-batch of this step
         self.tokens = 0
@@ -98,11 +88,9 @@ class StepPolicy:
         self._limits: tuple[float, float, bool, bool] | None = None  # fixed at the last flush
         self._limits_t: torch.Tensor | None = None
         self._unobserved = False  # a pending step the curriculum has not seen yet
-        # Truncated BPTT (data.tbptt): ``continues(step)`` says whether step's batch continues the lanes
-        # of step - 1 (SEMDataModule.continues); then each micro-batch's forward starts from the state
-        # its lanes ended step - 1 with: {micro index: (step, shape, state)}.
-        self.continues = continues
-        self.carried: dict[int, tuple[int, tuple[int, ...], Any]] = {}
+        # Truncated BPTT (data.tbptt): each micro-batch's forward starts from the state its lanes ended
+        # step - 1 with, when step's batch continues them.
+        self.lanes = Lanes(continues)
 
     def lr_scale(self, step: int) -> float:
         """The factor on the schedule's LR at ``step``: the curriculum stage's ``lr_scale`` times the
@@ -119,19 +107,19 @@ class StepPolicy:
         torch.manual_seed(step_seed(self.seed, step, rank))
         set_step(self.model, step)
 
-    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, step: int
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The training loss of one micro-batch (x, y [B, T]) and its extra metrics (distillation)."""
-        micro = len(self.micro)
-        out = model_output(self.model, x, y, state=self._carried_in(micro, step, tuple(x.shape)), call=self.forward)
-        if self.continues is not None:
-            self.carried[micro] = (step, tuple(x.shape), _tree_map(_finite_or_zero, out.state))
+        micro, shape = len(self.micro), tuple(x.shape)
+        out = model_output(self.model, x, y, state=self.lanes.state_in(micro, step, shape), call=self.forward)
+        self.lanes.keep(micro, step, shape, out.state)
         loss = out.loss
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, torch.Tensor | float] = {}
         # The teacher distils once ready: its first update (at activation) copies the student.
         if self.teacher is not None and self.distill_loss is not None and self.teacher.ready:
             set_step(self.teacher.module, step)  # step-driven blends (propagator alpha) match the student's
             parts = self.distill_loss(out.logits, self.teacher(x), out.ce_loss)
-            # keep the unitary penalty; replace plain CE by the distillation mix
+            # keep the model's own loss terms (aux_losses); replace plain CE by the distillation mix
             loss = parts["loss"] + (out.loss - out.ce_loss)
             metrics.update({"distill/kl": parts["kl"].detach(), "distill/loss": parts["loss"].detach(),
                             "distill/teacher_decay": self.teacher.decay(step)})
@@ -139,21 +127,13 @@ class StepPolicy:
         # gradients (judge): the health policy skips the update, rolls back or stops before anything
         # reaches the weights.
         loss = self.faults.loss(step, loss)
-        self.micro.append(torch.stack([loss.detach(), out.ce_loss.detach(), out.unitary_divergence.detach()]))
+        logged = out.logged()  # the model's loss terms and metrics by name (SEM: unitary_penalty, unitary_div)
+        udiv = logged.get("unitary_div", out.ce_loss.new_zeros(()))  # train/unitary_div: 0 for other models
+        self.micro.append(torch.stack([loss.detach(), out.ce_loss.detach(), udiv]))
         self.tokens += x.numel()
-        metrics.update({"train/ce_loss": out.ce_loss.detach(), "train/unitary_div": out.unitary_divergence.detach()})
+        metrics.update({**{f"train/{k}": v for k, v in logged.items()}, "train/ce_loss": out.ce_loss.detach(),
+                        "train/unitary_div": udiv})
         return loss, metrics
-
-    def _carried_in(self, micro: int, step: int, shape: tuple[int, ...]) -> Any:
-        """The state micro-batch ``micro`` of ``step`` starts from: what the same micro-batch of step - 1
-        left, when the batch continues its lanes at the same shape; None (fresh) otherwise: a segment's
-        first step, a curriculum's new shape, a rollback, a resume without the state."""
-        if self.continues is None or not self.continues(step):
-            return None
-        before = self.carried.get(micro)
-        if before is None or before[0] != step - 1 or before[1] != shape:
-            return None
-        return before[2]
 
     def step_means(self) -> torch.Tensor:
         """[loss, ce, unitary_div] averaged over this step's micro-batches (this rank)."""
@@ -249,7 +229,7 @@ class StepPolicy:
             self.teacher.update(self.model, step, held=self._held)
         step_, values, seconds = self._pending[-1]
         self._pending[-1] = (step_, torch.cat([values, means[1:2].detach().float()]), seconds)
-        events = []
+        events: list[StageEvent] = []
         if self.curriculum is not None:
             if not self._unobserved and not self.curriculum.needs_loss(step):
                 events = self.curriculum.observe(step, None)  # a boundary fixed in advance: on time
@@ -299,7 +279,8 @@ class StepPolicy:
     # --------------------------------------------------------------------------- rollback
 
     def rollback(self, step: int, checkpoints: CheckpointManager | None,
-                 load_model: Callable[[dict[str, Any]], None], optimizers: list[torch.optim.Optimizer]) -> None:
+                 load_model: Callable[[dict[str, torch.Tensor]], object],
+                 optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Put the model, optimizer and teacher back to the newest valid checkpoint's; the step, the data
         position and the schedule carry on (the windows since that checkpoint are skipped).
         ``load_model`` takes a checkpoint's state_dict (the engine's own key layout)."""
@@ -333,17 +314,8 @@ class StepPolicy:
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             # truncated BPTT: each micro-batch's lane state after the last step, of every rank (each
             # reads its own lanes) and the world size they were read at
-            **self._carried_state(),
+            **self.lanes.state_dict(),
         }
-
-    def _carried_state(self) -> dict[str, Any]:
-        """``carried``: rank 0's lane states (all of them in one process), ``carried_ranks``: every
-        rank's, ``world``. A collective under DDP when truncated BPTT is on (every rank builds the
-        checkpoint's dict: ``CheckpointCallback.save``)."""
-        mine = {str(j): {"step": s, "shape": list(shape), "state": _tree_map(lambda t: t.cpu(), state)}
-                for j, (s, shape, state) in self.carried.items()}
-        ranks = every_rank(mine) if self.continues is not None else [mine]
-        return {"carried": ranks[0], "carried_ranks": ranks, "world": len(ranks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.curriculum is not None and state.get("curriculum") is not None:
@@ -354,39 +326,7 @@ class StepPolicy:
             self.health.load_state_dict(state["health"])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
-        self.carried = self._restore_carried(state)
-
-    def _restore_carried(self, state: dict[str, Any]) -> dict[int, tuple[int, tuple[int, ...], Any]]:
-        """This rank's lane states from a checkpoint; none when it was written at another world size
-        (each lane starts fresh, as at a segment's start: a cautious rule, since a rank's lanes can be
-        the same windows at another world size when its batch is the same)."""
-        rank, world = rank_world()
-        if "carried_ranks" in state:
-            ranks = state["carried_ranks"] or []
-            mine = ranks[rank] if int(state.get("world", len(ranks))) == world and rank < len(ranks) else {}
-        else:  # written before the lanes of every rank were kept: one process's
-            mine = state.get("carried") if world == 1 else {}
-        device = next(self.model.parameters()).device
-        return {int(j): (int(c["step"]), tuple(c["shape"]), _tree_map(lambda t: t.to(device), c["state"]))
-                for j, c in (mine or {}).items()}
-
-
-def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
-    """``fn`` on every tensor of a tree of dicts, lists and tuples (a model's carried state)."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_tree_map(fn, v) for v in tree)
-    return tree
-
-
-def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
-    """A carried state with a non-finite entry (a step the health policy held back) restarts at zero
-    there rather than poisoning the lane's next windows (on the device: no host sync)."""
-    t = t.detach()
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+        self.lanes.load_state_dict(state, next(self.model.parameters()).device)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -403,7 +343,7 @@ def val_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
                         kept.any(1).sum().double()])
 
 
-def val_metrics(sums: torch.Tensor, bpb: Callable[[float, int], float], final: bool) -> dict[str, Any]:
+def val_metrics(sums: torch.Tensor, bpb: Callable[[float, int], float], final: bool) -> dict[str, float]:
     nats, tokens, n_bytes, windows = (float(v) for v in sums)
     return {"val/loss": nats / max(tokens, 1.0), "val/bpb": bpb(nats, int(n_bytes)), "final": final,
             "val/windows": int(windows)}

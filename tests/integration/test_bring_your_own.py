@@ -77,6 +77,31 @@ class WiderReadout(SEMModel):
 '''
 
 
+# Models with loss terms of their own (sem.contracts.ModelOutput), on the example's GRU: one written
+# against earlier versions of sem (its loss holds its term; ``unitary_divergence`` is logged as
+# train/unitary_div), one of today (its weighted term in ``aux_losses``: sem adds it, logs train/my_reg).
+LOSS_MODULE = '''
+from sem.contracts import ModelOutput, cross_entropy
+from userlm import GRULM
+
+
+class OldStyleLM(GRULM):
+    def forward(self, input_ids, targets=None):
+        logits = super().forward(input_ids)
+        div = self.head.weight.pow(2).mean()
+        if targets is None:
+            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=div)
+        ce = cross_entropy(logits, targets)
+        return ModelOutput(logits=logits, loss=ce + 0.5 * div, ce_loss=ce, unitary_divergence=div)
+
+
+class AuxLM(GRULM):
+    def forward(self, input_ids, targets=None):
+        logits = super().forward(input_ids)
+        return ModelOutput(logits, aux_losses={"my_reg": 0.5 * self.head.weight.pow(2).mean()})
+'''
+
+
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package in a folder of its own (outside the repo), with a lines file to train on."""
@@ -84,6 +109,7 @@ def ext(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "examples" / "ext", root / "ext")
     (root / "ext" / "userbad.py").write_text(BAD_MODULE)
     (root / "ext" / "usersem.py").write_text(SUBCLASS_MODULE)
+    (root / "ext" / "userloss.py").write_text(LOSS_MODULE)
     lines = [f"def f{i}(x): return x * {i} + {i % 7}  # line {i}" for i in range(1500)]
     (root / "lines.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -125,6 +151,48 @@ def test_user_components_train_end_to_end(gru_run: Path) -> None:
     assert (gru_run / "samples.txt").read_text().startswith("=== prompt")
     assert sorted(p.name for p in (gru_run / "checkpoints").glob("step_*.ckpt")) == ["step_0000006.ckpt",
                                                                                      "step_0000012.ckpt"]
+
+
+def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in _rows(run_dir) if "train/loss" in r]
+
+
+def test_a_model_of_bare_logits_logs_no_terms(gru_run: Path) -> None:
+    """(a) Bare logits: sem's cross-entropy is the loss; train/unitary_div stays 0.0, as it always was."""
+    for row in _train_rows(gru_run):
+        assert sorted(k for k in row if k.startswith("train/")) == ["train/ce_loss", "train/loss", "train/unitary_div"]
+        assert row["train/loss"] == row["train/ce_loss"] and row["train/unitary_div"] == 0.0
+
+
+@pytest.mark.parametrize("engine", ["lightning", pytest.param("standalone", marks=pytest.mark.slow)])
+def test_a_models_own_loss_term_trains_and_is_logged_by_name(ext: Path, cache_dir: Path, engine: str) -> None:
+    """(c) ``ModelOutput(logits, aux_losses={"my_reg": t})``: train/my_reg on every row, and the loss
+    is the cross-entropy plus it."""
+    run_dir = ext / "runs" / f"aux_{engine}"
+    proc = _launch(ext, cache_dir, "model=gru", "model._target_=userloss.AuxLM", "data=lines", f"engine={engine}",
+                   "sample.n=0", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _train_rows(run_dir)
+    assert len(rows) == 12
+    for row in rows:
+        assert 0 < row["train/my_reg"] < 1
+        assert row["train/loss"] == pytest.approx(row["train/ce_loss"] + row["train/my_reg"], rel=1e-5)
+    assert rows[-1]["train/my_reg"] != rows[0]["train/my_reg"]  # its gradient moves the weights it reads
+
+
+def test_a_model_written_for_earlier_versions_still_trains(ext: Path, cache_dir: Path) -> None:
+    """(b) ``ModelOutput(logits=..., loss=..., ce_loss=..., unitary_divergence=...)``: its loss as it made
+    it, its divergence logged unweighted as train/unitary_div."""
+    run_dir = ext / "runs" / "old_style"
+    proc = _launch(ext, cache_dir, "model=gru", "model._target_=userloss.OldStyleLM", "data=lines", "sample.n=0",
+                   run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _train_rows(run_dir)
+    assert len(rows) == 12
+    for row in rows:
+        assert row["train/unitary_div"] > 0
+        assert row["train/loss"] == pytest.approx(row["train/ce_loss"] + 0.5 * row["train/unitary_div"], rel=1e-5)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
 def test_onecycle_lr_is_torchs_own(gru_run: Path) -> None:

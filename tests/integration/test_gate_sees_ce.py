@@ -18,7 +18,7 @@ from sem.engines.lightning.module import SEMLightningModule
 from sem.models.sem import SEMModel
 from sem.training.curriculum import CurriculumManager, Gate, Stage
 from sem.training.distillation import DistillationLoss, EMATeacher
-from sem.training.step import StepPolicy
+from sem.training.step import TrainStep
 
 GATE = Gate(min_steps=0, window=2, threshold=0.01)
 
@@ -43,9 +43,9 @@ def test_gate_is_fed_cross_entropy_while_a_teacher_distils(tmp_path: Path, corpu
     stages = [Stage("held", 32, 4, steps=2, gate=GATE), Stage("next", 32, 4)]
     curriculum = RecordingCurriculum(stages, max_steps=8)
     optimizer = lambda params: torch.optim.AdamW(params, lr=3e-3)  # noqa: E731
-    policy = StepPolicy(model, curriculum, EMATeacher(model, start_step=2),
-                        DistillationLoss(alpha=0.5, temperature=2.0))
-    module = SEMLightningModule(policy, optimizer)
+    train_step = TrainStep(model, curriculum, EMATeacher(model, start_step=2, max_steps=2000),
+                           DistillationLoss(alpha=0.5, temperature=2.0))
+    module = SEMLightningModule(train_step, optimizer)
     ce_rows: dict[int, tuple[float, float]] = {}
 
     class Rows(pl.Callback):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 
 import pytest
 import torch
 
+import sem
 from sem.contracts import ModelOutput
 from sem.models.common import param_groups
 from sem.models.transformer import TransformerLM
@@ -40,7 +41,7 @@ def test_output_contract() -> None:
     assert isinstance(out, ModelOutput)
     assert out.logits.shape == (3, 9, V) and out.logits.dtype == torch.float32
     assert out.loss.shape == () and torch.equal(out.loss, out.ce_loss)
-    assert out.unitary_divergence.dtype == torch.float32 and out.unitary_divergence.item() == 0.0
+    assert out.aux_losses == {} and out.logged() == {}  # no loss terms of its own, nothing extra logged
     bare = model(x)
     assert bare.loss is None and bare.ce_loss is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -77,10 +78,22 @@ def test_param_groups() -> None:
     assert len(matrix) + len(groups["decay"]["params"]) + len(no_decay) == len(names)
 
 
-def test_unitary_lambda_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        tiny(unitary_lambda=0.5)
-    assert "unitary_lambda" in caplog.text
+def test_a_checkpoint_of_earlier_versions_with_unitary_lambda_loads(tmp_path: Path) -> None:
+    """TransformerLM no longer takes ``unitary_lambda`` (it never did anything); the model config inside
+    checkpoints written before holds it, under the target of then: they still rebuild, same logits."""
+    with pytest.raises(TypeError, match="unitary_lambda"):
+        tiny(unitary_lambda=0.0)
+    model = tiny()
+    config = {"_target_": "sem.baselines.TransformerLM", "vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 4,
+              "max_seq_len": 64, "mlp_ratio": 4.0, "dropout": 0.0, "gradient_checkpointing": False,
+              "unitary_lambda": 0.0}
+    path = tmp_path / "step_0000003.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 3,
+                "sem": {"config": {"model": config}}}, path)
+    loaded, cfg = sem.load(path)
+    assert type(loaded) is TransformerLM and cfg.model.unitary_lambda == 0.0
+    x = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits)
 
 
 @pytest.mark.parametrize(

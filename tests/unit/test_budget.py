@@ -56,7 +56,7 @@ def test_recorded_lengths_win_on_resume_and_the_decay_is_left_alone() -> None:
     out, record = resolve_budget(cfg, recorded=parent)
     assert record == parent
     assert out["scheduler"]["warmup_steps"] == 50 and out["scheduler"]["decay_fraction"] == 0.3
-    assert "propagator_warmup_fraction" not in out["model"]  # the model takes steps only
+    assert out["model"]["propagator_warmup_fraction"] is None  # the steps are the length now
     # stage c would start at 800 > 650: it cannot run in the branch and is dropped; b runs to the end
     assert [(s["name"], s["steps"]) for s in out["curriculum"]["stages"]] == [("a", 500), ("b", None)]
 
@@ -74,7 +74,7 @@ def test_a_stage_with_no_steps_is_dropped_with_one_warning(caplog: pytest.LogCap
     # a teacher meant to start with a dropped stage starts where that stage would have
     teacher = out["distillation"]["teacher"]
     assert teacher["start_stage"] is None and teacher["start_step"] == 1
-    assert teacher["ramp_steps"] == 1 and "ramp_fraction" not in teacher
+    assert teacher["ramp_steps"] == 1 and teacher["ramp_fraction"] is None
 
 
 def test_an_explicit_length_that_cannot_fit_names_both_keys() -> None:

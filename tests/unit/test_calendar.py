@@ -78,10 +78,10 @@ def test_plot_samples_span_the_run(tmp_path: Path, n_samples: int) -> None:
 def test_teacher_start_is_the_first_active_step(tmp_path: Path) -> None:
     import torch
 
-    teacher = EMATeacher(torch.nn.Linear(2, 2), start_stage="mid", start_step=45)
+    teacher = EMATeacher(torch.nn.Linear(2, 2), start_stage="mid", start_step=45, max_steps=2000)
     cal, _ = _calendar(tmp_path, teacher)
     assert cal.teacher_start == 45
-    assert _calendar(tmp_path / "b", EMATeacher(torch.nn.Linear(2, 2), start_stage="long"))[0].teacher_start == 70
+    assert _calendar(tmp_path / "b", EMATeacher(torch.nn.Linear(2, 2), start_stage="long", max_steps=2000))[0].teacher_start == 70
 
 
 def test_estimate_and_lines(tmp_path: Path) -> None:

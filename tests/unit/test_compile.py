@@ -1,4 +1,4 @@
-"""``compile=true``: the training forward and backward go through torch.compile (StepPolicy.forward),
+"""``compile=true``: the training forward and backward go through torch.compile (TrainStep.forward),
 for any model (a user's plain logits model too), with the model's parameters and state_dict untouched
 and the same loss and gradients as the model run as it is."""
 
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from sem.config.hardware import COMPILE_AUTO_MIN_STEPS, compile_choice, compile_missing
-from sem.training.step import StepPolicy
+from sem.training.compiled import compiled_forward
+from sem.training.step import TrainStep
 from tests.conftest import compose_cfg, tiny_data_overrides
 
 needs_inductor = pytest.mark.skipif(compile_missing("cpu") is not None,
@@ -42,9 +43,9 @@ class LogitsOnly(nn.Module):
 
 def _loss_and_grads(model: nn.Module, compile: bool, x: torch.Tensor, y: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    policy = StepPolicy(model, compile=compile)
-    policy.start(0)
-    loss, _ = policy.micro_loss(x, y, 0)
+    train_step = TrainStep(model, forward=compiled_forward(model) if compile else None)
+    train_step.start(0)
+    loss, _ = train_step.micro_loss(x, y, 0)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -71,8 +72,7 @@ def test_the_compiled_forward_runs_and_gives_the_models_loss_and_gradients() -> 
 
 
 def test_without_compile_the_model_runs_as_it_is() -> None:
-    policy = StepPolicy(LogitsOnly())
-    assert policy.forward is None
+    assert TrainStep(LogitsOnly()).forward is None
 
 
 @needs_inductor
@@ -117,25 +117,24 @@ def test_compile_true_without_a_cpp_compiler_is_a_config_error(monkeypatch: pyte
 
 
 @pytest.mark.parametrize("engine", ["lightning", "standalone"])
-def test_compile_true_reaches_the_step_policy_of_either_engine(engine: str, one_thread: None, tmp_path: Path,
+def test_compile_true_reaches_the_train_step_of_either_engine(engine: str, one_thread: None, tmp_path: Path,
                                                                corpus_dir: Path, cache_dir: Path) -> None:
     from hydra.utils import instantiate
 
     from sem.engines.build import build, resolve_lengths
 
-    def policy(*extra: str) -> StepPolicy:
+    def train_step(*extra: str) -> TrainStep:
         cfg, budget = resolve_lengths(compose_cfg([*tiny_data_overrides(corpus_dir, cache_dir), f"engine={engine}",
                                                    *extra]))
-        engine_ = build(cfg, tmp_path / "_".join(extra or ("eager",)), instantiate(cfg.data.corpus),
-                        budget=budget).engine
-        return engine_.module.policy if engine == "lightning" else engine_.policy
+        return build(cfg, tmp_path / "_".join(extra or ("eager",)), instantiate(cfg.data.corpus),
+                     budget=budget).engine.train_step
 
-    assert policy("compile=false").forward is None
-    compiled = policy("compile=true")
+    assert train_step("compile=false").forward is None
+    compiled = train_step("compile=true")
     assert compiled.forward is not None and compiled.forward._orig_mod is compiled.model
     # auto (the default): eager for a run too short to pay a cold compile back, compiled for a long one
-    assert policy().forward is None
-    assert policy(f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS}", "trainer.val_check_interval=100").forward is not None
+    assert train_step().forward is None
+    assert train_step(f"trainer.max_steps={COMPILE_AUTO_MIN_STEPS}", "trainer.val_check_interval=100").forward is not None
 
 
 def test_compile_auto_compiles_long_runs_of_models_it_pays_for(monkeypatch: pytest.MonkeyPatch) -> None:

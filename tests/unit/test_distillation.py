@@ -80,7 +80,7 @@ def test_decay_ramp_and_half_life():
 
 def test_teacher_shares_no_storage_and_takes_no_gradients():
     student = Tiny()
-    ema = EMATeacher(student)
+    ema = EMATeacher(student, max_steps=2000)
     _bump(student, 1.0)
     assert not torch.equal(ema.module.head.weight, student.head.weight)
     assert all(not p.requires_grad for p in ema.module.parameters())
@@ -107,7 +107,7 @@ def test_activation_reinitialises_from_student_then_averages_once_per_step():
 
 
 def test_start_stage_activates_and_stays_active():
-    ema = EMATeacher(Tiny(), start_stage="long")
+    ema = EMATeacher(Tiny(), start_stage="long", max_steps=2000)
     assert not ema.active(5, "short") and ema.active(6, "long")
     ema.update(Tiny(), 6)
     assert ema.active(7, "another")  # sticky once activated
@@ -115,7 +115,7 @@ def test_start_stage_activates_and_stays_active():
 
 def test_forward_requires_activation_and_gives_no_grad_logits():
     student = Tiny()
-    ema = EMATeacher(student)
+    ema = EMATeacher(student, max_steps=2000)
     ids = torch.randint(0, 11, (2, 5))
     with pytest.raises(RuntimeError):
         ema(ids)
@@ -193,4 +193,4 @@ def test_distill_problems():
     with pytest.raises(ValueError, match="temperature"):
         DistillationLoss(temperature=-1.0)
     with pytest.raises(ValueError, match="decay_start"):
-        EMATeacher(Tiny(), decay_start=0.0)
+        EMATeacher(Tiny(), decay_start=0.0, max_steps=2000)

@@ -32,7 +32,7 @@ def _stream(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> np.ndarray:
 def _sem(seed: int = 0, **kw) -> SEMModel:
     torch.manual_seed(seed)
     # max_seq_len 256: the SEM's forward (what dynamic evaluation calls, a chunk at a time) refuses longer inputs
-    return SEMModel(**{"vocab_size": 259, "d_model": 16, "n_layers": 1, "max_seq_len": 256, **kw}).eval()
+    return SEMModel(**{"vocab_size": 259, "d_model": 16, "n_layers": 1, "max_seq_len": 256, "max_steps": 1000, **kw}).eval()
 
 
 def _transformer(seed: int = 0) -> TransformerLM:

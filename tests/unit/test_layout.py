@@ -1,4 +1,4 @@
-"""The house (README "Layout"): one package per concern, layers that only import downward (the
+"""The house (docs/architecture.md): one package per concern, layers that only import downward (the
 contracts in ``.importlinter``), no import cycles between modules, and a core (training, models, data,
 record) that imports neither Lightning nor Hydra, statically and at run time."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP_LEVEL = {"__init__", "__main__", "app", "recipe", "errors", "contracts",
+TOP_LEVEL = {"__init__", "__main__", "app", "recipe", "errors", "contracts", "lengths",
              "evaluate", "sample", "export", "report"}  # the last four: `python -m sem.<tool>`, public commands
 
 

@@ -218,14 +218,18 @@ def test_output_shapes_and_dtypes(readout: str) -> None:
     out = model(x, targets)
     assert isinstance(out, ModelOutput)
     assert out.logits.shape == (3, 10, V) and out.logits.dtype == torch.float32
-    for value in (out.loss, out.ce_loss, out.unitary_divergence):
+    udiv = out.metrics["unitary_div"]  # logged unweighted as train/unitary_div
+    for value in (out.loss, out.ce_loss, udiv, out.aux_losses["unitary_penalty"]):
         assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value)
-    torch.testing.assert_close(out.loss, out.ce_loss + model.unitary_lambda * out.unitary_divergence)
-    assert 0.0 <= out.unitary_divergence.item() <= math.log(ENERGY_CLAMP) ** 2
+    # its one loss term, weighted, is what the loss adds to the cross-entropy
+    assert list(out.aux_losses) == ["unitary_penalty"] and out.unitary_divergence is None
+    torch.testing.assert_close(out.aux_losses["unitary_penalty"], model.unitary_lambda * udiv)
+    torch.testing.assert_close(out.loss, out.ce_loss + out.aux_losses["unitary_penalty"])
+    assert 0.0 <= udiv.item() <= math.log(ENERGY_CLAMP) ** 2
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     bare = model(x)
-    assert bare.loss is None and bare.ce_loss is None and bare.unitary_divergence.shape == ()
+    assert bare.loss is None and bare.ce_loss is None and bare.metrics["unitary_div"].shape == ()
 
 
 def test_ce_ignores_masked_targets() -> None:
@@ -356,13 +360,13 @@ def _udiv_after_adamw(unitary_lambda: float, x: torch.Tensor, steps: int = 30) -
     model = tiny(unitary_lambda=unitary_lambda)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with torch.no_grad():
-        before = model(x).unitary_divergence.item()
+        before = model(x).metrics["unitary_div"].item()
     for _ in range(steps):
         opt.zero_grad()
         model(x, x).loss.backward()
         opt.step()
     with torch.no_grad():
-        return before, model(x).unitary_divergence.item()
+        return before, model(x).metrics["unitary_div"].item()
 
 
 def test_unitary_divergence_is_measured_before_the_final_norm() -> None:
@@ -372,8 +376,8 @@ def test_unitary_divergence_is_measured_before_the_final_norm() -> None:
     torch.manual_seed(4)
     x = torch.randint(0, 256, (4, 32))
     out = model(x)
-    assert out.unitary_divergence.item() > 1e-3
-    out.unitary_divergence.backward()  # the penalty alone
+    assert out.metrics["unitary_div"].item() > 1e-3
+    out.metrics["unitary_div"].backward()  # the penalty alone
     for p in (model.blocks[0].in_proj.weight, model.blocks[-1].mlp_out.weight, model.embed.weight):
         assert p.grad is not None and p.grad.abs().max().item() > 0
     # Nothing after the residual stream takes part in it.
@@ -431,7 +435,7 @@ def test_probes_match_hand_computation() -> None:
     assert probes["sem/energy_mean"] == pytest.approx(energy.mean().item(), rel=1e-5)
     assert probes["sem/energy_max"] == pytest.approx(energy.max().item(), rel=1e-5)
     assert probes["sem/phase_coherence"] == pytest.approx(coherence.item(), rel=1e-4)
-    assert out.unitary_divergence.item() == pytest.approx(energy.log().pow(2).mean().item(), rel=1e-4)
+    assert out.metrics["unitary_div"].item() == pytest.approx(energy.log().pow(2).mean().item(), rel=1e-4)
 
 
 def test_phase_coherence_is_one_for_aligned_phases() -> None:

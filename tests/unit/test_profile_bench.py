@@ -18,7 +18,7 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = SEMModel(d_model=16, n_layers=1)
+        self.inner = SEMModel(d_model=16, n_layers=1, max_steps=1000)
         self.autocast: list[bool] = []
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
@@ -38,7 +38,7 @@ def test_every_labelled_part_is_reported_even_one_not_listed(monkeypatch: pytest
     and conv were dropped silently before they were listed)."""
     monkeypatch.setattr(profile_sem, "PARTS", tuple(p for p in PARTS if p != "attention"))
     torch.manual_seed(0)
-    model = SEMModel(d_model=16, n_layers=2, conv_width=4, attention_every=1, attention_window=4)
+    model = SEMModel(d_model=16, n_layers=2, conv_width=4, attention_every=1, attention_window=4, max_steps=1000)
     result = profile_steps(Trainer(model, 2, 16, ADAMW, param_groups), steps=1, top=5)
     for part in ("attention", "conv", "recurrence", "mlp", "optimizer"):
         assert result["parts"][part]["forward_ms"] > 0, part

@@ -12,7 +12,7 @@ import sem
 from sem.models.sem import SEMModel
 from sem.training.restore import LEGACY_TARGETS, _locate
 
-TINY = {"vocab_size": 259, "d_model": 16, "n_layers": 1, "max_seq_len": 64}
+TINY = {"vocab_size": 259, "d_model": 16, "n_layers": 1, "max_seq_len": 64, "max_steps": 1000}
 
 
 @pytest.mark.parametrize("old, new", sorted(LEGACY_TARGETS.items()))

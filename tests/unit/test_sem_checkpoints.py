@@ -18,7 +18,7 @@ RECORD = json.loads((Path(__file__).parent / "data" / "sem_state_dict_keys.json"
 
 def _model(variant: str) -> SEMModel:
     torch.manual_seed(0)
-    return SEMModel(**{**RECORD["base"], **RECORD["variants"][variant]["overrides"]})
+    return SEMModel(**{**RECORD["base"], **RECORD["variants"][variant]["overrides"], "max_steps": 1000})
 
 
 @pytest.mark.parametrize("variant", sorted(RECORD["variants"]))

@@ -60,7 +60,7 @@ def test_documents_are_found_by_their_bos() -> None:
 
 
 def test_which_models_carry_their_state() -> None:
-    assert carries_state(SEMModel(d_model=8, n_layers=1))
+    assert carries_state(SEMModel(d_model=8, n_layers=1, max_steps=1000))
     assert not carries_state(TransformerLM(d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
 
 
@@ -69,7 +69,7 @@ def test_recurrent_stream_equals_each_document_in_one_forward(conv_width: int) -
     """Documents read in chunks (several side by side, the state carried) score as one forward over each
     whole document would, with every target once and in the right position bucket."""
     torch.manual_seed(0)
-    model = SEMModel(d_model=16, n_layers=2, recurrence="scan", conv_width=conv_width, max_seq_len=4096).eval()
+    model = SEMModel(d_model=16, n_layers=2, recurrence="scan", conv_width=conv_width, max_seq_len=4096, max_steps=1000).eval()
     stream, docs = _stream()
     score = stream_score(model, stream, seq_len=64, batch_size=3)  # chunks of 64..192 tokens
     assert score.method == "recurrent" and score.documents == len(LENGTHS)

@@ -1,6 +1,6 @@
 """Truncated BPTT (``data.tbptt``): lanes of consecutive windows (SEMDataModule), a forward that
-continues a carried state (SEMModel), the policy that carries it from step to step and through a
-checkpoint (StepPolicy), and the config checks."""
+continues a carried state (SEMModel), the lanes that carry it from step to step and through a
+checkpoint (TrainStep, sem.training.lanes), and the config checks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sem.data.corpus import TextFilesCorpus
 from sem.data.datamodule import SEMDataModule
 from sem.models.sem import SEMModel
 from sem.models.transformer import TransformerLM
-from sem.training.step import StepPolicy
+from sem.training.step import TrainStep
 from tests.conftest import compose_cfg, tiny_data_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -164,23 +164,23 @@ def test_off_is_the_independent_windows_of_before(datamodule: SEMDataModule) -> 
         SEMDataModule(dm.corpus, tbptt=-2)
 
 
-# ------------------------------------------------------------------------------------------ policy
+# -------------------------------------------------------------------------------------- train step
 
 
-def _policy(dm: SEMDataModule, seed: int = 0) -> tuple[StepPolicy, SEMModel]:
+def _train_step(dm: SEMDataModule, seed: int = 0) -> tuple[TrainStep, SEMModel]:
     torch.manual_seed(seed)
     model = SEMModel(d_model=32, n_layers=2, conv_width=4, propagator_warmup_steps=0)
-    return StepPolicy(model, continues=dm.continues), model
+    return TrainStep(model, continues=dm.continues), model
 
 
-def _step(policy: StepPolicy, dm: SEMDataModule, step: int, micro: int = 2) -> list[float]:
-    policy.start(step)
-    return [float(policy.micro_loss(*dm.train_batch(step, micro=j), step)[0].detach()) for j in range(micro)]
+def _step(train_step: TrainStep, dm: SEMDataModule, step: int, micro: int = 2) -> list[float]:
+    train_step.start(step)
+    return [float(train_step.micro_loss(*dm.train_batch(step, micro=j), step)[0].detach()) for j in range(micro)]
 
 
-def test_the_policy_carries_each_micro_batchs_state_within_a_segment(datamodule: SEMDataModule) -> None:
+def test_the_train_step_carries_each_micro_batchs_state_within_a_segment(datamodule: SEMDataModule) -> None:
     dm = datamodule
-    policy, model = _policy(dm)
+    train_step, model = _train_step(dm)
     seen: list[object] = []
     forward = model.forward
 
@@ -190,7 +190,7 @@ def test_the_policy_carries_each_micro_batchs_state_within_a_segment(datamodule:
 
     model.forward = spy  # type: ignore[method-assign]
     for step in range(6):
-        _step(policy, dm, step)
+        _step(train_step, dm, step)
     carried = [s is not None for s in seen]  # two micro-batches per step
     assert carried == [False, False] + [True, True] * 3 + [False, False] + [True, True]
     # micro-batch j continues from micro-batch j's own state
@@ -199,38 +199,38 @@ def test_the_policy_carries_each_micro_batchs_state_within_a_segment(datamodule:
 
 def test_a_new_shape_or_a_gap_starts_fresh(datamodule: SEMDataModule) -> None:
     dm = datamodule
-    policy, _ = _policy(dm)
-    _step(policy, dm, 0, micro=1)
-    assert policy._carried_in(0, 1, (4, 16)) is not None
-    assert policy._carried_in(0, 1, (4, 32)) is None  # a curriculum changed seq_len
-    assert policy._carried_in(0, 2, (4, 16)) is None  # step 1 never ran (a rollback, a resume)
-    assert policy._carried_in(1, 1, (4, 16)) is None  # no micro-batch 1 before
+    train_step, _ = _train_step(dm)
+    _step(train_step, dm, 0, micro=1)
+    assert train_step.lanes.state_in(0, 1, (4, 16)) is not None
+    assert train_step.lanes.state_in(0, 1, (4, 32)) is None  # a curriculum changed seq_len
+    assert train_step.lanes.state_in(0, 2, (4, 16)) is None  # step 1 never ran (a rollback, a resume)
+    assert train_step.lanes.state_in(1, 1, (4, 16)) is None  # no micro-batch 1 before
 
 
 def test_the_carried_state_survives_a_checkpoint(datamodule: SEMDataModule) -> None:
     """Steps 0-1, a checkpoint (through torch.save with weights_only loading, as on disk), then step 2
-    in a fresh policy and model: the same loss as step 2 of the uninterrupted run."""
+    in a fresh train step and model: the same loss as step 2 of the uninterrupted run."""
     dm = datamodule
-    policy, model = _policy(dm)
+    train_step, model = _train_step(dm)
     for step in range(2):
-        _step(policy, dm, step)
+        _step(train_step, dm, step)
     buffer = __import__("io").BytesIO()
-    torch.save({"sem": policy.state_dict(2), "model": model.state_dict()}, buffer)
-    reference = _step(policy, dm, 2)
+    torch.save({"sem": train_step.state_dict(2), "model": model.state_dict()}, buffer)
+    reference = _step(train_step, dm, 2)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    again, fresh_model = _policy(dm, seed=1)
+    again, fresh_model = _train_step(dm, seed=1)
     fresh_model.load_state_dict(saved["model"])
     again.load_state_dict(saved["sem"])
     assert _step(again, dm, 2) == pytest.approx(reference, abs=1e-6)
-    without, other_model = _policy(dm, seed=1)  # the same weights, no carried state: another loss
+    without, other_model = _train_step(dm, seed=1)  # the same weights, no carried state: another loss
     other_model.load_state_dict(saved["model"])
     assert _step(without, dm, 2) != pytest.approx(reference, abs=1e-4)
 
 
-def _rank_step(policy: StepPolicy, dm: SEMDataModule, step: int, rank: int, micro: int = 2) -> list[float]:
-    policy.start(step, rank)
-    return [float(policy.micro_loss(*dm.train_batch(step, rank=rank, world_size=2, micro=j), step)[0].detach())
+def _rank_step(train_step: TrainStep, dm: SEMDataModule, step: int, rank: int, micro: int = 2) -> list[float]:
+    train_step.start(step, rank)
+    return [float(train_step.micro_loss(*dm.train_batch(step, rank=rank, world_size=2, micro=j), step)[0].detach())
             for j in range(micro)]
 
 
@@ -238,28 +238,28 @@ def test_every_ranks_lanes_survive_a_checkpoint(datamodule: SEMDataModule, monke
     """Two ranks (DDP: each reads its own lanes), steps 0-1, a checkpoint: it holds both ranks' lane
     states, and each rank resumes step 2 from its own. Rank 0's states on rank 1 (what a checkpoint of
     rank 0's alone gave) give another loss; at another world size the lanes start fresh."""
-    import sem.training.step as step_module
+    import sem.training.lanes as lanes_module
 
     dm = datamodule
-    ranks = [_policy(dm) for _ in range(2)]  # the same weights (seed 0): the ranks of one DDP run
+    ranks = [_train_step(dm) for _ in range(2)]  # the same weights (seed 0): the ranks of one DDP run
     for step in range(2):
-        for r, (policy, _) in enumerate(ranks):
-            _rank_step(policy, dm, step, r)
+        for r, (train_step, _) in enumerate(ranks):
+            _rank_step(train_step, dm, step, r)
     gathered: list[object] = []  # what all_gather_object would give: each rank's own dict, in rank order
-    monkeypatch.setattr(step_module, "every_rank", lambda mine: gathered.append(mine) or [mine])
-    for policy, _ in ranks:
-        policy.state_dict(2)
-    monkeypatch.setattr(step_module, "every_rank", lambda mine: list(gathered))
+    monkeypatch.setattr(lanes_module, "every_rank", lambda mine: gathered.append(mine) or [mine])
+    for train_step, _ in ranks:
+        train_step.state_dict(2)
+    monkeypatch.setattr(lanes_module, "every_rank", lambda mine: list(gathered))
     buffer = __import__("io").BytesIO()
     torch.save(ranks[0][0].state_dict(2), buffer)  # rank 0 writes the checkpoint
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["world"] == 2 and len(saved["carried_ranks"]) == 2
-    reference = [_rank_step(policy, dm, 2, r) for r, (policy, _) in enumerate(ranks)]
+    reference = [_rank_step(train_step, dm, 2, r) for r, (train_step, _) in enumerate(ranks)]
 
     def resumed(rank: int, world: int, sem_state: dict) -> list[float]:
-        monkeypatch.setattr(step_module, "rank_world", lambda: (rank, world))
-        again, _ = _policy(dm)
+        monkeypatch.setattr(lanes_module, "rank_world", lambda: (rank, world))
+        again, _ = _train_step(dm)
         again.load_state_dict(sem_state)
         return _rank_step(again, dm, 2, rank)
 
@@ -268,22 +268,22 @@ def test_every_ranks_lanes_survive_a_checkpoint(datamodule: SEMDataModule, monke
     rank0_only = {k: v for k, v in saved.items() if k not in ("carried_ranks", "world")}
     assert resumed(1, 2, rank0_only) != pytest.approx(reference[1], abs=1e-4)  # not rank 1's lanes
     assert resumed(0, 1, rank0_only) == pytest.approx(reference[0], abs=1e-6)  # an older checkpoint, 1 process
-    fresh = _policy(dm)[0]
+    fresh = _train_step(dm)[0]
     assert resumed(0, 1, saved) == pytest.approx(_rank_step(fresh, dm, 2, 0), abs=1e-6)  # another world
 
 
 def test_a_non_finite_state_restarts_at_zero(datamodule: SEMDataModule) -> None:
     dm = datamodule
-    policy, model = _policy(dm)
-    _step(policy, dm, 0, micro=1)
-    step, shape, state = policy.carried[0]
+    train_step, model = _train_step(dm)
+    _step(train_step, dm, 0, micro=1)
+    step, shape, state = train_step.lanes.carried[0]
     state["h"][0][0, 0] = complex(float("nan"), 0.0)
-    policy.carried[0] = (step, shape, state)
-    policy.start(1)
-    out = model_output(model, *dm.train_batch(1), state=policy._carried_in(0, 1, shape))
+    train_step.lanes.carried[0] = (step, shape, state)
+    train_step.start(1)
+    out = model_output(model, *dm.train_batch(1), state=train_step.lanes.state_in(0, 1, shape))
     assert not torch.isfinite(out.loss)  # what a poisoned lane would do
-    policy.micro_loss(*dm.train_batch(1), 1)
-    assert all(bool(torch.isfinite(t).all()) for t in policy.carried[0][2]["h"])
+    train_step.micro_loss(*dm.train_batch(1), 1)
+    assert all(bool(torch.isfinite(t).all()) for t in train_step.lanes.carried[0][2]["h"])
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -131,13 +131,13 @@ def _built_model(base: list[str], *overrides: str) -> torch.nn.Module:
     """The model a run builds from ``base`` + ``overrides``: composed, valid, resolved as a run resolves it."""
     from omegaconf import OmegaConf
 
-    from sem.engines.build import build_model
     from sem.training.budget import resolve_budget
+    from sem.training.restore import build_model
 
     cfg = compose_cfg([*base, *overrides])
     assert validate(cfg, instantiate(cfg.data.corpus)) == []
     resolved, _ = resolve_budget(OmegaConf.to_container(cfg, resolve=True))
-    return build_model(OmegaConf.create(resolved["model"]))
+    return build_model(resolved["model"])
 
 
 def test_born_power_reaches_the_model(base: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""The Lightning engine, built: the SEM LightningModule around the step policy, the configured callbacks
+"""The Lightning engine, built: the SEM LightningModule around the train step, the configured callbacks
 and loggers, the precision plugin, accelerator and strategy, and the ``pytorch_lightning.Trainer``."""
 
 from __future__ import annotations
@@ -6,20 +6,34 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig
 
+from sem.config.components import locate, takes
 from sem.engines.instantiate import make, without
+from sem.training.checkpoint import CheckpointManager
 from sem.training.preemption import StopSignals
 from sem.training.pruning import Reports
+from sem.training.step import TrainStep
+
+if TYPE_CHECKING:
+    from sem.data.datamodule import SEMDataModule
+    from sem.engines.lightning.engine import LightningEngine
 
 log = logging.getLogger("sem.build")
 
 
-def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: Any, optimizer: Any, scheduler: Any,
-               checkpoints: Any, signals: StopSignals | None, trial: Reports | None = None) -> tuple[Any, str]:
+def lightning_engine(cfg: DictConfig, run_dir: Path, train_step: TrainStep, datamodule: SEMDataModule,
+                     optimizer: Callable[..., torch.optim.Optimizer],
+                     scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
+                     checkpoints: CheckpointManager, signals: StopSignals | None,
+                     trial: Reports | None = None) -> tuple[LightningEngine, str]:
+    """The Lightning engine of ``cfg`` around ``train_step``, and a line saying the precision in effect."""
+    import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ProgressBar
 
     from sem.engines.lightning.callbacks import CheckpointCallback, ManagedCheckpointIO, TrialCallback
@@ -31,10 +45,10 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # val/loss and val/bpb are logged already summed over ranks (SEMLightningModule): no sync_dist needed
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
-    module = SEMLightningModule(policy=policy, optimizer=optimizer, scheduler=scheduler,
+    module = SEMLightningModule(train_step=train_step, optimizer=optimizer, scheduler=scheduler,
                                 bpb=datamodule.val_bpb, checkpoints=checkpoints, signals=signals)
     interactive = sys.stderr.isatty()
-    callbacks = []
+    callbacks: list[pl.Callback] = []
     for name, node in cfg.callbacks.items():
         if node is None:
             continue
@@ -54,7 +68,9 @@ def lightning_engine(cfg: DictConfig, run_dir: Path, policy: Any, datamodule: An
 
     loggers = [make(node, **_save_dir(node, run_dir), **logger_kwargs(node, run_dir))
                for node in cfg.logger.values() if node]
-    accelerator = make(without(cfg.accelerator, "name"))
+    # sem's accelerator targets take the name; a class of one's own may not (the validator reads it)
+    accelerator = make(cfg.accelerator if takes(locate("accelerator", cfg.accelerator._target_)[0], "name")
+                       else without(cfg.accelerator, "name"))
     device_type = device_type_of(accelerator)
     precision_plugin = make(cfg.precision)(device_type=device_type)
     strategy = make(cfg.strategy)(device_type=device_type, devices=cfg.trainer.devices,

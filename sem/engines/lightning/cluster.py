@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Any
 
 from lightning_fabric.connector import _Connector
 from lightning_fabric.plugins.environments import ClusterEnvironment, LightningEnvironment
@@ -33,7 +32,7 @@ def _slurm_tasks_per_node() -> None:
         os.environ["SLURM_NTASKS_PER_NODE"] = given.split("(")[0].split(",")[0]
 
 
-def cluster_ranks(per_node: int, num_nodes: int, env: Any = None) -> Ranks:
+def cluster_ranks(per_node: int, num_nodes: int, env: ClusterEnvironment | None = None) -> Ranks:
     """This process's ranks in a run of ``per_node`` processes on each of ``num_nodes`` nodes, as Lightning's
     strategy sets them (global = node x per_node + local where the environment leaves it to Lightning)."""
     env = env if env is not None else environment()

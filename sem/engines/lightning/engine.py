@@ -1,20 +1,29 @@
-"""LightningEngine: the Lightning Trainer and SEMLightningModule behind the interface ``sem/recipe.py``
-drives (the standalone ``SEMTrainer`` has the same one): ``fit``, ``validate``, ``global_step``,
-``max_steps``, ``tokens_per_s``, ``model``, ``device``."""
+"""LightningEngine: the Lightning Trainer and SEMLightningModule behind the ``Engine`` interface
+(``sem.engines.base``) that ``sem/recipe.py`` drives, as the standalone ``SEMTrainer`` does: ``fit``,
+``validate``, ``describe``, ``global_step``, ``max_steps``, ``tokens_per_s``, ``model``, ``train_step``,
+``device``."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from sem.engines.lightning.module import SEMLightningModule
+from sem.training.step import TrainStep
+
+if TYPE_CHECKING:
+    from sem.data.datamodule import SEMDataModule
 
 
 class LightningEngine:
-    def __init__(self, trainer: pl.Trainer, module: SEMLightningModule, datamodule: Any, accumulate: int) -> None:
+    """``trainer`` fits ``module`` on ``datamodule``'s stream, ``accumulate`` micro-batches a step."""
+
+    def __init__(self, trainer: pl.Trainer, module: SEMLightningModule, datamodule: SEMDataModule,
+                 accumulate: int) -> None:
         self.trainer = trainer
         self.module = module
         self.dm = datamodule
@@ -23,6 +32,10 @@ class LightningEngine:
     @property
     def model(self) -> nn.Module:
         return self.module.model
+
+    @property
+    def train_step(self) -> TrainStep:
+        return self.module.train_step
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +68,7 @@ class LightningEngine:
         self.trainer.fit(self.module, train_dataloaders=train_loader, val_dataloaders=self.dm.val_loader(),
                          ckpt_path=resume_from)
 
-    def validate(self, loader: Any, final: bool = False) -> dict[str, Any]:
+    def validate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], final: bool = False) -> dict[str, float]:
         self.module.final_validation = final
         self.trainer.validate(self.module, dataloaders=loader, verbose=False)
         return self.module.last_val

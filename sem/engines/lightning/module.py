@@ -1,6 +1,6 @@
-"""SEMLightningModule: wires model, optimizer, schedule and the per-step policy (``StepPolicy``:
-loss, distillation, faults, health, curriculum gate, probes) into Lightning's hooks. It holds no
-policy of its own: every number comes from a core component, the same ones the standalone engine uses."""
+"""SEMLightningModule: wires model, optimizer, schedule and the step semantics (``TrainStep``: loss,
+distillation, faults, health, curriculum gate, probes) into Lightning's hooks. It holds no policy of
+its own: every number comes from a core component, the same ones the standalone engine uses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from sem.contracts import model_output, set_step
 from sem.engines.optim import build_optimizer, build_scheduler
@@ -19,13 +20,13 @@ from sem.training.checkpoint import CheckpointManager
 from sem.training.health import Decision
 from sem.training.metrics import is_logging_step
 from sem.training.preemption import StopSignals
-from sem.training.step import StepPolicy, val_metrics, val_sums
+from sem.training.step import TrainStep, val_metrics, val_sums
 
 
 class SEMLightningModule(pl.LightningModule):
     def __init__(
         self,
-        policy: StepPolicy,
+        train_step: TrainStep,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         bpb: Callable[[float, int], float] | None = None,
@@ -33,8 +34,8 @@ class SEMLightningModule(pl.LightningModule):
         signals: StopSignals | None = None,
     ) -> None:
         super().__init__()
-        self.policy = policy
-        self.model = policy.model
+        self.train_step = train_step
+        self.model = train_step.model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.checkpoints = checkpoints  # where a health rollback finds the last good state
@@ -58,7 +59,7 @@ class SEMLightningModule(pl.LightningModule):
         (``validate``, ``predict``, fine-tuning); ``sem.load`` is the plain-PyTorch way.
 
         Lightning's own loader would rebuild the module from saved hyperparameters; sem's module is
-        built from components (the step policy and the factories), so it is rebuilt from the config."""
+        built from components (the train step and the factories), so it is rebuilt from the config."""
         from omegaconf import OmegaConf
 
         from sem.engines.instantiate import optimizer_factory, scheduler_factory
@@ -71,8 +72,8 @@ class SEMLightningModule(pl.LightningModule):
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
         model, cfg = load(checkpoint_path, device)
         config = OmegaConf.to_container(cfg, resolve=True)
-        policy = StepPolicy(model, seed=int(config.get("seed", 0)), config=config)
-        module = cls(policy=policy, optimizer=optimizer_factory(cfg.optimizer),
+        train_step = TrainStep(model, seed=int(config.get("seed", 0)), config=config)
+        module = cls(train_step=train_step, optimizer=optimizer_factory(cfg.optimizer),
                      scheduler=scheduler_factory(cfg.scheduler) if cfg.get("scheduler") else None)
         return module.eval()
 
@@ -80,22 +81,23 @@ class SEMLightningModule(pl.LightningModule):
         """Logits ``[B, T, V]`` of the model (``Trainer.predict`` on a loaded module, a user's own loop)."""
         return model_output(self.model, input_ids).logits
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor],
+                     batch_idx: int) -> torch.Tensor:
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
-    # views of the policy's parts, for callbacks and the composition root
-    curriculum = property(lambda self: self.policy.curriculum)
-    teacher = property(lambda self: self.policy.teacher)
-    health = property(lambda self: self.policy.health)
-    config = property(lambda self: self.policy.config)
-    budget = property(lambda self: self.policy.budget)
-    last_grad_norm = property(lambda self: self.policy.grad_norm)
+    # views of the train step's parts, for callbacks and the composition root
+    curriculum = property(lambda self: self.train_step.curriculum)
+    teacher = property(lambda self: self.train_step.teacher)
+    health = property(lambda self: self.train_step.health)
+    config = property(lambda self: self.train_step.config)
+    budget = property(lambda self: self.train_step.budget)
+    last_grad_norm = property(lambda self: self.train_step.grad_norm)
 
     # ------------------------------------------------------------------------------- optimizer
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.optimizer_factory, self.model)
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.policy.lr_scale)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.train_step.lr_scale)
         if scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -109,14 +111,14 @@ class SEMLightningModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        # Called once per optimizer step after unscaling, before the update: where the policy reads
+        # Called once per optimizer step after unscaling, before the update: where the train step reads
         # the true grad norm and the health monitor decides whether the update is applied.
         params = [p for g in optimizer.param_groups for p in g["params"]]
         # Mean over micro-batches and ranks, on the device: every rank judges (and feeds the
         # curriculum) the same loss. One all-reduce per step, kept for optimizer_step.
-        self._means = self.trainer.strategy.reduce(self.policy.step_means(), reduce_op="mean")
+        self._means = self.trainer.strategy.reduce(self.train_step.step_means(), reduce_op="mean")
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._decision = self.policy.judge(self.global_step, params, self._means[0],
+        self._decision = self.train_step.judge(self.global_step, params, self._means[0],
                                            float(gradient_clip_val) if gradient_clip_val else None,
                                            scaler_active=scaler is not None,
                                            optimizer=getattr(optimizer, "_optimizer", optimizer),
@@ -136,10 +138,10 @@ class SEMLightningModule(pl.LightningModule):
         x, y = batch  # [B, T] int64
         step = self.global_step  # index of the optimizer step this micro-batch belongs to
         if not self._step_open:
-            self.policy.start(step, self.global_rank)
+            self.train_step.start(step, self.global_rank)
             self._step_open = True
-        loss, metrics = self.policy.micro_loss(x, y, step)
-        stage_index, stage = self.policy.stage(step)
+        loss, metrics = self.train_step.micro_loss(x, y, step)
+        stage_index, stage = self.train_step.stage(step)
         self.last_train = {
             "step": step,
             "train/loss": loss.detach(),
@@ -150,12 +152,12 @@ class SEMLightningModule(pl.LightningModule):
             "stage_index": stage_index,
             **metrics,
         }
-        self.log_dict({"train/loss": loss.detach(), "train/ce_loss": metrics["train/ce_loss"],
-                       "train/unitary_div": metrics["train/unitary_div"]},
+        # the loss and every train/ term by name (the model's aux_losses and metrics too), for Lightning's loggers
+        self.log_dict({"train/loss": loss.detach(), **{k: v for k, v in metrics.items() if k.startswith("train/")}},
                       on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer | LightningOptimizer,
                        optimizer_closure: Callable[[], Any] | None = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Exactly once per optimizer step, whatever accumulate_grad_batches is.
@@ -163,13 +165,13 @@ class SEMLightningModule(pl.LightningModule):
         self._step_open = False
         means, self._means = self._means, None
         if means is None:  # no clipping hook ran (not expected): reduce here
-            means = self.trainer.strategy.reduce(self.policy.step_means(), reduce_op="mean")
+            means = self.trainer.strategy.reduce(self.train_step.step_means(), reduce_op="mean")
         self.last_train.update({"train/loss": means[0], "train/ce_loss": means[1], "train/unitary_div": means[2],
-                                "tokens": self.policy.tokens * self.trainer.world_size,
-                                "grad_norm": self.policy.grad_norm, "step_done": True})
+                                "tokens": self.train_step.tokens * self.trainer.world_size,
+                                "grad_norm": self.train_step.grad_norm, "step_done": True})
         decision, self._decision = self._decision, Decision()
         logging = is_logging_step(step, self.trainer.log_every_n_steps, self.trainer.max_steps)
-        row = self.policy.finish(step, means, decision, self._flush_due(step, logging), self._rollback)
+        row = self.train_step.finish(step, means, decision, self._flush_due(step, logging), self._rollback)
         self.last_train.update(row)
         probes = {k: v for k, v in row.items() if k.startswith("sem/")}
         if probes:
@@ -186,7 +188,7 @@ class SEMLightningModule(pl.LightningModule):
                 or (self.checkpoints is not None and self.checkpoints.due(step + 1)))
 
     def _rollback(self, step: int) -> None:
-        self.policy.rollback(step, self.checkpoints, self.load_state_dict, self.trainer.optimizers)
+        self.train_step.rollback(step, self.checkpoints, self.load_state_dict, self.trainer.optimizers)
 
     # ----------------------------------------------------------------------------- validation
 
@@ -212,7 +214,7 @@ class SEMLightningModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sem"] = self.policy.state_dict(self.trainer.global_step)
+        checkpoint["sem"] = self.train_step.state_dict(self.trainer.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.policy.load_state_dict(checkpoint.get("sem") or {})
+        self.train_step.load_state_dict(checkpoint.get("sem") or {})

@@ -110,6 +110,15 @@ def register() -> None:
     XPUAccelerator.register_accelerators(AcceleratorRegistry)
 
 
+def accelerator(name: str = "auto") -> Accelerator:
+    """The accelerator ``accelerator.name`` names: auto (``auto_accelerator``), cpu, cuda or xpu. The
+    config group's target, so ``hydra.utils.instantiate(cfg.accelerator)`` builds it."""
+    makers = {"auto": auto_accelerator, "cpu": CPUAccelerator, "cuda": CUDAAccelerator, "xpu": XPUAccelerator}
+    if name not in makers:
+        raise ValueError(f"accelerator.name={name!r}: must be one of {', '.join(makers)}")
+    return makers[name]()
+
+
 def auto_accelerator() -> Accelerator:
     """The best device present: CUDA, then XPU, then CPU (Lightning's "auto" never picks XPU)."""
     if torch.cuda.is_available():

@@ -28,6 +28,7 @@ from sem.models.sem.blocks import BlockConstants, ComplexRMSNorm, norm_floor, no
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
 from sem.models.sem.mixers import build_block
 from sem.models.sem.propagator import CayleyPropagator
+from sem.models.sem.settings import settings_problems, warmup_steps
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ class SEMModel(nn.Module):
         mlp_ratio: float = 2.0,
         readout: Literal["born", "linear"] = "born",
         unitary_lambda: float = 0.01,
-        propagator_warmup_steps: int = 200,
-        recurrence: Literal["fft", "scan"] = "scan",
+        propagator_warmup_steps: int | None = None,
+        propagator_warmup_fraction: float | None = 0.2,
+        max_steps: int | None = None,
+        recurrence: Literal["fft", "scan"] = "fft",
         gradient_checkpointing: bool = False,
         born_eps: float = 1e-6,
         born_power: float = 1.0,
@@ -91,47 +94,21 @@ class SEMModel(nn.Module):
         attention_window: int = 128,
         attention_rope: bool = False,
     ) -> None:
+        bad = settings_problems(
+            vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, max_seq_len=max_seq_len, mlp_ratio=mlp_ratio,
+            readout=readout, unitary_lambda=unitary_lambda, propagator_warmup_steps=propagator_warmup_steps,
+            propagator_warmup_fraction=propagator_warmup_fraction, max_steps=max_steps, recurrence=recurrence,
+            born_eps=born_eps, born_power=born_power, born_offset=born_offset, dropout=dropout, conv_width=conv_width,
+            r_min=r_min, r_max=r_max, max_phase=max_phase, selective=selective, modes=modes, heads=heads,
+            attention_every=attention_every, attention_window=attention_window, attention_rope=attention_rope)
+        if bad:
+            raise ValueError("; ".join(bad))
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
-                            ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        checks = (
-            ("mlp_ratio", mlp_ratio, mlp_ratio > 0),
-            ("readout", readout, readout in ("born", "linear")),
-            ("recurrence", recurrence, recurrence in ("fft", "scan")),
-            ("unitary_lambda", unitary_lambda, unitary_lambda >= 0),
-            ("propagator_warmup_steps", propagator_warmup_steps,
-             isinstance(propagator_warmup_steps, int) and propagator_warmup_steps >= 0),
-            ("born_eps", born_eps, born_eps > 0),
-            ("born_power", born_power, isinstance(born_power, (int, float)) and not isinstance(born_power, bool)
-             and 0 < born_power < math.inf and (readout == "born" or born_power == 1)),
-            ("born_offset", born_offset, isinstance(born_offset, (int, float)) and not isinstance(born_offset, bool)
-             and math.isfinite(born_offset) and (readout == "born" or born_offset == 0)),
-            ("dropout", dropout, 0.0 <= dropout < 1.0),
-            ("conv_width", conv_width, isinstance(conv_width, int) and not isinstance(conv_width, bool)
-             and conv_width >= 0),
-            ("r_min", r_min, 0.0 < r_min < 1.0),
-            ("r_max", r_max, r_min <= r_max < 1.0),  # (r_max < r_min: "invalid r_max")
-            ("max_phase", max_phase, 0.0 <= max_phase <= 2 * math.pi),
-            ("selective", selective, isinstance(selective, bool)),
-            ("modes", modes, isinstance(modes, int) and not isinstance(modes, bool) and modes >= 1
-             and not (selective and modes > 1)),
-            ("attention_every", attention_every, isinstance(attention_every, int)
-             and not isinstance(attention_every, bool) and 0 <= attention_every <= n_layers),
-            ("attention_window", attention_window, isinstance(attention_window, int)
-             and not isinstance(attention_window, bool) and attention_window >= 1),
-            ("attention_rope", attention_rope, isinstance(attention_rope, bool)),
-            ("heads", heads, isinstance(heads, int) and not isinstance(heads, bool) and heads >= 0
-             and (heads == 0 or (d_model % heads == 0 and not selective and modes == 1))),
-        )
-        for name, value, ok in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}={value!r}")
         self.vocab_size, self.d_model, self.max_seq_len = vocab_size, d_model, max_seq_len
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.born_power, self.born_offset = float(born_power), float(born_offset)
-        self.propagator_warmup_steps = propagator_warmup_steps
+        # Steps win; else a fraction of max_steps (the run's trainer.max_steps, given by the config node).
+        self.propagator_warmup_steps = warmup_steps(propagator_warmup_steps, propagator_warmup_fraction, max_steps)
         self.gradient_checkpointing = gradient_checkpointing
         self.conv_width, self.selective, self.modes, self.heads = conv_width, selective, modes, heads
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of
@@ -276,11 +253,14 @@ class SEMModel(nn.Module):
         with record_function("sem/readout"):
             logits = self._logits(psi, self._readout_map(propagator))
         after = {"h": [h.detach() for h in hs], "conv": tails, "kv": kvs}
+        # The penalty is the SEM's own loss term (train/unitary_penalty); train/unitary_div logs it unweighted.
+        penalty = {"unitary_penalty": self.unitary_lambda * unitary_div}
         if targets is None:
-            return ModelOutput(logits=logits, loss=None, ce_loss=None, unitary_divergence=unitary_div, state=after)
+            return ModelOutput(logits, state=after, aux_losses=penalty, metrics={"unitary_div": unitary_div})
         with record_function("sem/cross_entropy"):
             ce = cross_entropy(logits, targets)
-        return ModelOutput(logits, ce + self.unitary_lambda * unitary_div, ce, unitary_div, state=after)
+        return ModelOutput(logits, ce + penalty["unitary_penalty"], ce, state=after, aux_losses=penalty,
+                           metrics={"unitary_div": unitary_div})
 
     def _run(self, psi: torch.Tensor, h: list[torch.Tensor | None], conv: list[torch.Tensor | None],
              kv: list[torch.Tensor | None], keep: torch.Tensor | None = None, decode: DecodeState | None = None

@@ -1,4 +1,4 @@
-"""sem/engines/fit.py: ``final_scores``, the summary's figures of the final checkpoint besides the final
+"""sem/engines/final.py: ``final_scores``, the summary's figures of the final checkpoint besides the final
 validation: ``stream_bpb`` (every val document scored whole, when the model carries its state and
 ``eval.stream`` is on), and once, at the end, the test split's ``test_bpb`` (its windows),
 ``test_stream_bpb`` (its documents whole) and ``test_dynamic_bpb`` (whole, the weights learning;
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sem.data.tokenizer import ByteTokenizer
-from sem.engines.fit import final_scores
+from sem.engines.final import final_scores
 from sem.models.dynamic import DynamicSettings
 from sem.models.sem import SEMModel
 from sem.models.stream import dynamic_score, stream_rows, stream_score
@@ -26,7 +26,7 @@ from sem.training.restore import load
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SEM = {"_target_": "sem.models.sem.SEMModel", "vocab_size": 259, "d_model": 16, "n_layers": 1, "max_seq_len": 64,
-       "conv_width": 3}
+       "conv_width": 3, "propagator_warmup_steps": 4}  # resolved, as a run's checkpoint holds it
 TRANSFORMER = {"_target_": "sem.models.transformer.TransformerLM", "vocab_size": 259, "d_model": 16,
                "n_layers": 1, "n_heads": 2, "max_seq_len": 64}
 VAL_SEQ_LEN, VAL_BATCH = 32, 2
@@ -80,7 +80,7 @@ def _built(tmp_path: Path, model: torch.nn.Module, node: dict[str, Any], stream:
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 5,
                 "sem": {"config": config}}, path)
     engine = SimpleNamespace(model=model, device=torch.device("cpu"))
-    return SimpleNamespace(engine=engine, datamodule=FakeData(has_test), checkpoint=SimpleNamespace(last=lambda: path),
+    return SimpleNamespace(engine=engine, datamodule=FakeData(has_test), checkpoints=SimpleNamespace(last=lambda: path),
                            quick=quick)
 
 
@@ -100,7 +100,7 @@ ROWS = stream_rows(VAL_BATCH, VAL_SEQ_LEN)  # what final_scores (and sem.evaluat
 @pytest.mark.parametrize("stream", [True, None])
 def test_stream_bpb_scores_the_final_checkpoint(tmp_path: Path, stream: bool | None) -> None:
     built = _built(tmp_path, _sem(), SEM, stream=stream)
-    model, _ = load(built.checkpoint.last())  # as final_scores loads it: the propagator blend of step 5
+    model, _ = load(built.checkpoints.last())  # as final_scores loads it: the propagator blend of step 5
     expected = stream_score(model, built.datamodule.tokens("val"), VAL_SEQ_LEN, ROWS).bpb
     scores = final_scores(built)
     assert set(scores) == KEYS
@@ -110,7 +110,7 @@ def test_stream_bpb_scores_the_final_checkpoint(tmp_path: Path, stream: bool | N
 def test_test_figures_score_the_test_split_once(tmp_path: Path) -> None:
     built = _built(tmp_path, _sem(), SEM)
     dm = built.datamodule
-    model, _ = load(built.checkpoint.last())
+    model, _ = load(built.checkpoints.last())
     x, y = dm.test_windows()
     dm.test_windows_read = 0
     scores = final_scores(built)
@@ -127,7 +127,7 @@ def test_transformer_gets_test_figures_but_no_stream_bpb(tmp_path: Path) -> None
     """The sliding window is not cheap: the summary leaves val's to sem.evaluate, but the test split is
     scored whole once (its test_stream_bpb), every model alike."""
     built = _built(tmp_path, _transformer(), TRANSFORMER)
-    model, _ = load(built.checkpoint.last())
+    model, _ = load(built.checkpoints.last())
     scores = final_scores(built)
     assert scores["stream_bpb"] is None
     x, y = built.datamodule.test_windows()
@@ -156,7 +156,7 @@ def test_dynamic_bpb_only_when_enabled_in_the_checkpoints_config(tmp_path: Path,
     dynamic = {"lr": 1e-3, "chunk": 16, "optimizer": "adam", "rows": 2}
     assert final_scores(_built(tmp_path, net, node, dynamic={"enabled": False, **dynamic}))["test_dynamic_bpb"] is None
     built = _built(tmp_path, net, node, dynamic={"enabled": True, **dynamic})
-    model, _ = load(built.checkpoint.last())
+    model, _ = load(built.checkpoints.last())
     # dynamic_score changes the model in place: `model` is a fresh copy of the checkpoint's weights
     # the context of a forward: val_seq_len, the static stream's window
     expected = dynamic_score(model, built.datamodule.tokens("test"), DynamicSettings(**dynamic), VAL_SEQ_LEN)
@@ -164,7 +164,7 @@ def test_dynamic_bpb_only_when_enabled_in_the_checkpoints_config(tmp_path: Path,
     assert scores["test_dynamic_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
     assert scores["test_dynamic_bpb"] != pytest.approx(scores["test_stream_bpb"], rel=1e-6)  # it did learn
     # the other figures are the unadapted checkpoint's (the dynamic figure is computed last)
-    fresh, _ = load(built.checkpoint.last())
+    fresh, _ = load(built.checkpoints.last())
     assert scores["test_stream_bpb"] == pytest.approx(
         stream_score(fresh, built.datamodule.tokens("test"), VAL_SEQ_LEN, ROWS).bpb, rel=1e-6)
 
@@ -177,7 +177,7 @@ def test_nothing_when_quick(tmp_path: Path) -> None:
 
 def test_final_scores_never_fail_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     built = _built(tmp_path, _sem(), SEM)
-    built.checkpoint.last().write_bytes(b"not a checkpoint")
+    built.checkpoints.last().write_bytes(b"not a checkpoint")
     assert final_scores(built) == dict.fromkeys(KEYS)
     assert "could not load" in caplog.text
     caplog.clear()
