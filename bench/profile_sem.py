@@ -63,7 +63,8 @@ def defaults() -> tuple[dict[str, Any], dict[str, Any], int, int, dict[str, Any]
             cfg = compose(config_name="config", overrides=[f"model={name}"])
             nodes[name] = OmegaConf.to_container(cfg.model, resolve=True)
     node = nodes["sem_small"]
-    node.pop("propagator_warmup_fraction", None)  # a training-budget setting, resolved per run
+    for key in ("propagator_warmup_fraction", "max_steps"):  # the training budget, resolved per run (and
+        node.pop(key, None)  # not arguments of older revisions, --baseline)
     node["propagator_warmup_steps"] = 0  # alpha = 1: the same work as at any alpha
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     return node, nodes["transformer_small"], cfg.data.batch_size, cfg.data.seq_len, optimizer

@@ -1,6 +1,6 @@
 """What sem needs of the components it is given, as ``typing.Protocol``s, and how it talks to a model.
 
-A leaf: every layer may import it. The minimum a user writes (README "Bring your own component"):
+A leaf: every layer may import it. The minimum a user writes (docs/bring-your-own.md):
 
 - a **model** is an ``nn.Module`` whose ``forward(input_ids [B, T])`` returns logits ``[B, T, V]``;
 - an **optimizer** is any ``torch.optim.Optimizer`` class (or a callable returning one);

@@ -2,7 +2,7 @@
 ``sem.config.groups`` (re-exported here), and the root ``Config``.
 
 Each YAML option in ``conf/<group>/`` starts its defaults list with the schema registered for it
-(``sem.config.store``: ``/schema/<group>_<name>``, not a group option, so ``--help`` lists only
+(``sem.config.store``: ``schema_<group>[_<variant>]`` at the root, not a group option, so ``--help`` lists only
 what a user can pick), so an unknown key or a value of the wrong type fails when Hydra composes the
 config, and the schema holds each default once: an option carries only what differs from it.
 ``sem.config.validate`` then runs each group's value and cross-field checks.

@@ -71,9 +71,10 @@ def resolve_lengths(cfg: DictConfig, recorded: dict[str, int] | None = None
     """The run's config with every fraction of ``trainer.max_steps`` turned into steps (once, here),
     and the record of what was resolved (saved in checkpoints; ``recorded`` from the checkpoint a run
     resumes wins, so a decay branch keeps its parent's warm-up and stage boundaries)."""
+    from sem.config.groups.distillation import with_schema_defaults
     from sem.training.budget import resolve_budget
 
-    resolved, record = resolve_budget(OmegaConf.to_container(cfg, resolve=True), recorded)
+    resolved, record = resolve_budget(OmegaConf.to_container(with_schema_defaults(cfg), resolve=True), recorded)
     if record:
         log.info("budget (trainer.max_steps=%d): %s", cfg.trainer.max_steps,
                  ", ".join(f"{k}={v}" for k, v in record.items()))

@@ -3,8 +3,39 @@ parameter groups and the parameter count. Pure PyTorch, for any ``nn.Module``.""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import nn
+
+MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
+MIN_VOCAB = 259  # the byte tokenizer: 256 bytes + BOS/EOS/PAD
+
+
+def size_problems(prefix: str, s: dict[str, Any], counts: tuple[str, ...], default_ratio: float) -> list[str]:
+    """The sizes every model of sem has, one line each naming ``<prefix><key>``: ``counts`` are integers
+    > 0 (widths, context and vocabulary also <= MAX_DIM), the vocabulary holds the byte tokenizer's ids,
+    and the MLP (``mlp_ratio`` x ``d_model``) stays a tensor dimension. Keys left out are not checked."""
+    p = []
+    for key in counts:
+        value = s.get(key)
+        if key not in s:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            p.append(f"{prefix}{key}={value!r}: must be an integer > 0")
+        elif key in ("vocab_size", "d_model", "max_seq_len") and value > MAX_DIM:
+            p.append(f"{prefix}{key}={value!r}: must be <= {MAX_DIM} (a tensor dimension)")
+    vocab = s.get("vocab_size")
+    if isinstance(vocab, int) and 0 < vocab < MIN_VOCAB:
+        p.append(f"{prefix}vocab_size={vocab}: the byte tokenizer needs at least {MIN_VOCAB} (256 bytes + BOS/EOS/PAD)")
+    ratio, width = s.get("mlp_ratio", default_ratio), s.get("d_model")
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
+        p.append(f"{prefix}mlp_ratio={ratio!r}: must be > 0")
+    elif isinstance(width, int) and 0 < width <= MAX_DIM and ratio * width > MAX_DIM:
+        p.append(f"{prefix}mlp_ratio={ratio!r}: the MLP would be {ratio * width:.3g} wide (mlp_ratio x "
+                 f"{prefix}d_model={width}); at most {MAX_DIM}")
+    return p
 
 
 def check_input_length(input_ids: torch.Tensor, max_seq_len: int) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sem.contracts import ModelOutput, cross_entropy
-from sem.models.common import check_input_length
+from sem.models.common import check_input_length, size_problems
 
 
 class TransformerBlock(nn.Module):
@@ -42,19 +42,10 @@ class TransformerBlock(nn.Module):
 def settings_problems(prefix: str = "", **s: Any) -> list[str]:
     """Every problem with TransformerLM's arguments ``s``, one line each naming ``<prefix><key>``: run
     by its constructor and by the config's validation (``sem.config.groups.model``)."""
-    p = []
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-        value = s.get(key)
-        if key in s and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            p.append(f"{prefix}{key}={value!r}: must be an integer > 0")
-    if isinstance(s.get("vocab_size"), int) and 0 < s["vocab_size"] < 259:
-        p.append(f"{prefix}vocab_size={s['vocab_size']}: the byte tokenizer needs at least 259 (256 bytes + BOS/EOS/PAD)")
+    p = size_problems(prefix, s, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"), default_ratio=4.0)
     heads, width = s.get("n_heads"), s.get("d_model")
     if isinstance(heads, int) and heads > 0 and isinstance(width, int) and width % heads:
         p.append(f"{prefix}n_heads={heads}: must divide {prefix}d_model={width}")
-    ratio = s.get("mlp_ratio", 4.0)
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
-        p.append(f"{prefix}mlp_ratio={ratio!r}: must be > 0")
     dropout = s.get("dropout", 0.0)
     if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
         p.append(f"{prefix}dropout={dropout!r}: must be in [0, 1)")

@@ -234,3 +234,38 @@ def test_a_bad_value_gets_the_same_line_from_the_shell_and_from_python(group: st
     if group == "model":
         said = [line.replace("model.", "") for line in said]
     assert str(raised.value) == "; ".join(said), problems
+
+
+def test_a_resumed_warm_up_longer_than_a_decay_branch_still_builds() -> None:
+    """The warm-up is a ramp: steps pinned at the start of a run (a parent of 1,400 steps: 280) still
+    build in a decay branch of fewer steps; alpha simply stops where the branch ends."""
+    from sem.models.sem import SEMModel
+
+    model = SEMModel(d_model=8, n_layers=1, propagator_warmup_steps=280, propagator_warmup_fraction=None, max_steps=200)
+    assert model.propagator_warmup_steps == 280
+    with pytest.raises(ValueError, match="both null, give one"):
+        SEMModel(d_model=8, n_layers=1, propagator_warmup_steps=None, propagator_warmup_fraction=None, max_steps=200)
+
+
+def test_the_transformer_keeps_the_size_limits() -> None:
+    from sem.config.validate import validate
+
+    cfg = compose_cfg(["model=transformer_tiny", "accelerator=cpu", "model.d_model=4294967296"])
+    assert any(line.startswith("model.d_model=4294967296: must be <= ") for line in validate(cfg, corpus=None))
+    cfg = compose_cfg(["model=transformer_tiny", "accelerator=cpu", "model.mlp_ratio=1e9"])
+    assert any(line.startswith("model.mlp_ratio=1000000000.0: the MLP would be") for line in validate(cfg, corpus=None))
+
+
+def test_a_teacher_set_by_hand_is_built_as_validated() -> None:
+    """On distillation=off a hand-set teacher has only the keys it was given: the schema's defaults
+    (ramp_fraction 0.5 of max_steps) fill in for validation and for the build alike."""
+    import torch
+
+    from sem.engines.build import resolve_lengths
+
+    cfg = compose_cfg(["distillation.teacher={_target_: sem.training.distillation.EMATeacher, _partial_: true}",
+                       "distillation.loss={_target_: sem.training.distillation.DistillationLoss}",
+                       "trainer.max_steps=100"])
+    resolved, record = resolve_lengths(cfg)
+    teacher = instantiate(resolved.distillation.teacher)(student=torch.nn.Linear(2, 2))
+    assert teacher.ramp_steps == record["distillation.teacher.ramp_steps"] == 50

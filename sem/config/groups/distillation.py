@@ -52,6 +52,19 @@ class EMADistillationConf(DistillationConf):
     loss: DistillationLossConf | None = field(default_factory=DistillationLossConf)
 
 
+def with_schema_defaults(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with a teacher or loss node set by hand on ``distillation=off`` (untyped: it has only the
+    keys it was given) completed by its schema's defaults, in place in the config so that its
+    ``${trainer.max_steps}`` resolves: what validation checks is what the run builds."""
+    out = cfg
+    for key, schema in (("teacher", EMATeacherConf), ("loss", DistillationLossConf)):
+        node = out.distillation.get(key)
+        if isinstance(node, DictConfig) and "_target_" in node and OmegaConf.get_type(node) is dict:
+            out = out.copy() if out is cfg else out
+            out.distillation[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
+    return out
+
+
 def distillation_problems(cfg: DictConfig) -> list[str]:
     from sem.training.distillation import distill_problems
 
@@ -67,9 +80,8 @@ def distillation_problems(cfg: DictConfig) -> list[str]:
                      f"distillation=ema_teacher and override its keys (distillation.{key}.<name>=...)")
     if p:
         return p
-    # a node set by hand on distillation=off has only the keys it was given: the schema's defaults fill in
-    t = OmegaConf.merge(EMATeacherConf, t) if OmegaConf.get_type(t) is dict else t
-    loss = OmegaConf.merge(DistillationLossConf, loss) if OmegaConf.get_type(loss) is dict else loss
+    full = with_schema_defaults(cfg)  # a node set by hand on distillation=off: the schema's defaults fill in
+    t, loss = full.distillation.teacher, full.distillation.loss
     n = cfg.trainer.max_steps
     return distill_problems(alpha=loss.alpha, temperature=loss.temperature, decay_start=t.decay_start,
                             decay_end=t.decay_end, start_stage=t.start_stage,

@@ -11,10 +11,9 @@ import math
 from typing import Any
 
 from sem.lengths import fraction_steps, length_problems
+from sem.models.common import size_problems
 
-MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
 MAX_MODES = 256  # beyond, the [D, N, T] kernel outgrows any use
-MIN_VOCAB = 259  # the byte tokenizer: 256 bytes + BOS/EOS/PAD
 
 
 def _is_int(value: Any) -> bool:
@@ -43,19 +42,8 @@ def settings_problems(prefix: str = "", **s: Any) -> list[str]:
     def say(key: str, text: str) -> None:
         p.append(f"{prefix}{key}={s.get(key)!r}: {text}")
 
-    for key in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
-        if key in s and not (_is_int(s[key]) and s[key] > 0):
-            say(key, "must be an integer > 0")
-        elif key in s and key != "n_layers" and s[key] > MAX_DIM:
-            say(key, f"must be <= {MAX_DIM} (a tensor dimension)")
-    if _is_int(s.get("vocab_size")) and 0 < s["vocab_size"] < MIN_VOCAB:
-        say("vocab_size", f"the byte tokenizer needs at least {MIN_VOCAB} (256 bytes + BOS/EOS/PAD)")
-    ratio, width = s.get("mlp_ratio"), s.get("d_model")
-    if "mlp_ratio" in s and not (_is_number(ratio) and ratio > 0):
-        say("mlp_ratio", "must be > 0")
-    elif _is_number(ratio) and _is_int(width) and 0 < width <= MAX_DIM and ratio * width > MAX_DIM:
-        say("mlp_ratio", f"the MLP would be {ratio * width:.3g} wide (mlp_ratio x {prefix}d_model={width}); "
-                         f"at most {MAX_DIM}")
+    p += size_problems(prefix, s, ("vocab_size", "d_model", "n_layers", "max_seq_len"), default_ratio=2.0)
+    width = s.get("d_model")
     if "unitary_lambda" in s and not (_is_number(s["unitary_lambda"]) and s["unitary_lambda"] >= 0):
         say("unitary_lambda", "must be >= 0")
     readout = s.get("readout", "born")
@@ -127,5 +115,6 @@ def warmup_problems(prefix: str, steps: Any, fraction: Any, max_steps: Any) -> l
                 f"given: pass {prefix}max_steps (the training budget) or {prefix}propagator_warmup_steps"]
     if max_steps is not None and not (_is_int(max_steps) and max_steps > 0):
         return [f"{prefix}max_steps={max_steps!r}: must be an integer > 0 (the training budget)"]
+    # a ramp: steps past the end of the run simply stop where it ends (a decay branch shorter than its parent)
     return length_problems(f"{prefix}propagator_warmup_steps", steps, f"{prefix}propagator_warmup_fraction",
-                           fraction, max_steps if max_steps is not None else 10**18, required=False)
+                           fraction, max_steps if max_steps is not None else 0, may_overrun=True)
