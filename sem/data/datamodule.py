@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sem.contracts import Corpus
-from sem.data.corpus import CorpusError, TokenCache, load_or_build_cache
+from sem.data.cache import TokenCache, load_or_build_cache
+from sem.data.corpus import CorpusError
 from sem.data.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ How a model sees a document:
 ``dynamic_score`` (dynamic evaluation) reads the documents the same way while the model learns as it reads:
 see ``sem.models.dynamic``.
 
-A document is what the token cache packs (``sem.data.corpus``): BOS, its bytes, EOS, so documents
+A document is what the token cache packs (``sem.data.cache``): BOS, its bytes, EOS, so documents
 are found again by their BOS. Its targets are its bytes and its EOS; the BOS starts it (given, not
 predicted, and the model starts from a fresh state: nothing crosses a document boundary). bpb = nats
 over every target / ln 2 / byte targets, as the windows' ``val/bpb`` charges the end of a document to

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.signals import PHASES, Outcome, run_trial
-from sem.data.corpus import _remove_stale_tmp
+from sem.data.cache import _remove_stale_tmp
 
 EXIT_S = 20  # signal -> every process of the run gone (bench.signals measures against 10 s)
 

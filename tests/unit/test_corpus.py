@@ -11,14 +11,13 @@ import sys
 import numpy as np
 import pytest
 
+from sem.data.cache import load_or_build_cache, split_of
 from sem.data.corpus import (
     CorpusError,
     Document,
     JsonlCorpus,
     StdlibCorpus,
     TextFilesCorpus,
-    load_or_build_cache,
-    split_of,
 )
 from sem.data.tokenizer import ByteTokenizer
 

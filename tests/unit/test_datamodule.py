@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sem.data.corpus import CorpusError, StdlibCorpus, TextFilesCorpus, split_of
+from sem.data.cache import split_of
+from sem.data.corpus import CorpusError, StdlibCorpus, TextFilesCorpus
 from sem.data.datamodule import SEMDataModule, byte_targets
 
 

@@ -1,4 +1,4 @@
-"""The test split (sem/data/corpus.py, sem/data/datamodule.py) and the anchors it is reported against
+"""The test split (sem/data/cache.py, sem/data/datamodule.py) and the anchors it is reported against
 (sem/data/anchors.py): a third split taken from train by the same name hash, packed into test.bin,
 with the anchors of both held-out splits in meta.json."""
 
@@ -16,7 +16,8 @@ import torch
 
 from sem.data import anchors
 from sem.data.anchors import Alone, describe, given_prior, strongest_beaten
-from sem.data.corpus import CorpusError, TextFilesCorpus, load_or_build_cache, split_of
+from sem.data.cache import load_or_build_cache, split_of
+from sem.data.corpus import CorpusError, TextFilesCorpus
 from sem.data.datamodule import SEMDataModule
 from sem.data.tokenizer import ByteTokenizer
 from tests.unit.test_corpus import Counting
