@@ -107,6 +107,23 @@ def after(seconds: float) -> Callable[[Trial], bool]:
     return lambda t: time.monotonic() - t.started >= seconds
 
 
+def _catches_stop_signals(pid: int) -> bool:
+    """The process has its SIGINT and SIGTERM handlers in place (Linux: /proc/<pid>/status SigCgt);
+    elsewhere, assume so."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    caught = int(next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0"), 16)
+    return all(caught >> (int(sig) - 1) & 1 for sig in (signal.SIGINT, signal.SIGTERM))
+
+
+def importing(seconds: float) -> Callable[[Trial], bool]:
+    """``seconds`` after start and the launcher's startup handlers installed: under load the
+    interpreter itself can take longer than ``seconds`` to reach them (a Ctrl-C then is Python's own)."""
+    return lambda t: after(seconds)(t) and _catches_stop_signals(t.proc.pid)
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -117,7 +134,7 @@ class Phase:
 
 
 PHASES = {p.name: p for p in (
-    Phase("imports", (), after(1.0), what="1 s after start: Python imports torch, Hydra, Lightning"),
+    Phase("imports", (), importing(1.0), what="1 s after start: Python imports torch, Hydra, Lightning"),
     Phase("setup", (), file_appears("outputs/trial/.hydra/overrides.yaml"),
           what="Hydra has made the run dir: logging, validation, records"),
     Phase("token_cache", (), file_appears(".tmp-tokens-*", under="cache"), fresh_cache=True,

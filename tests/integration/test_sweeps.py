@@ -376,7 +376,9 @@ def test_dry_run_calendar_three_stage(tmp_path: Path, corpus_dir: Path, cache_di
     shapes = {(s["stage"], s["seq_len"], s["batch_size"]) for s in segs}
     assert shapes == {("s512", 512, 8), ("s1024", 1024, 4), ("s2048", 2048, 2)}
     # adamw's default; scheduler.warmup_steps=2, decay 30% = steps 14..19; lr_scale 1.0/0.7/0.5
-    lr = float(yaml.safe_load((ROOT / "conf" / "optimizer" / "adamw.yaml").read_text())["lr"])
+    from sem.config.schema import AdamWConf
+
+    lr = AdamWConf.lr
     first_stable = next(s for s in segs if s["phase"] == "stable")
     assert first_stable["start"] == 2 and first_stable["lr_start"] == pytest.approx(lr)
     assert next(s for s in segs if s["stage"] == "s1024")["lr_start"] == pytest.approx(0.7 * lr)

@@ -202,6 +202,8 @@ class Case:
         data = self.groups.get("data")
         if data in ("text_files", "jsonl") and "data.corpus.paths" not in self.keys:
             extra["data.corpus.paths"] = f"[{corpus}/*.py]" if data == "text_files" else f"[{jsonl}]"
+        if data == "stdlib" and "data.corpus.root" not in self.keys:  # the small corpus, as a standard library
+            extra["data.corpus.root"] = str(corpus)
         if "data.cache_dir" in self.keys:
             extra.pop("data.cache_dir")
         return [*(f"{g}={o}" for g, o in self.groups.items()),
