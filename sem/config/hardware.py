@@ -117,6 +117,7 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
     import torch
 
     from sem.training.distributed import world_size
+    from sem.training.precision import device_type_for
 
     s, t = cfg.strategy, cfg.trainer
     p = _devices_problems(t.devices)
@@ -124,10 +125,7 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
         p.append(f"strategy.name={s.name!r}: must be one of auto, ddp, fsdp")
     if p:
         return p
-    has_cuda = torch.cuda.is_available()
-    xpu = getattr(torch, "xpu", None)
-    device = {"auto": "cuda" if has_cuda else ("xpu" if xpu is not None and xpu.is_available() else "cpu")
-              }.get(cfg.accelerator.name, cfg.accelerator.name)
+    device = device_type_for(cfg.accelerator.name)
     if s.name == "fsdp" and device == "cpu":
         p.append("strategy=fsdp: FSDP shards a model over GPUs; it is not supported on the CPU "
                  "(use strategy=ddp accelerator=cpu trainer.devices=N)")
@@ -137,7 +135,7 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
     elif backend == "nccl" and device != "cuda":
         p.append(f"strategy.backend=nccl: needs CUDA devices, this run is on {device} (use gloo or null)")
     if device in ("cuda", "xpu") and isinstance(t.devices, int) and not isinstance(t.devices, bool):
-        have = torch.cuda.device_count() if device == "cuda" else xpu.device_count()
+        have = torch.cuda.device_count() if device == "cuda" else torch.xpu.device_count()
         if 0 < have < t.devices:  # none at all: already said by the accelerator check
             p.append(f"trainer.devices={t.devices}: this machine has {have} {device} device(s)")
     stall = (cfg.health.get("stall") or {}).get("action")

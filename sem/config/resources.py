@@ -51,15 +51,9 @@ def cpu_cores() -> int:
 
 def device_of(cfg: DictConfig) -> str:
     """cpu, cuda or xpu: where the run's tensors live (``accelerator=auto`` resolved as Lightning does)."""
-    import torch
+    from sem.training.precision import device_type_for
 
-    name = cfg.accelerator.name
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    xpu = getattr(torch, "xpu", None)
-    return "xpu" if xpu is not None and xpu.is_available() else "cpu"
+    return device_type_for(cfg.accelerator.name)
 
 
 def ranks_here(cfg: DictConfig, device: str) -> int:
