@@ -180,6 +180,7 @@ def test_a_models_own_loss_term_trains_and_is_logged_by_name(ext: Path, cache_di
     assert rows[-1]["train/my_reg"] != rows[0]["train/my_reg"]  # its gradient moves the weights it reads
 
 
+@pytest.mark.slow  # 25 s measured in the fast tier
 def test_a_model_written_for_earlier_versions_still_trains(ext: Path, cache_dir: Path) -> None:
     """(b) ``ModelOutput(logits=..., loss=..., ce_loss=..., unitary_divergence=...)``: its loss as it made
     it, its divergence logged unweighted as train/unitary_div."""

@@ -268,7 +268,10 @@ def _overrides(group: str, option: str, base: list[str], jsonl: Path) -> list[st
     return [*base, f"{group}={option}"]
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+# data=stdlib reads the real standard library (its whole token cache, anchors too): 28 s measured, so slow
+@pytest.mark.parametrize(("group", "option"), [
+    pytest.param(g, o, id=f"{g}={o}", marks=[pytest.mark.slow] if (g, o) == ("data", "stdlib") else [])
+    for g, o in OPTIONS])
 def test_option_composes_and_builds(group: str, option: str, base: list[str], jsonl_corpus: Path,
                                     tmp_path: Path) -> None:
     if group == "hparams_search":
