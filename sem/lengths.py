@@ -13,6 +13,23 @@ def fraction_steps(fraction: float, max_steps: int) -> int:
     return int(math.floor(fraction * max_steps + 0.5))
 
 
+def steps_of(steps: int | None, fraction: float | None, max_steps: int | None) -> int | None:
+    """A length in steps: ``steps`` when given (they win), else ``fraction`` of ``max_steps``; None when
+    neither is given. A fraction needs ``max_steps`` (``unplaced`` says so first)."""
+    if steps is not None:
+        return int(steps)
+    return None if fraction is None else fraction_steps(float(fraction), int(max_steps or 0))
+
+
+def unplaced(fraction_key: str, fraction: Any, steps_key: str, steps: Any, max_steps: Any, budget_key: str
+             ) -> list[str]:
+    """A length given only as a fraction to a constructor that was not given the budget it scales with."""
+    if steps is None and fraction is not None and max_steps is None:
+        return [f"{fraction_key}={fraction!r}: a fraction of {budget_key}, which is not given: pass {budget_key} "
+                f"(the training budget) or {steps_key}"]
+    return []
+
+
 def length_problems(steps_key: str, steps: Any, fraction_key: str, fraction: Any, max_steps: int, *,
                     required: bool = True, strictly_inside: bool = False, may_overrun: bool = False
                     ) -> list[str]:

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sem.contracts import VOCAB_SIZE
+
 MAX_DIM = 2**31 - 1  # a model width, context or vocabulary: past it torch's sizes overflow
-MIN_VOCAB = 259  # the byte tokenizer: 256 bytes + BOS/EOS/PAD
 
 
 def size_problems(prefix: str, s: dict[str, Any], counts: tuple[str, ...], default_ratio: float) -> list[str]:
@@ -27,8 +28,8 @@ def size_problems(prefix: str, s: dict[str, Any], counts: tuple[str, ...], defau
         elif key in ("vocab_size", "d_model", "max_seq_len") and value > MAX_DIM:
             p.append(f"{prefix}{key}={value!r}: must be <= {MAX_DIM} (a tensor dimension)")
     vocab = s.get("vocab_size")
-    if isinstance(vocab, int) and 0 < vocab < MIN_VOCAB:
-        p.append(f"{prefix}vocab_size={vocab}: the byte tokenizer needs at least {MIN_VOCAB} (256 bytes + BOS/EOS/PAD)")
+    if isinstance(vocab, int) and 0 < vocab < VOCAB_SIZE:
+        p.append(f"{prefix}vocab_size={vocab}: the byte tokenizer needs at least {VOCAB_SIZE} (256 bytes + BOS/EOS/PAD)")
     ratio, width = s.get("mlp_ratio", default_ratio), s.get("d_model")
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
         p.append(f"{prefix}mlp_ratio={ratio!r}: must be > 0")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sem.contracts import model_output
-from sem.lengths import fraction_steps
+from sem.lengths import steps_of, unplaced
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +148,15 @@ class EMATeacher:
             decay_start=decay_start, decay_end=decay_end, ramp_steps=ramp_steps,
             start_step=start_step, prefix="EMATeacher",
         )
-        for key, steps, fraction in (("ramp", ramp_steps, ramp_fraction), ("start", start_step, start_fraction)):
-            if steps is None and fraction is not None and max_steps is None:
-                found.append(f"EMATeacher.{key}_fraction={fraction!r}: a fraction of max_steps, which is not given: "
-                             f"pass max_steps (the training budget) or the length in steps")
+        found += unplaced("EMATeacher.ramp_fraction", ramp_fraction, "ramp_steps", ramp_steps, max_steps, "max_steps")
+        found += unplaced("EMATeacher.start_fraction", start_fraction, "start_step", start_step, max_steps, "max_steps")
         if found:
             raise ValueError("; ".join(found))
         self.decay_start = decay_start
         self.decay_end = decay_end
         # Steps win; else a fraction of max_steps (the run's trainer.max_steps, given by the config node).
-        self.ramp_steps = ramp_steps if ramp_steps is not None else (
-            fraction_steps(ramp_fraction, max_steps) if ramp_fraction is not None else 0)
-        self.start_step = start_step if start_step is not None or start_fraction is None else (
-            fraction_steps(start_fraction, max_steps))
+        self.ramp_steps = steps_of(ramp_steps, ramp_fraction, max_steps) or 0
+        self.start_step = steps_of(start_step, start_fraction, max_steps)
         self.start_stage = start_stage
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)

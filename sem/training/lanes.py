@@ -32,10 +32,6 @@ class Lanes:
         self.continues = continues
         self.carried: dict[int, Carried] = {}
 
-    @property
-    def on(self) -> bool:
-        return self.continues is not None
-
     def state_in(self, micro: int, step: int, shape: tuple[int, ...]) -> State | None:
         """The state micro-batch ``micro`` of ``step`` starts from: what the same micro-batch of step - 1
         left, when the batch continues its lanes at the same shape; None (fresh) otherwise: a segment's

@@ -22,13 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 from sem.contracts import ModelOutput, cross_entropy
 from sem.data.tokenizer import ByteTokenizer
+from sem.lengths import steps_of
 from sem.models.common import check_input_length
 from sem.models.sem.attention import LocalAttention
 from sem.models.sem.blocks import BlockConstants, ComplexRMSNorm, norm_floor, norm_map, unit_rms
 from sem.models.sem.kernels import _BornLogits, _no_autocast, _real_linear
 from sem.models.sem.mixers import build_block
 from sem.models.sem.propagator import CayleyPropagator
-from sem.models.sem.settings import settings_problems, warmup_steps
+from sem.models.sem.settings import settings_problems
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class SEMModel(nn.Module):
         self.readout_kind, self.unitary_lambda, self.born_eps = readout, unitary_lambda, born_eps
         self.born_power, self.born_offset = float(born_power), float(born_offset)
         # Steps win; else a fraction of max_steps (the run's trainer.max_steps, given by the config node).
-        self.propagator_warmup_steps = warmup_steps(propagator_warmup_steps, propagator_warmup_fraction, max_steps)
+        self.propagator_warmup_steps = steps_of(propagator_warmup_steps, propagator_warmup_fraction, max_steps) or 0
         self.gradient_checkpointing = gradient_checkpointing
         self.conv_width, self.selective, self.modes, self.heads = conv_width, selective, modes, heads
         # Set by each forward for probes(), never saved: [B, T] pre-norm energy, [B, T, 2D] output of

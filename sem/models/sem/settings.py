@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sem.lengths import fraction_steps, length_problems
+from sem.lengths import length_problems, unplaced
 from sem.models.common import size_problems
 
 MAX_MODES = 256  # beyond, the [D, N, T] kernel outgrows any use
@@ -22,16 +22,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def warmup_steps(steps: int | None, fraction: float | None, max_steps: int | None) -> int:
-    """The propagator warm-up in steps: ``steps`` when given, else ``fraction`` of ``max_steps``
-    (rounded as every fraction of the budget is, ``sem.lengths.fraction_steps``); 0 when neither."""
-    if steps is not None:
-        return int(steps)
-    if fraction is None:
-        return 0
-    return fraction_steps(float(fraction), int(max_steps or 0))
 
 
 def settings_problems(prefix: str = "", **s: Any) -> list[str]:
@@ -110,9 +100,10 @@ def settings_problems(prefix: str = "", **s: Any) -> list[str]:
 
 def warmup_problems(prefix: str, steps: Any, fraction: Any, max_steps: Any) -> list[str]:
     """The propagator warm-up: steps, or a fraction of ``max_steps`` (the run's trainer.max_steps)."""
-    if steps is None and fraction is not None and max_steps is None:
-        return [f"{prefix}propagator_warmup_fraction={fraction!r}: a fraction of {prefix}max_steps, which is not "
-                f"given: pass {prefix}max_steps (the training budget) or {prefix}propagator_warmup_steps"]
+    missing = unplaced(f"{prefix}propagator_warmup_fraction", fraction, f"{prefix}propagator_warmup_steps", steps,
+                       max_steps, f"{prefix}max_steps")
+    if missing:
+        return missing
     if max_steps is not None and not (_is_int(max_steps) and max_steps > 0):
         return [f"{prefix}max_steps={max_steps!r}: must be an integer > 0 (the training budget)"]
     # a ramp: steps past the end of the run simply stop where it ends (a decay branch shorter than its parent)
