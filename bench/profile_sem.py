@@ -40,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.common import RESULTS, ROOT, command, machine
 from bench.peak import matmul_gflops
+from sem.training.allocator import keep_freed_memory
 
 # Parts in the order of the forward; per block: (attention,) norm, in_proj, (conv,) recurrence, mlp. A label
 # not listed here is still reported, after these.
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="profile the step through torch.compile (as compile=true/auto; parts then unlabelled)")
     parser.add_argument("--output", default="profile_sem", help="bench/results/<output>.json")
     a = parser.parse_args(argv)
+    keep_freed_memory()  # as a run does (sem.app)
     if a.threads:
         torch.set_num_threads(a.threads)
 

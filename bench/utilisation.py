@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import save
 from bench.peak import matmul_gflops
 from sem.config.store import register_configs
+from sem.training.allocator import keep_freed_memory
 
 
 def build(name: str, seq_len: int) -> torch.nn.Module:
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a CPU too (against the bf16 peak)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     a = parser.parse_args(argv)
+    keep_freed_memory()  # as a run does (sem.app)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,7 @@ sweep, inside the job guard) and turns Hydra's own failures into sem's exit code
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,11 @@ from sem.record.lock import RunDirBusy, busy, hold
 from sem.record.summary import is_global_zero
 from sem.sweeps.job import apply_job_threads, sweep_job
 from sem.sweeps.trial import trial_reports
+from sem.training.allocator import keep_freed_memory
 from sem.training.preemption import after_run
 from sem.training.pruning import Pruned, judged
+
+log = logging.getLogger("sem.app")
 
 register_configs()  # schemas must be in Hydra's ConfigStore before @hydra.main composes
 
@@ -85,6 +89,8 @@ def main(cfg: DictConfig) -> float | Pruned | None:
     global _main_started
     _main_started = True
     apply_job_threads(cfg.get("threads"))  # every job: loky reuses its worker processes between jobs
+    if note := keep_freed_memory():
+        log.info("%s", note)
     bind_ranks(cfg)  # (again in a sweep: each job is a run of its own shape)
     job = plan if cfg.get("dry_run") else train
     if HydraConfig.get().mode == RunMode.MULTIRUN:
