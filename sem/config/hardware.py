@@ -37,41 +37,33 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
 
 
 # ``compile``: true, false, or auto (the default): compile where inductor can build the device's kernels
-# and the run is long enough to pay the cold compile back. Measured (sem_small, 16 x 128, 2 cores,
-# BENCHMARKS.md "SEM at the machine's peak"): in fp32 1.12x the eager step side by side (quartiles
-# 1.01-1.20; ~0.03 s a step of ~0.25); the compile 42 s with an empty inductor cache, 17 s with the cache an
-# earlier run left: paid back from ~1,500-2,000 steps. Under bf16 autocast (precision=auto on a bf16 CPU)
-# 1.31-1.71x (~0.07-0.11 s a step of ~0.27): paid back from ~500-700 steps.
-COMPILE_AUTO_MIN_STEPS = 2000  # fp32, and any precision not measured
-COMPILE_AUTO_MIN_STEPS_LOW_PRECISION = 800  # bf16-mixed, bf16-true, 16-mixed
+# and the run is long enough to pay the cold compile back. Measured 2026-12-07 (sem_small, 16 x 128, 2-core
+# Xeon, BENCHMARKS.md): 1.12x the eager step in fp32 side by side (quartiles 1.01-1.20), 1.54x under bf16
+# autocast; the compile 42 s with an empty inductor cache, 17 s with the cache an earlier run left. At
+# ~0.21 s a step, 1.12-1.17x saves ~0.025-0.03 s a step: a first compile is paid back from ~1,500-2,000
+# steps, a cached one from ~600. Under bf16 autocast the compiled step gains more (1.2x on a 2-core EPYC with
+# AVX512-BF16, 1.3-1.5x on the Xeon) but a cold compile took ~60 s there: the default's 1400 steps compiled
+# trained in 354 s against 330 s eager (2026-12-07, docs/results.md#compile-by-precision), so the same
+# threshold holds for every precision.
+COMPILE_AUTO_MIN_STEPS = 2000
 
 
-def compile_min_steps(precision: str) -> int:
-    """The shortest run ``compile=auto`` compiles at ``precision`` (a resolved one: 32-true, bf16-mixed, ...)."""
-    return COMPILE_AUTO_MIN_STEPS if precision in ("32-true", "auto") else COMPILE_AUTO_MIN_STEPS_LOW_PRECISION
-
-
-def compile_choice(setting: Any, max_steps: int, device_type: str, model: Any = None, precision: str = "32-true"
-                   ) -> tuple[bool, str]:
-    """Whether a run compiles its training step, and why, for ``compile``=``setting`` (validated) at the
-    run's resolved ``precision``. Under auto only a model that says compiling pays (a class attribute
-    ``compile_pays = True``: sem's SEM; the Transformer baseline measured no faster compiled in fp32) is
-    compiled, and only in a run long enough to pay the cold compile back (``compile_min_steps``): for
-    another, compile=true asks for it."""
+def compile_choice(setting: Any, max_steps: int, device_type: str, model: Any = None) -> tuple[bool, str]:
+    """Whether a run compiles its training step, and why, for ``compile``=``setting`` (validated). Under
+    auto only a model that says compiling pays (a class attribute ``compile_pays = True``: sem's SEM; the
+    Transformer baseline measured no faster compiled) is compiled: for another, compile=true asks for it."""
     if isinstance(setting, bool):
         return setting, f"compile={str(setting).lower()}"
     if getattr(model, "compile_pays", False) is not True:
         return False, (f"compile=auto: eager ({type(model).__name__} does not say compiling pays: "
                        "compile_pays = True; compile=true compiles it anyway)")
-    least = compile_min_steps(precision)
-    if max_steps < least:
-        return False, (f"compile=auto: eager (trainer.max_steps={max_steps} < {least} at precision {precision}: "
+    if max_steps < COMPILE_AUTO_MIN_STEPS:
+        return False, (f"compile=auto: eager (trainer.max_steps={max_steps} < {COMPILE_AUTO_MIN_STEPS}: "
                        "too short to pay a cold compile back)")
     missing = compile_missing(device_type)
     if missing:
         return False, f"compile=auto: eager (torch.compile's inductor needs {missing} on {device_type})"
-    return True, (f"compile=auto: compiled (trainer.max_steps={max_steps} >= {least} at precision {precision}, "
-                  "inductor ready)")
+    return True, f"compile=auto: compiled (trainer.max_steps={max_steps} >= {COMPILE_AUTO_MIN_STEPS}, inductor ready)"
 
 
 def compile_missing(device_type: str) -> str | None:

@@ -115,11 +115,10 @@ def build(cfg: DictConfig, run_dir: Path, corpus: Corpus, resume: Resume | None 
     if every and checkpoints.keep_best and every % val_every and every < cfg.trainer.max_steps:
         log.warning("checkpoint.every_n_steps=%d is not a multiple of trainer.val_check_interval=%d: "
                     "best.ckpt is chosen among checkpoints whose step had a validation", every, val_every)
-    from sem.training.precision import device_type_for, resolve_precision
+    from sem.training.precision import device_type_for
 
-    device = device_type_for(cfg.accelerator.name)
-    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps, device, model,
-                                   resolve_precision(cfg.precision.precision, device))
+    compiled, why = compile_choice(cfg.get("compile", "auto"), cfg.trainer.max_steps,
+                                   device_type_for(cfg.accelerator.name), model)
     forward = None
     if compiled:  # auto falls back to the eager step if inductor fails on this model; true lets it fail
         from sem.training.compiled import compiled_forward

@@ -124,7 +124,7 @@ def test_config_resolved(tiny_run: Launch) -> None:
     # compile=auto (the default) said what it chose and why: a run this short stays eager
     assert cfg["compile"] == "auto"
     log = (tiny_run.run_dir / "launch.log").read_text()
-    assert f"compile=auto: eager (trainer.max_steps={MAX_STEPS} < " in log
+    assert f"compile=auto: eager (trainer.max_steps={MAX_STEPS} < 2000" in log
     assert "run through torch.compile" not in log
 
 
