@@ -43,7 +43,7 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
 # ~0.21 s a step, 1.12-1.17x saves ~0.025-0.03 s a step: a first compile is paid back from ~1,500-2,000
 # steps, a cached one from ~600. Under bf16 autocast the compiled step gains more (1.2x on a 2-core EPYC with
 # AVX512-BF16, 1.3-1.5x on the Xeon) but a cold compile took ~60 s there: the default's 1400 steps compiled
-# trained in 354 s against 330 s eager (2026-12-07, docs/results.md#compile-by-precision), so the same
+# trained in 354 s against 329 s eager (2026-12-07, docs/results.md#compile-by-precision), so the same
 # threshold holds for every precision.
 COMPILE_AUTO_MIN_STEPS = 2000
 

@@ -3,12 +3,12 @@
 A CPU training step allocates and frees the same few hundred MB every step (activations, gradients,
 2-8 MB per tensor for the default model). By default glibc serves blocks that large with fresh ``mmap``s,
 or trims the heap back to the kernel once they are freed, so every step faults the same pages in again
-(~6,800 page faults a step for sem_small at 16 x 128 on 2 threads, ~14 ms of kernel time, and each new
+(~3,400 page faults a step for sem_small at 16 x 128 on 2 threads, ~12 ms of kernel time, and each new
 page arrives cold in the cache). Raising the mmap threshold to 32 MiB (glibc's ceiling) and the trim
-threshold to 1 GiB keeps freed blocks in the heap: 2 faults a step, measured side by side in
-BENCHMARKS.md. The process's resident memory then stays at its peak instead of shrinking between steps,
-which a training process reaches every step anyway. A no-op where the C library is not glibc (macOS,
-Windows, musl) or ``SEM_MALLOC_TUNING=0``. Plain Python: no torch.
+threshold to 1 GiB keeps freed blocks in the heap: ~450 faults and ~2 ms a step, 1.04x the step's
+speed (``python -m bench.allocator``, BENCHMARKS.md). The process's resident memory then stays at its
+peak instead of shrinking between steps, which a training process reaches every step anyway. A no-op
+where the C library is not glibc (macOS, Windows, musl) or with ``SEM_MALLOC_TUNING=0``. Plain Python.
 """
 
 from __future__ import annotations
