@@ -7,6 +7,9 @@ vs the Transformer baseline (full recompute; it has no KV cache)::
 One generated token costs, at context L:
 
 - SEM recurrent: one ``model.step`` (the context is already folded into the state by ``prefill``);
+- SEM recurrent, compiled: the same through ``decode_state(compile=True)`` (one graph for every position);
+  its cold compile (the first call: an empty inductor cache in a fresh process, a warm one after) is
+  reported beside it, since a generation pays it once;
 - SEM full recompute: one forward over the L tokens (the last position's logits are the next token's);
 - Transformer: one forward over the last min(L, max_seq_len) tokens, which is what ``sem.sample``
   does; beyond max_seq_len it forgets the rest, so those contexts are marked rather than timed.
@@ -41,9 +44,10 @@ from torch import nn
 from bench.peak import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("sem_recurrent", "sem_recompute", "transformer")
-TITLES = {"sem_recurrent": "SEM recurrent (step)", "sem_recompute": "SEM full recompute",
-          "transformer": "Transformer (full recompute)"}
+METHODS = ("sem_recurrent", "sem_compiled", "sem_recompute", "transformer")
+TITLES = {"sem_recurrent": "SEM recurrent (step)", "sem_compiled": "SEM recurrent, compiled step",
+          "sem_recompute": "SEM full recompute", "transformer": "Transformer (full recompute)"}
+RECURRENT = ("sem_recurrent", "sem_compiled")
 
 
 def build(name: str, max_seq_len: int | None = None) -> nn.Module:
@@ -80,11 +84,12 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def recurrent_call(model: nn.Module, context: int, steps: int, device: torch.device) -> Callable[[], None]:
+def recurrent_call(model: nn.Module, context: int, steps: int, device: torch.device, compile: bool = False
+                   ) -> Callable[[], None]:
     """``steps`` tokens of ``model.step`` after a ``context``-token prefill (the state carries on
-    from call to call: its size does not change)."""
+    from call to call: its size does not change); ``compile``: through a compiled step."""
     x = torch.randint(0, 256, (1, context), device=device)
-    logits, state = model.prefill(x)
+    logits, state = model.prefill(x, model.decode_state(1, compile=compile))
     token = logits.argmax(-1)
 
     def call() -> None:
@@ -115,6 +120,7 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
     transformer = build("transformer_small").to(device)
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
     cells: dict[tuple[str, int], tuple[Callable[[], None], int]] = {}  # -> (call, tokens per call)
+    compile_s: list[float] = []  # the compiled step's first call per context (the first: the cold compile)
     last: dict[str, tuple[int, float]] = {}  # method -> (context, seconds per call) of its last warm-up
     for context in sorted(contexts):
         for method in METHODS:
@@ -122,18 +128,20 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
                 results[method][context] = {"skipped": f"beyond max_seq_len={transformer.max_seq_len} "
                                                        "(sampling truncates the context to it)"}
                 continue
-            if method != "sem_recurrent" and method in last:
+            if method not in RECURRENT and method in last:
                 prev_context, prev_s = last[method]
                 growth = context / prev_context  # attention is quadratic, the SEM forward ~linear
                 predicted = prev_s * (growth ** 2 if method == "transformer" else growth) * (repeats + 1)
                 if predicted > budget_s:
                     results[method][context] = {"skipped": f"predicted {predicted:.0f} s > {budget_s:.0f} s budget"}
                     continue
-            if method == "sem_recurrent":
-                call, tokens = recurrent_call(sem, context, steps, device), steps
+            if method in RECURRENT:
+                call, tokens = recurrent_call(sem, context, steps, device, method == "sem_compiled"), steps
             else:
                 call, tokens = forward_call(sem if method == "sem_recompute" else transformer, context, device), 1
-            call()  # warm-up: allocator, kernels, FFT plans
+            first = _timed(call, device)  # warm-up: allocator, kernels, FFT plans; the compile
+            if method == "sem_compiled":
+                compile_s.append(first)
             last[method] = (context, _timed(call, device))
             cells[method, context] = (call, tokens)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in cells}
@@ -143,6 +151,8 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
     for (method, context), ts in sorted(times.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
         s = statistics.median(ts)
         results[method][context] = {"ms_per_token": s * 1e3, "repeats_ms": [t * 1e3 for t in ts]}
+        if method == "sem_compiled":
+            results[method][context]["first_call_s"] = compile_s[sorted(contexts).index(context)]
         print(f"  context {context:>6}: {TITLES[method]:<30} {s * 1e3:9.3f} ms/token", file=sys.stderr)
     return results
 
@@ -157,7 +167,8 @@ def machine(device: torch.device) -> str:
 def _cell(entry: dict[str, Any]) -> str:
     if "ms_per_token" in entry:
         ms = entry["ms_per_token"]
-        return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+        cell = f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+        return cell + (f" (first call {entry['first_call_s']:.1f} s)" if "first_call_s" in entry else "")
     return f"skipped: {entry['skipped']}"
 
 
@@ -168,7 +179,8 @@ def table(record: dict[str, Any]) -> str:
              f"- torch {record['torch']}, Python {record['python']}, device {record['device']}",
              f"- command: `{record['command']}`",
              f"- models: sem_small and transformer_small (conf/model), random weights; median of "
-             f"{record['repeats']} repeats ({record['steps']} steps each for the recurrent path)", "",
+             f"{record['repeats']} repeats ({record['steps']} steps each for the recurrent paths); the compiled "
+             "step's first call (its compile: cold at the first context) beside it", "",
              "| context | " + " | ".join(TITLES[m] for m in METHODS) + " |",
              "|---:|" + "---:|" * len(METHODS)]
     for c in contexts:

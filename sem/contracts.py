@@ -73,7 +73,8 @@ class LanguageModel(Protocol):
     ``targets``. Optional, used when present: ``set_step(step)`` (step-driven blends), ``probes() ->
     dict`` (health diagnostics), ``decode_state/prefill/step`` (recurrent sampling; ``prefill(input_ids,
     state, all_logits=True)`` returning every position's logits and the state after them: streaming
-    evaluation carries the state through a document, ``sem.models.stream``), a ``state`` parameter of
+    evaluation carries the state through a document, ``sem.models.stream``; ``decode_state(batch_size,
+    compile=True)``: a state whose ``step`` runs compiled, ``sem.sample compile``), a ``state`` parameter of
     ``forward`` (the previous window's ``ModelOutput.state``: truncated BPTT, ``data.tbptt``), ``max_seq_len``
     (checked against ``data.seq_len``; sampling keeps the context within it), ``vocab_size`` (passed
     to the constructor when it takes one), ``no_decay_keywords`` (parameter groups), ``compile_pays = True``

@@ -20,6 +20,7 @@ result is bytes; text that is not valid UTF-8 is shown with replacement characte
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,15 +75,27 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def compiles_decoding(model: nn.Module) -> bool:
+    """Whether ``model`` can decode through a compiled step: ``decode_state(batch_size, compile=True)``
+    (SEMModel), whose state ``prefill`` and ``step`` carry on."""
+    make = getattr(model, "decode_state", None)
+    try:
+        return callable(make) and "compile" in inspect.signature(make).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def generate(model: nn.Module, prompt: bytes, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             on_token: Callable[[int], None] | None = None) -> bytes:
+             on_token: Callable[[int], None] | None = None, compile: bool = False) -> bytes:
     """The bytes generated after ``prompt`` (the prompt itself not included).
 
     Deterministic for a given (model, device, prompt, settings, seed): draws come from a local
     ``torch.Generator`` seeded with ``seed``, never from the global RNG. ``temperature <= 0`` is greedy
     (argmax; top_k and top_p then change nothing). ``on_token(byte)`` is called with each new byte as
-    it is generated (for streaming). Raises ValueError for a bad setting.
+    it is generated (for streaming). ``compile``: step through a compiled graph where the model offers
+    one (``compiles_decoding``; seconds of compile, then fewer per token: for long generations); a model
+    without one decodes as it always does. Raises ValueError for a bad setting.
     """
     if isinstance(prompt, str):
         raise TypeError("generate: prompt must be bytes (encode text with .encode('utf-8'))")
@@ -99,8 +112,9 @@ def generate(model: nn.Module, prompt: bytes, max_new_tokens: int, temperature: 
     try:
         with torch.no_grad():
             if hasattr(model, "step") and hasattr(model, "prefill"):
+                state = model.decode_state(1, compile=True) if compile and compiles_decoding(model) else None
                 return _recurrent(model, ids, max_new_tokens, temperature, top_k, top_p, generator, device,
-                                  on_token)
+                                  on_token, state)
             return _recompute(model, ids, max_new_tokens, temperature, top_k, top_p, generator, device,
                               on_token)
     finally:
@@ -109,8 +123,9 @@ def generate(model: nn.Module, prompt: bytes, max_new_tokens: int, temperature: 
 
 def _recurrent(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float,
                top_k: int | None, top_p: float | None, generator: torch.Generator, device: torch.device,
-               on_token: Callable[[int], None] | None) -> bytes:
-    logits, state = model.prefill(torch.tensor([ids], device=device))  # [1, V]
+               on_token: Callable[[int], None] | None, state: object = None) -> bytes:
+    prompt = torch.tensor([ids], device=device)
+    logits, state = model.prefill(prompt) if state is None else model.prefill(prompt, state)  # [1, V]
     out = bytearray()
     while len(out) < max_new_tokens:
         token = _pick(logits[0], temperature, top_k, top_p, generator)

@@ -3,6 +3,9 @@ stdout (the generation itself is ``sem.models.generate``)::
 
     python -m sem.sample ckpt=outputs/base/checkpoints/last.ckpt prompt='def fib(n):' \
         max_new_tokens=300 temperature=0.8 top_k=50 top_p=null seed=0 n=3
+
+``compile`` (auto, true, false): decode through a compiled step (``SEMModel.decode_state(compile=True)``);
+auto compiles where the tokens to generate pay its cold compile back (``decode_compile_choice``).
 """
 
 from __future__ import annotations
@@ -12,18 +15,42 @@ import logging
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sem.models.generate import generate, sampling_problems
+from sem.config.hardware import compile_missing
+from sem.models.generate import compiles_decoding, generate, sampling_problems
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
 
 log = logging.getLogger("sem.sample")
 
 # ---------------------------------------------------------------------------------------- entry
+
+# sem_small on one CPU thread (bench.decode, 2-core AMD EPYC, 2026-12-07): the compiled step ~0.6 ms a token
+# against ~1.0 eager, after a first compile of ~10 s (~3-8 s with the inductor cache an earlier one left):
+# ~0.4 ms saved a token pays a cold compile back from ~25,000 tokens.
+DECODE_COMPILE_MIN_TOKENS = 25_000
+
+
+def decode_compile_choice(setting: Any, tokens: int, model: Any, device_type: str) -> tuple[bool, str]:
+    """Whether ``sem.sample`` decodes through a compiled step, and why: ``compile``=``setting`` (validated),
+    ``tokens`` to generate in all (n x max_new_tokens)."""
+    if not compiles_decoding(model):
+        return False, f"{type(model).__name__} has no compiled decoding (decode_state(..., compile=True))"
+    if setting is False:
+        return False, "compile=false"
+    missing = compile_missing(device_type)
+    if missing:
+        return False, f"torch.compile's inductor needs {missing} on {device_type}"
+    if setting is True:
+        return True, "compile=true"
+    if tokens < DECODE_COMPILE_MIN_TOKENS:
+        return False, f"compile=auto: eager ({tokens:,} tokens < {DECODE_COMPILE_MIN_TOKENS:,}: too few to pay a compile back)"
+    return True, f"compile=auto: compiled ({tokens:,} tokens >= {DECODE_COMPILE_MIN_TOKENS:,})"
 
 
 @dataclass
@@ -37,6 +64,7 @@ class SampleConf:
     seed: int = 0  # sample i uses seed + i
     n: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    compile: Any = "auto"  # true | false | auto: a compiled decoding step where the generation pays it back
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConf)
@@ -69,6 +97,8 @@ def _prompt_bytes(prompt: str) -> bytes:
 def app(cfg: DictConfig) -> None:
     start(cfg)
     problems = sampling_problems(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.n)
+    if not (isinstance(cfg.compile, bool) or cfg.compile == "auto"):
+        problems.append(f"compile={cfg.compile!r}: must be true, false or auto")
     if problems:
         usage_error(*problems)
     device = device_of(cfg.device)
@@ -78,13 +108,15 @@ def app(cfg: DictConfig) -> None:
     if cfg.temperature <= 0:
         log.info("temperature=%s <= 0: greedy decoding (the most likely byte each time; top_k, top_p and "
                  "seed change nothing%s)", cfg.temperature, ", so every sample is the same" if cfg.n > 1 else "")
+    compiled, why = decode_compile_choice(cfg.compile, cfg.n * cfg.max_new_tokens, model, device.type)
+    log.info("decoding: %s (%s)", "a compiled step" if compiled else "eager", why)
     prompt = _prompt_bytes(cfg.prompt)
     for i in range(cfg.n):
         log.info("--- sample %d/%d (seed %d) ---", i + 1, cfg.n, cfg.seed + i)
         stream = _Stream()
         stream.write(prompt)
         generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + i,
-                 on_token=stream)
+                 on_token=stream, compile=compiled)
         stream.write(b"", final=True)
         sys.stdout.write("\n")
         sys.stdout.flush()

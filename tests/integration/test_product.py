@@ -401,6 +401,7 @@ def bad_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFacto
         "corrupt checkpoint": ("sem.evaluate", [f"ckpt={corrupt}"], "not a checkpoint"),
         "top_k <= 0": ("sem.sample", [ckpt, "top_k=0"], "top_k=0"),
         "top_p > 1": ("sem.sample", [ckpt, "top_p=1.5"], "top_p=1.5"),
+        "bad compile": ("sem.sample", [ckpt, "compile=maybe"], "compile='maybe'"),
         "empty corpus (folder)": ("sem.evaluate", [ckpt, "data=text_files",
                                                    f"data.corpus.paths=[{tmp / 'empty_dir'}]"], "no files"),
         "empty corpus (file)": ("sem.evaluate", [ckpt, "data=text_files",
@@ -422,7 +423,7 @@ def bad_runs(trained: dict[str, Trained], tmp_path_factory: pytest.TempPathFacto
     return results
 
 
-BAD = ["missing checkpoint", "corrupt checkpoint", "top_k <= 0", "top_p > 1", "empty corpus (folder)",
+BAD = ["missing checkpoint", "corrupt checkpoint", "top_k <= 0", "top_p > 1", "bad compile", "empty corpus (folder)",
        "empty corpus (file)", "dynamic without mode=stream", "bad dynamic setting", "bad split",
        "split=test without a test split"]
 

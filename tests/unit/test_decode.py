@@ -467,3 +467,67 @@ def test_a_cloned_state_branches_without_disturbing_the_original() -> None:
     for t in range(20, 30):
         logits, state = model.step(x[:, t], state)
         torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=2e-5)
+
+
+# ------------------------------------------------------------- a compiled step (decode_state(compile=True))
+
+
+def _compiled_decodes_as_eager(model: SEMModel, x: torch.Tensor) -> None:
+    """step() with decode_state(compile=True) gives eager step()'s logits at every position, from a fresh
+    state and after a prefill, across the attention ring's first wrap, without compiling per position."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        _, eager_state = model.prefill(x[:, :3])
+        _, state = model.prefill(x[:, :3], model.decode_state(x.shape[0], compile=True))
+    for t in range(3, x.shape[1]):
+        want, eager_state = model.step(x[:, t], eager_state)
+        got, state = model.step(x[:, t], state)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert state.position == eager_state.position == x.shape[1]
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 2, f"{frames} graphs: the step is compiled per position"
+
+
+@pytest.mark.slow  # a compile: ~10 s alone, over 20 s beside other work
+def test_a_compiled_step_decodes_as_the_eager_one() -> None:
+    """The default's parts (convolution, local attention with a ring that wraps, Born power and offset);
+    ``generate(..., compile=True)`` writes what the eager decoding writes."""
+    from sem.models.generate import generate
+
+    torch.manual_seed(22)
+    model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=8,
+                     born_power=4.0, born_offset=2.0, propagator_warmup_steps=0).eval()
+    _compiled_decodes_as_eager(model, _tokens(2, 24, seed=23))
+    assert generate(model, b"def ", 40, temperature=0, compile=True) == generate(model, b"def ", 40, temperature=0)
+
+
+def test_when_sem_sample_compiles_its_decoding() -> None:
+    """compile=auto compiles from DECODE_COMPILE_MIN_TOKENS tokens; true and false as said; a model
+    without decode_state(compile=...) decodes eagerly whatever the setting."""
+    from sem.config.hardware import compile_missing
+    from sem.tools.sample import DECODE_COMPILE_MIN_TOKENS, decode_compile_choice
+
+    model = SEMModel(d_model=32, n_layers=1, propagator_warmup_steps=0)
+    many, few = DECODE_COMPILE_MIN_TOKENS, DECODE_COMPILE_MIN_TOKENS - 1
+    ready = compile_missing("cpu") is None  # a C++ compiler: where inductor can build CPU kernels
+    assert decode_compile_choice("auto", many, model, "cpu")[0] is ready
+    assert decode_compile_choice("auto", few, model, "cpu") == (False, f"compile=auto: eager ({few:,} tokens < "
+                                                                f"{many:,}: too few to pay a compile back)")
+    assert decode_compile_choice(False, many, model, "cpu") == (False, "compile=false")
+    assert decode_compile_choice(True, 1, model, "cpu")[0] is ready
+
+    class Recurrent(torch.nn.Module):  # a user's model: prefill and step, no compiled decoding
+        def decode_state(self, batch_size: int = 1) -> None: ...
+
+    assert decode_compile_choice(True, many, Recurrent(), "cpu")[0] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keys", [{"attention_rope": True}, {"modes": 4}, {"heads": 2}, {"selective": True},
+                                  {"readout": "linear"}])
+def test_every_recurrence_compiles_its_step(keys: dict) -> None:
+    torch.manual_seed(24)
+    model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=8,
+                     propagator_warmup_steps=0, **keys).eval()
+    _compiled_decodes_as_eager(model, _tokens(1, 20, seed=25))

@@ -118,7 +118,7 @@ class LocalAttention(nn.Module):
     # ------------------------------------------------------------------ one token at a time (decoding)
     # The decoding state is a ring of the last ``window`` keys and values, [2, B, heads, window, dh]
     # float32 (keys, then values): position p's in slot p % window, written in place by ``step``; no
-    # copy of the window per token, no mask (slots 0..p are the filled ones while p < window).
+    # copy of the window per token (slots 0..p are the filled ones while p < window: masked).
 
     def empty_ring(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """The ring at a document's start: zeros, [2, B, heads, window, dh]."""
@@ -155,22 +155,29 @@ class LocalAttention(nn.Module):
             turns = self._turns(self.window, torch.float32) if self.rope else ()
             return (norm_floor(self.norm, d2, qkv.device), qkv, self.out.weight.float().t().contiguous(), *turns)
 
-    def step(self, psi: torch.Tensor, ring: torch.Tensor, position: int, constants: tuple[torch.Tensor, ...]
-             ) -> torch.Tensor:
-        """One token psi [B, 2D] float32 at ``position`` (the tokens before it) -> psi + attention [B, 2D];
-        its key and value are written into ``ring`` (in place). ``constants`` from ``decode_constants``."""
+    def step(self, psi: torch.Tensor, ring: torch.Tensor, position: int | torch.Tensor,
+             constants: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One token psi [B, 2D] float32 at ``position`` (the tokens before it: an int, or a 0-d int64 tensor
+        as a compiled step passes it, so that one graph serves every position) -> psi + attention [B, 2D];
+        its key and value are written into ``ring`` (in place). ``constants`` from ``decode_constants``.
+        The query reads the whole ring, its unfilled slots masked while position < window - 1: the same
+        shapes at every position."""
         B, d2 = psi.shape
+        W = self.window
         floor, qkv, out = constants[:3]
         q, kv = (unit_rms(psi, floor) @ qkv).split([d2, 2 * d2], -1)
-        ring.select(3, position % self.window).copy_(kv.view(B, 2, self.heads, -1).transpose(0, 1))
-        n = min(position + 1, self.window)  # the filled slots: 0 .. n-1
-        k, v = (ring[i, :, :, :n].view(B * self.heads, n, -1) for i in (0, 1))  # [B heads, n, dh]
+        slot = torch.as_tensor(position % W, device=ring.device).reshape(1)
+        ring.index_copy_(3, slot, kv.view(B, 2, self.heads, 1, -1).transpose(0, 1))
+        k, v = (ring[i].view(B * self.heads, W, -1) for i in (0, 1))  # [B heads, W, dh]
+        slots = torch.arange(W, device=psi.device)
         if self.rope:  # slot s holds position position - d_s: the query turned by d_s meets the key as is
             c2, s2 = constants[3:]
-            d = (position - torch.arange(n, device=psi.device)) % self.window
-            turned = self._turn(q[:, None].expand(B, n, d2), c2[d], s2[d])  # [B, n, 2D]
-            scores = (turned.view(B, n, self.heads, -1).transpose(1, 2).reshape(B * self.heads, n, -1) * k
-                      ).sum(-1)[:, None]  # [B heads, 1, n]
+            d = (position - slots) % W
+            turned = self._turn(q[:, None].expand(B, W, d2), c2[d], s2[d])  # [B, W, 2D]
+            scores = (turned.view(B, W, self.heads, -1).transpose(1, 2).reshape(B * self.heads, W, -1) * k
+                      ).sum(-1)[:, None]  # [B heads, 1, W]
         else:
-            scores = torch.bmm(q.view(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, n]
+            scores = torch.bmm(q.view(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, W]
+        if not isinstance(position, int) or position < W - 1:  # slots position + 1 .. W - 1 are empty
+            scores = scores.masked_fill(slots > position, float("-inf"))
         return torch.addmm(psi, torch.bmm(scores.softmax(-1), v).view(B, d2), out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
@@ -264,7 +265,8 @@ class SEMModel(nn.Module):
                            metrics={"unitary_div": unitary_div})
 
     def _run(self, psi: torch.Tensor, h: list[torch.Tensor | None], conv: list[torch.Tensor | None],
-             kv: list[torch.Tensor | None], keep: torch.Tensor | None = None, decode: DecodeState | None = None
+             kv: list[torch.Tensor | None], keep: torch.Tensor | None = None,
+             decode: tuple[int | torch.Tensor, list[BlockConstants], list[tuple[torch.Tensor, ...]]] | None = None
              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The one loop over the layers (an attention layer where there is one, then the block) for the
         forward, ``prefill`` and ``step``, from a carried state: per block its recurrence state ``h`` and
@@ -272,21 +274,21 @@ class SEMModel(nn.Module):
         start), counting where ``keep`` [B, T] (None: everywhere).
 
         ``decode`` None: psi [B, T, 2D] in one parallel pass, ``kv`` in ``LocalAttention.forward``'s layout.
-        ``decode``, a DecodeState: psi is one token [B, 2D], stepped with the state's per-decode constants
-        (no autograd, no profiler labels: per-token dispatch is the cost); ``kv`` are its rings, written in
-        place. Returns (psi, per block the recurrence state after, per block the convolution tail after
+        ``decode``, (position, per block and per attention layer its per-decode constants) of a DecodeState:
+        psi is one token [B, 2D] (no autograd, no profiler labels: per-token dispatch is the cost); ``kv``
+        are its rings, written in place. Returns (psi, per block the recurrence state after, per block the convolution tail after
         (empty without a convolution), per attention layer its keys and values after)."""
         hs, tails, kvs = [], [], []
         for i, block in enumerate(self.blocks):
             if str(i) in self.attention:
                 attention, j = self.attention[str(i)], len(kvs)
                 if decode is not None:
-                    psi, after = attention.step(psi, kv[j], decode.position, decode.attend[j]), kv[j]
+                    psi, after = attention.step(psi, kv[j], decode[0], decode[2][j]), kv[j]
                 else:
                     psi, after = attention(psi, kv[j], keep)
                 kvs.append(after)
             if decode is not None:
-                psi, state, tail = block.step(psi, h[i], decode.blocks[i], conv[i])
+                psi, state, tail = block.step(psi, h[i], decode[1][i], conv[i])
             else:
                 with record_function(f"sem/block{i}"):
                     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -310,8 +312,11 @@ class SEMModel(nn.Module):
     # ------------------------------------------------------------------ recurrent decoding
 
     @torch.no_grad()
-    def decode_state(self, batch_size: int = 1) -> DecodeState:
-        """A fresh (empty-context) decoding state on the model's device, with the per-decode constants."""
+    def decode_state(self, batch_size: int = 1, compile: bool = False) -> DecodeState:
+        """A fresh (empty-context) decoding state on the model's device, with the per-decode constants.
+        ``compile``: ``step`` runs one ``torch.compile``d graph for every position (the position passed as
+        a tensor): on CPU ~0.6 ms a token against ~0.9 eager for sem_small on one thread, after a cold
+        compile of seconds (``python -m bench.decode``), so it pays back over long generations only."""
         device = self.embed.weight.device
         with _no_autocast(self.embed.weight):
             readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
@@ -329,7 +334,8 @@ class SEMModel(nn.Module):
                 kv=[a.empty_ring(batch_size, device) for a in self.attention.values()],
                 attend=[a.decode_constants() for a in self.attention.values()],
                 final=(norm_floor(self.norm_f, 2 * self.d_model, device), norm_map(self.norm_f, readout), bias,
-                       torch.tensor(math.sqrt(self.born_eps), device=device)))
+                       torch.tensor(math.sqrt(self.born_eps), device=device)),
+                advance=torch.compile(self._advance, dynamic=False) if compile else None)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -339,18 +345,31 @@ class SEMModel(nn.Module):
         or not. The attention layers' rings are advanced in place (``DecodeState``)."""
         if state is None:
             state = self.decode_state(token.shape[0])
+        position: int | torch.Tensor = state.position
+        advance = self._advance
+        if state.advance is not None:  # compiled: the position as a tensor, so no graph is specialised to it
+            advance, position = state.advance, torch.tensor(position, device=token.device)
         with _no_autocast(token):
-            psi = F.embedding(token, self.embed.weight)  # [B, 2D]
-            psi, hs, tails, kv = self._run(psi, state.h, state.conv or [None] * len(self.blocks), state.kv,
-                                           decode=state)
-            floor, readout, bias, eps = state.final
-            z = torch.addmm(bias, unit_rms(psi, floor), readout)  # [B, 2V (padded) or V]
-            if self.readout_kind == "linear":
-                return z, replace(state, h=hs, position=state.position + 1, conv=tails, kv=kv)
-            # Born: power log(|z_k|^2 + eps) = 2 power log(hypot(|z_k|, sqrt(eps)))
-            amplitude = torch.linalg.vector_norm(z[:, :2 * self.vocab_size].view(z.shape[0], -1, 2), dim=-1)
-            logits = torch.hypot(amplitude, eps).log_().mul_(2 * self.born_power)
-        return logits, replace(state, h=hs, position=state.position + 1, conv=tails, kv=kv)
+            logits, hs, tails = advance(token, state.h, state.conv or [None] * len(self.blocks), state.kv, position,
+                                        state.blocks, state.attend, state.final)
+        return logits, replace(state, h=hs, position=state.position + 1, conv=tails)
+
+    def _advance(self, token: torch.Tensor, h: list[torch.Tensor], conv: list[torch.Tensor | None],
+                 kv: list[torch.Tensor], position: int | torch.Tensor, blocks: list[BlockConstants],
+                 attend: list[tuple[torch.Tensor, ...]], final: tuple[torch.Tensor, ...]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``step``'s arithmetic on the state's parts: (logits [B, V], per block h and conv tail after);
+        the rings ``kv`` are written in place. A function of tensors and the position only, so that
+        ``torch.compile`` (``decode_state(compile=True)``) traces it once."""
+        psi = F.embedding(token, self.embed.weight)  # [B, 2D]
+        psi, hs, tails, _ = self._run(psi, h, conv, kv, decode=(position, blocks, attend))
+        floor, readout, bias, eps = final
+        z = torch.addmm(bias, unit_rms(psi, floor), readout)  # [B, 2V (padded) or V]
+        if self.readout_kind == "linear":
+            return z, hs, tails
+        # Born: power log(|z_k|^2 + eps) = 2 power log(hypot(|z_k|, sqrt(eps)))
+        amplitude = torch.linalg.vector_norm(z[:, :2 * self.vocab_size].view(z.shape[0], -1, 2), dim=-1)
+        return torch.hypot(amplitude, eps).log_().mul_(2 * self.born_power), hs, tails
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, state: DecodeState | None = None, all_logits: bool = False
@@ -375,7 +394,10 @@ class SEMModel(nn.Module):
             [a.window_from_ring(r, state.position) if carried else None for a, r in zip(attention, state.kv)])
         position = state.position + T
         rings = [a.ring_from_window(kv, position, B, input_ids.device) for a, kv in zip(attention, kvs)]
-        state = replace(state, h=hs, position=position, conv=tails, kv=rings)
+        # Own memory: a view of the pass's [B, T, ...] tensors would keep them alive (a compiled step takes
+        # a prefill's state and its own, laid out by inductor, as two graphs: strides are guarded).
+        own = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        state = replace(state, h=[own(h) for h in hs], position=position, conv=[own(t) for t in tails], kv=rings)
         psi = self.norm_f(psi if all_logits else psi[:, -1])
         return self._logits(psi.float(), state.readout), state
 
@@ -399,13 +421,16 @@ class DecodeState:
     # [B, k-1, 2D] float32 (zeros at a document's start); empty without a convolution.
     conv: list[torch.Tensor] = field(default_factory=list)
     # With model.attention_every: per attention layer the ring of its keys and values
-    # (LocalAttention.empty_ring: [B, 2, heads, attention_window, dh] float32, position p in slot p % window).
+    # (LocalAttention.empty_ring: [2, B, heads, attention_window, dh] float32, keys then values; position p
+    # in slot p % window).
     kv: list[torch.Tensor] = field(default_factory=list)
     attend: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LocalAttention.decode_constants
     # step's readout: unit_rms's floor for norm_f, ``readout`` as a map [2D, 2V (padded) or V] reading
     # unit_rms's output (blocks.norm_map), its bias (the Born offset, padded; the linear readout's bias; zeros
     # without one) and sqrt(born_eps), 0-d
     final: tuple[torch.Tensor, ...] = ()
+    # decode_state(compile=True): SEMModel._advance compiled (one graph for every position); None: eager
+    advance: Callable[..., tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def clone(self) -> DecodeState:
         """A state that evolves apart from this one (the constants shared: they are never written)."""
