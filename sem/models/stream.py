@@ -254,13 +254,20 @@ def _sliding(model: nn.Module, docs: list[np.ndarray], context: int, stride: int
 # ------------------------------------------------------------------------------ dynamic evaluation
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    """``dynamic.optimizer`` (a name of ``OPTIMIZERS`` or a dotted class path) over ``params`` at ``lr``."""
+    """``dynamic.optimizer`` (a name of ``OPTIMIZERS`` or a dotted class path) over ``params`` at ``lr``.
+    Adam and AdamW by name take torch's fused kernel, as training's AdamW does: a step over sem_small's
+    2.5M parameters took 2.1-2.5 ms fused against 9.7-10.7 ms per tensor on one EPYC thread (2026-12-07),
+    ~15% of a dynamic evaluation's step at chunks of 32."""
     path = OPTIMIZERS.get(name, name)
     module, _, cls = path.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ValueError(f"dynamic.optimizer={name!r}: cannot import {path!r} ({exc})") from None
+    if name in ("adam", "adamw"):
+        params = list(params)
+        if all(p.device.type in ("cpu", "cuda") for p in params):
+            return factory(params, lr=lr, fused=True)
     return factory(params, lr=lr)
 
 

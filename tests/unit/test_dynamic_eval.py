@@ -209,3 +209,13 @@ def test_a_chunk_longer_than_the_model_reads_is_cut_to_its_max_seq_len() -> None
     model = _sem(max_seq_len=64)
     result = dynamic_score(model, _stream(), DynamicSettings(lr=1e-3, chunk=128), context=64)
     assert result.chunk == 64 and math.isfinite(result.bpb)
+
+
+def test_adam_by_name_takes_the_fused_kernel_a_dotted_class_its_own_defaults() -> None:
+    from sem.models.stream import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer("adam", params, 1e-3).defaults["fused"] is True
+    assert make_optimizer("adamw", params, 1e-3).defaults["fused"] is True
+    assert not make_optimizer("torch.optim.Adam", params, 1e-3).defaults["fused"]
+    assert isinstance(make_optimizer("sgd", params, 1e-3), torch.optim.SGD)
