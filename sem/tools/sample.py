@@ -30,10 +30,11 @@ log = logging.getLogger("sem.sample")
 
 # ---------------------------------------------------------------------------------------- entry
 
-# sem_small on one CPU thread (bench.decode, 2-core AMD EPYC, 2026-12-07): the compiled step ~0.6 ms a token
-# against ~1.0 eager, after a first compile of ~10 s (~3-8 s with the inductor cache an earlier one left):
-# ~0.4 ms saved a token pays a cold compile back from ~25,000 tokens.
-DECODE_COMPILE_MIN_TOKENS = 25_000
+# sem_small on one CPU thread (python -m bench.decode --threads 1, 2-core AMD EPYC, 2026-12-07): the compiled
+# step 0.64-0.71 ms a token against 0.98-1.08 eager; its first two calls (a prefill's state, then its own
+# layout) compile in 16.6 s with an empty inductor cache, ~3 s with the cache an earlier one left. ~0.33 ms
+# saved a token pays a cold compile back from ~50,000 tokens (a cached one from ~9,000): auto counts on cold.
+DECODE_COMPILE_MIN_TOKENS = 50_000
 
 
 def decode_compile_choice(setting: Any, tokens: int, model: Any, device_type: str) -> tuple[bool, str]:

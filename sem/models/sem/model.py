@@ -315,8 +315,8 @@ class SEMModel(nn.Module):
     def decode_state(self, batch_size: int = 1, compile: bool = False) -> DecodeState:
         """A fresh (empty-context) decoding state on the model's device, with the per-decode constants.
         ``compile``: ``step`` runs one ``torch.compile``d graph for every position (the position passed as
-        a tensor): on CPU ~0.6 ms a token against ~0.9 eager for sem_small on one thread, after a cold
-        compile of seconds (``python -m bench.decode``), so it pays back over long generations only."""
+        a tensor): on CPU 0.64-0.71 ms a token against 0.98-1.08 eager for sem_small on one thread, after a
+        cold compile of ~17 s (``python -m bench.decode``), so it pays back over long generations only."""
         device = self.embed.weight.device
         with _no_autocast(self.embed.weight):
             readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
