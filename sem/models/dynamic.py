@@ -34,7 +34,8 @@ class DynamicSettings:
     # 64: -0.189, 32: -0.222) at about 1.6x the cost (195 / 247 / 387 s per MB on 2 cores); 4 rows
     # beat 16 (few steps while one long document holds a lane) and 2 (twice the steps). Rescreened at
     # chunks of 32 the same evening: lr 2e-4 1.3102, 3e-4 1.3108, 4.5e-4 1.3368 (flat below 3e-4); chunks
-    # of 16 1.2911 (-0.020) at twice the cost: ``dynamic.chunk=16`` for the better code length.
+    # of 16 1.2911 (-0.020) at twice the cost (8: 1.2980), -0.015 to -0.019 on test (4 checkpoints):
+    # ``dynamic.chunk=16`` for the better code length.
     lr: float = 3e-4
     chunk: int = 32
     optimizer: str = "adam"
