@@ -120,7 +120,7 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
     transformer = build("transformer_small").to(device)
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
     cells: dict[tuple[str, int], tuple[Callable[[], None], int]] = {}  # -> (call, tokens per call)
-    compile_s: list[float] = []  # the compiled step's first call per context (the first: the cold compile)
+    first_call: dict[int, float] = {}  # context -> the compiled step's first call (at the first: the cold compile)
     last: dict[str, tuple[int, float]] = {}  # method -> (context, seconds per call) of its last warm-up
     for context in sorted(contexts):
         for method in METHODS:
@@ -141,7 +141,7 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
                 call, tokens = forward_call(sem if method == "sem_recompute" else transformer, context, device), 1
             first = _timed(call, device)  # warm-up: allocator, kernels, FFT plans; the compile
             if method == "sem_compiled":
-                compile_s.append(first)
+                first_call[context] = first
             last[method] = (context, _timed(call, device))
             cells[method, context] = (call, tokens)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in cells}
@@ -152,7 +152,7 @@ def run(contexts: list[int], repeats: int, steps: int, budget_s: float, device: 
         s = statistics.median(ts)
         results[method][context] = {"ms_per_token": s * 1e3, "repeats_ms": [t * 1e3 for t in ts]}
         if method == "sem_compiled":
-            results[method][context]["first_call_s"] = compile_s[sorted(contexts).index(context)]
+            results[method][context]["first_call_s"] = first_call[context]
         print(f"  context {context:>6}: {TITLES[method]:<30} {s * 1e3:9.3f} ms/token", file=sys.stderr)
     return results
 

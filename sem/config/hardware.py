@@ -27,13 +27,17 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
     device = device_type_for(name)
     problems = precision_problems(cfg.precision.precision, device)
     setting = cfg.get("compile", "auto")
-    if not (isinstance(setting, bool) or setting == "auto"):
-        problems.append(f"compile={setting!r}: must be true, false or auto")
+    problems += compile_setting_problems(setting)
     missing = compile_missing(device) if setting is True else None
     if missing:
         problems.append(f"compile=true: torch.compile's default backend (inductor) needs {missing} on {device}; "
                         "use compile=false (or auto: compile where it can)")
     return problems
+
+
+def compile_setting_problems(setting: Any) -> list[str]:
+    """A ``compile`` setting (a run's, ``sem.sample``'s) that is not true, false or auto, as one line."""
+    return [] if isinstance(setting, bool) or setting == "auto" else [f"compile={setting!r}: must be true, false or auto"]
 
 
 # ``compile``: true, false, or auto (the default): compile where inductor can build the device's kernels

@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sem.config.hardware import compile_missing
+from sem.config.hardware import compile_missing, compile_setting_problems
 from sem.models.generate import compiles_decoding, generate, sampling_problems
 from sem.tools.entries import CONF_DIR, device_of, load_checkpoint, start, usage_error
 from sem.tools.entries import cli as _cli
@@ -98,8 +98,7 @@ def _prompt_bytes(prompt: str) -> bytes:
 def app(cfg: DictConfig) -> None:
     start(cfg)
     problems = sampling_problems(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.n)
-    if not (isinstance(cfg.compile, bool) or cfg.compile == "auto"):
-        problems.append(f"compile={cfg.compile!r}: must be true, false or auto")
+    problems += compile_setting_problems(cfg.compile)
     if problems:
         usage_error(*problems)
     device = device_of(cfg.device)

@@ -342,6 +342,19 @@ def test_sample_cli_streams_the_same_text_as_generate(
     assert not list(tmp_path.iterdir())  # nothing written: no outputs/, no log file
 
 
+@pytest.mark.slow  # a compile of the decoding step
+def test_sample_cli_compile_true_decodes_through_the_compiled_step(
+        trained: dict[str, Trained], tmp_path: Path, cache_dir: Path) -> None:
+    """``compile=true`` reaches the decoding (its log line says so) and writes what eager decoding writes."""
+    t = trained["sem"]
+    proc = run_entry("sem.sample", [f"ckpt={t.ckpt}", "prompt=def ", "max_new_tokens=40", "temperature=0",
+                                    "device=cpu", "compile=true"], tmp_path, cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert any("decoding: a compiled step (compile=true)" in line for line in stderr_lines(proc))
+    model, _ = sem.load(t.ckpt)
+    assert proc.stdout.decode("utf-8") == show(b"def " + generate(model, b"def ", 40, temperature=0)) + "\n"
+
+
 def test_write_samples(trained: dict[str, Trained], tmp_path: Path) -> None:
     model, _ = sem.load(trained["sem"].ckpt)
     path = write_samples(model, tmp_path / "run" / "samples.txt", prompts=["", "def "], n=2, max_new_tokens=20)

@@ -166,10 +166,14 @@ class LocalAttention(nn.Module):
         W = self.window
         floor, qkv, out = constants[:3]
         q, kv = (unit_rms(psi, floor) @ qkv).split([d2, 2 * d2], -1)
-        slot = torch.as_tensor(position % W, device=ring.device).reshape(1)
-        ring.index_copy_(3, slot, kv.view(B, 2, self.heads, 1, -1).transpose(0, 1))
+        new = kv.view(B, 2, self.heads, 1, -1).transpose(0, 1)  # [2, B, heads, 1, dh]
+        if isinstance(position, int):
+            ring.select(3, position % W).copy_(new[:, :, :, 0])
+        else:  # a traced position: an index tensor, no Python int the graph would be specialised to
+            ring.index_copy_(3, (position % W).reshape(1), new)
         k, v = (ring[i].view(B * self.heads, W, -1) for i in (0, 1))  # [B heads, W, dh]
-        slots = torch.arange(W, device=psi.device)
+        full = isinstance(position, int) and position >= W - 1  # every slot written: nothing to mask
+        slots = torch.arange(W, device=psi.device) if self.rope or not full else None
         if self.rope:  # slot s holds position position - d_s: the query turned by d_s meets the key as is
             c2, s2 = constants[3:]
             d = (position - slots) % W
@@ -178,6 +182,6 @@ class LocalAttention(nn.Module):
                       ).sum(-1)[:, None]  # [B heads, 1, W]
         else:
             scores = torch.bmm(q.view(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, W]
-        if not isinstance(position, int) or position < W - 1:  # slots position + 1 .. W - 1 are empty
+        if not full:  # slots position + 1 .. W - 1 are empty
             scores = scores.masked_fill(slots > position, float("-inf"))
         return torch.addmm(psi, torch.bmm(scores.softmax(-1), v).view(B, d2), out)
