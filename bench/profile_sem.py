@@ -48,6 +48,7 @@ BLOCK_PARTS = ("attention", "norm", "in_proj", "conv", "recurrence", "mlp")
 PARTS = ("embed", *BLOCK_PARTS, "unitary_penalty", "final_norm", "propagator", "cayley_solve", "readout",
          "cross_entropy", "unlabelled forward", "unlabelled backward", "optimizer")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+LABELS = ("sem/", "transformer/")  # the models' record_function labels: <model>/<part>
 
 
 def defaults() -> tuple[dict[str, Any], dict[str, Any], int, int, dict[str, Any]]:
@@ -134,8 +135,8 @@ def _label(event: Any) -> tuple[str | None, str | None]:
     while e is not None:
         if e.name.startswith("sem/block"):
             block = e.name[len("sem/"):]
-        elif e.name.startswith("sem/") and part is None:
-            part = e.name[len("sem/"):]
+        elif e.name.startswith(LABELS) and part is None:
+            part = e.name.split("/", 1)[1]
         elif e.name == "optimizer":
             part = "optimizer"
         e = e.cpu_parent
@@ -153,7 +154,7 @@ def group_by_part(events: list[Any], steps: int) -> dict[str, Any]:
         part, block = _label(e)
         if e.sequence_nr >= 0 and part is not None:
             seq_part.setdefault(e.sequence_nr, (part, block))
-        if not e.name.startswith("sem/") and e.name != "optimizer":
+        if not e.name.startswith(LABELS) and e.name != "optimizer":
             fwd[(part or "unlabelled forward", block)] += e.self_cpu_time_total
     for e in events:  # backward nodes: their whole time (children included) to the part that made them
         if e.name.startswith(BACKWARD_PREFIX) and not _in_backward(e.cpu_parent):
@@ -227,11 +228,11 @@ def profile_steps(trainer: Trainer, steps: int, top: int, peak_gflops: float | N
         wall = (time.perf_counter() - t0) / steps
     averages = prof.key_averages()
     total = sum(a.self_cpu_time_total for a in averages)
-    ops = sorted((a for a in averages if not a.key.startswith(("sem/", "optimizer"))),
+    ops = sorted((a for a in averages if not a.key.startswith((*LABELS, "optimizer"))),
                  key=lambda a: -a.self_cpu_time_total)[:top]
     kinds: dict[str, float] = defaultdict(float)
     for a in averages:
-        if not a.key.startswith(("sem/", "optimizer", BACKWARD_PREFIX)) and "Backward" not in a.key:
+        if not a.key.startswith((*LABELS, "optimizer", BACKWARD_PREFIX)) and "Backward" not in a.key:
             kinds[kind(a.key)] += a.self_cpu_time_total * 1e-3 / steps
     bound = flops / (peak_gflops * 1e9) * 1e3 if peak_gflops else None
     return {"wall_ms_per_step": wall * 1e3, "self_cpu_ms_per_step": total * 1e-3 / steps,
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="forward under bf16 autocast, as precision=bf16_mixed (precision=auto on a bf16 CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="profile the step through torch.compile (as compile=true/auto; parts then unlabelled)")
+    parser.add_argument("--transformer", action="store_true",
+                        help="profile transformer_small's step too (its parts by its transformer/<part> labels)")
     parser.add_argument("--output", default="profile_sem", help="bench/results/<output>.json")
     a = parser.parse_args(argv)
     keep_freed_memory()  # as a run does (sem.app)
@@ -360,6 +363,16 @@ def main(argv: list[str] | None = None) -> None:
         result = profile_steps(trainer, a.steps, a.top, peak, flops if a.compile else None)
         record["profile"][name] = result
         print(f"\n### {name}: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
+    if a.transformer:
+        torch.manual_seed(0)
+        trainer = Trainer(build_model({**tr_node, "max_seq_len": max(seq_len, 2048)}), batch, seq_len, opt_cfg,
+                          param_groups, a.bf16)
+        if a.compile:
+            flops = counted_flops(trainer)
+            trainer.step = _compiled_step(trainer)
+        result = profile_steps(trainer, a.steps, a.top, peak, flops if a.compile else None)
+        record["profile"]["transformer_small"] = result
+        print(f"\n### transformer_small: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
     for t in a.seq_lens:
         b = max(1, tokens // t)
         trainers = {name: sem_trainer(module, b, t) for name, module in variants.items()}

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from sem.contracts import ModelOutput, cross_entropy
@@ -30,13 +31,16 @@ class TransformerBlock(nn.Module):
             nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
+        # record_function labels name the parts for bench/profile_sem.py --transformer (a no-op unless profiling)
         B, T, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # [B, H, T, C/H]
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, T, C)))
-        return x + self.drop(self.fc_out(F.gelu(self.fc(self.norm2(x)))))
+        with record_function("transformer/attention"):
+            q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+            att = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # [B, H, T, C/H]
+            x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, T, C)))
+        with record_function("transformer/mlp"):
+            return x + self.drop(self.fc_out(F.gelu(self.fc(self.norm2(x)))))
 
 
 def settings_problems(prefix: str = "", **s: Any) -> list[str]:
@@ -103,14 +107,17 @@ class TransformerLM(nn.Module):
         check_input_length(input_ids, self.max_seq_len)
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, C]
+        with record_function("transformer/embed"):
+            x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, C]
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.head(self.norm_f(x)).float()  # [B, T, V]
+        with record_function("transformer/readout"):
+            logits = self.head(self.norm_f(x)).float()  # [B, T, V]
         if targets is None:
             return ModelOutput(logits)
-        ce = cross_entropy(logits, targets)  # no loss terms of its own
+        with record_function("transformer/cross_entropy"):
+            ce = cross_entropy(logits, targets)  # no loss terms of its own
         return ModelOutput(logits, loss=ce, ce_loss=ce)

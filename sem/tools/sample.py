@@ -30,10 +30,11 @@ log = logging.getLogger("sem.sample")
 
 # ---------------------------------------------------------------------------------------- entry
 
-# sem_small on one CPU thread (python -m bench.decode --threads 1, 2-core AMD EPYC, 2026-12-07): the compiled
-# step 0.64-0.71 ms a token against 0.98-1.08 eager; its first two calls (a prefill's state, then its own
-# layout) compile in 16.6 s with an empty inductor cache, ~3 s with the cache an earlier one left. ~0.33 ms
-# saved a token pays a cold compile back from ~50,000 tokens (a cached one from ~9,000): auto counts on cold.
+# sem_small on one CPU thread (python -m bench.decode --threads 1, 2-core AMD EPYC, 2026-12-08): the compiled
+# step 0.54-0.62 ms a token against 0.94-1.10 eager; its first two calls (a prefill's state, then its own
+# layout) compile in 15.9 s with an empty inductor cache, ~2.4 s with the cache an earlier one left. ~0.4 ms
+# saved a token pays a cold compile back from ~40,000 tokens (a cached one from ~6,000): auto counts on cold,
+# with a margin for a CPU where eager is relatively faster.
 DECODE_COMPILE_MIN_TOKENS = 50_000
 
 

@@ -102,7 +102,7 @@ def test_decode_state_memory_is_constant_in_context_length(conv_width: int) -> N
         long_logits, long = model.step(long_logits.argmax(-1), long)
     assert long.position == 4196
     assert _state_bytes(long) == _state_bytes(short)
-    assert [h.shape for h in long.h] == [torch.Size([1, model.d_model])] * len(model.blocks)
+    assert [h.shape for h in long.h] == [torch.Size([1, model.d_model, 2])] * len(model.blocks)  # (Re, Im) pairs
 
 
 def test_step_has_no_max_seq_len() -> None:
@@ -291,7 +291,7 @@ def test_modes_decode_and_chunked_prefill_equal_the_forward(recurrence: str, con
     model.set_step(5)
     for block in model.blocks:  # a readout away from its init, so each mode's share matters
         block.mode_c.data.normal_()
-    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 32, 4])] * 2
+    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 32, 4, 2])] * 2  # (Re, Im) pairs
     _decodes_as_the_forward(model, _tokens(2, 200, seed=12), [3, 90], 1e-4, 2e-5, 1e-5, 1e-4)
 
 
@@ -305,7 +305,7 @@ def test_heads_decode_and_chunked_prefill_equal_the_forward(conv_width: int) -> 
     torch.manual_seed(14)
     model = SEMModel(d_model=32, n_layers=2, heads=4, propagator_warmup_steps=10, conv_width=conv_width).eval()
     model.set_step(5)
-    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 4, 8, 8])] * 2
+    assert [h.shape for h in model.decode_state(2).h] == [torch.Size([2, 4, 8, 8, 2])] * 2  # (Re, Im) pairs
     # 300 tokens > RETENTION_CHUNK: the forward loops over chunks
     _decodes_as_the_forward(model, _tokens(2, 300, seed=15), [3, 140], 2e-4, 1e-4, 1e-4, 1e-4)
 

@@ -252,6 +252,20 @@ def test_autocast_bf16_gives_float32_logits() -> None:
     out.loss.backward()
 
 
+def test_float32_regions_hold_under_autocast_and_enter_nothing_without_it() -> None:
+    from sem.models.sem.kernels import _no_autocast
+
+    x = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+        with _no_autocast(x):
+            assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+    with _no_autocast(x):  # autocast off: the region is a plain one (no autocast context to enter)
+        assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+    assert not isinstance(_no_autocast(x), torch.autocast)
+
+
 @pytest.mark.parametrize("readout", ["born", "linear"])
 def test_loss_falls_on_repeated_batch(readout: str) -> None:
     model = tiny(readout=readout)

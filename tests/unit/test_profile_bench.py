@@ -43,3 +43,17 @@ def test_every_labelled_part_is_reported_even_one_not_listed(monkeypatch: pytest
     for part in ("attention", "conv", "recurrence", "mlp", "optimizer"):
         assert result["parts"][part]["forward_ms"] > 0, part
     assert result["parts"]["attention"]["backward_ms"] > 0 and result["blocks"]["block1/conv"]["forward_ms"] > 0
+
+
+def test_the_transformer_step_is_profiled_by_its_own_labels() -> None:
+    """``--transformer``: transformer_small's parts come from its ``transformer/<part>`` labels, forward and
+    backward, as the SEM's come from ``sem/<part>``; the labels themselves are not counted as ops."""
+    from sem.models.transformer import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    result = profile_steps(Trainer(model, 2, 16, ADAMW, param_groups), steps=1, top=50)
+    for part in ("embed", "attention", "mlp", "readout", "cross_entropy"):
+        assert result["parts"][part]["forward_ms"] > 0, part
+    assert result["parts"]["attention"]["backward_ms"] > 0 and result["parts"]["mlp"]["backward_ms"] > 0
+    assert not any(op["op"].startswith("transformer/") for op in result["top_ops"])

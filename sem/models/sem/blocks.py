@@ -127,7 +127,9 @@ class SEMBlock(nn.Module):
 
     def recur(self, u: torch.Tensor, h: torch.Tensor, constants: tuple[torch.Tensor, ...]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: u [B, 2D] float32, h the state -> (y [B, 2D] float32, the next state)."""
+        """One token: u [B, 2D] float32, h the state as real pairs (``torch.view_as_real`` of
+        ``empty_state``'s complex64: [..., 2] float32, as ``DecodeState`` holds it) -> (y [B, 2D] float32,
+        the next state, pairs likewise)."""
         raise NotImplementedError
 
     def recurrence_constants(self) -> tuple[torch.Tensor, ...]:

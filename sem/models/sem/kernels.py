@@ -4,11 +4,17 @@ SiLU gate, the Born logits). Each forward is bitwise the composite it replaces."
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 
-def _no_autocast(x: torch.Tensor) -> torch.autocast:
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A region in float32 whatever autocast is on for x's device; nothing to enter where autocast is off
+    (entering and leaving an autocast context costs 5-10 us: ~1% of a compiled decoding step)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 

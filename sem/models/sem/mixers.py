@@ -59,14 +59,22 @@ class DiagonalBlock(SEMBlock):
             return h.flatten(-2), last
 
     def recurrence_constants(self) -> tuple[torch.Tensor, ...]:
-        """(lambda [D] complex64, gamma per real feature [2D] float32)."""
-        return torch.exp(self.log_lambda()), self.input_scale().repeat_interleave(2)
+        """(lambda [D] complex64, gamma per real feature [2D] float32, lambda's (Re, Im) [D, 2] float32)."""
+        lam = torch.exp(self.log_lambda())
+        return lam, self.input_scale().repeat_interleave(2), torch.view_as_real(lam).contiguous()
 
     def recur(self, u: torch.Tensor, h: torch.Tensor, constants: tuple[torch.Tensor, ...]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        lam, gamma = constants
-        h = torch.addcmul(torch.view_as_complex((u * gamma).view(u.shape[0], -1, 2)), lam, h)
-        return torch.view_as_real(h).view(u.shape), h
+        lam, gamma, pairs = constants
+        x = (u * gamma).view(u.shape[0], -1, 2)  # [B, D, 2]
+        if torch.compiler.is_compiling():
+            # Inductor writes no complex code: lambda h + x in (Re, Im) pairs fuses with the ops around it,
+            # where a complex product is a call of its own (with its views) per block.
+            lr, li, hr, hi = pairs[:, 0], pairs[:, 1], h[..., 0], h[..., 1]
+            h = torch.stack([lr * hr - li * hi + x[..., 0], lr * hi + li * hr + x[..., 1]], -1)
+            return h.view(u.shape), h
+        h = torch.view_as_real(torch.addcmul(torch.view_as_complex(x), lam, torch.view_as_complex(h)))
+        return h.view(u.shape), h
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(batch_size, *self.theta.shape, dtype=torch.complex64, device=device)
@@ -138,8 +146,8 @@ class ModesBlock(DiagonalBlock):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         lam, gamma, c = constants
         v = torch.view_as_complex(u.view(u.shape[0], -1, 2))  # [B, D]
-        h = torch.addcmul(gamma * v[..., None], lam, h)
-        return torch.view_as_real((h * c).sum(-1)).view(u.shape), h
+        h = torch.addcmul(gamma * v[..., None], lam, torch.view_as_complex(h))
+        return torch.view_as_real((h * c).sum(-1)).view(u.shape), torch.view_as_real(h)
 
 
 class RetentionBlock(SEMBlock):
@@ -188,10 +196,10 @@ class RetentionBlock(SEMBlock):
         qr, qi, kr, ki = F.linear(u, self.qk.weight).unflatten(-1, (4, self.heads, -1)).unbind(1)
         q = torch.complex(qr, qi) * self.theta.shape[1] ** -0.5
         v = torch.view_as_complex(u.view(B, self.heads, -1, 2))
-        h = torch.addcmul(torch.complex(kr, ki)[..., None] * v[..., None, :], lam, h)
+        h = torch.addcmul(torch.complex(kr, ki)[..., None] * v[..., None, :], lam, torch.view_as_complex(h))
         y = (q.conj()[..., None] * h).sum(-2)  # [B, H, K]
         y = y * torch.rsqrt(y.real.square().add(y.imag.square()).mean(-1, keepdim=True) + HEAD_NORM_EPS)
-        return torch.view_as_real(y).reshape(u.shape), h
+        return torch.view_as_real(y).reshape(u.shape), torch.view_as_real(h)
 
     def empty_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         k = self.theta.shape[1]
@@ -237,8 +245,8 @@ class SelectiveBlock(DiagonalBlock):
     def recur(self, u: torch.Tensor, h: torch.Tensor, constants: tuple[torch.Tensor, ...]
               ) -> tuple[torch.Tensor, torch.Tensor]:
         log_a, w = self._gated(u, constants[0])
-        h = torch.addcmul(w, torch.exp(log_a), h)
-        return torch.view_as_real(h).view(u.shape), h
+        h = torch.view_as_real(torch.addcmul(w, torch.exp(log_a), torch.view_as_complex(h)))
+        return h.view(u.shape), h
 
 
 def build_block(d_model: int, mlp_ratio: float, recurrence: str, dropout: float, n_layers: int, conv_width: int,

@@ -315,8 +315,8 @@ class SEMModel(nn.Module):
     def decode_state(self, batch_size: int = 1, compile: bool = False) -> DecodeState:
         """A fresh (empty-context) decoding state on the model's device, with the per-decode constants.
         ``compile``: ``step`` runs one ``torch.compile``d graph for every position (the position passed as
-        a tensor): on CPU 0.64-0.71 ms a token against 0.98-1.08 eager for sem_small on one thread, after a
-        cold compile of ~17 s (``python -m bench.decode``), so it pays back over long generations only."""
+        a tensor): on CPU 0.54-0.62 ms a token against 0.94-1.10 eager for sem_small on one thread, after a
+        cold compile of ~16 s (``python -m bench.decode``), so it pays back over long generations only."""
         device = self.embed.weight.device
         with _no_autocast(self.embed.weight):
             readout = self._readout_map(self.propagator.matrix(self.propagator_alpha))
@@ -327,7 +327,7 @@ class SEMModel(nn.Module):
             else:
                 bias = torch.zeros(readout.shape[0], device=device)
             return DecodeState(
-                h=[b.empty_state(batch_size, device) for b in self.blocks],
+                h=[torch.view_as_real(b.empty_state(batch_size, device)) for b in self.blocks],
                 blocks=[b.decode_constants() for b in self.blocks],
                 readout=readout,
                 conv=[b.empty_tail(batch_size, device) for b in self.blocks] if self.conv_width else [],
@@ -390,14 +390,16 @@ class SEMModel(nn.Module):
         attention = list(self.attention.values())
         psi = self.embed(input_ids).float()  # [B, T, 2D]
         psi, hs, tails, kvs = self._run(
-            psi, state.h if carried else [None] * len(self.blocks), state.conv or [None] * len(self.blocks),
+            psi, [torch.view_as_complex(h) for h in state.h] if carried else [None] * len(self.blocks),
+            state.conv or [None] * len(self.blocks),
             [a.window_from_ring(r, state.position) if carried else None for a, r in zip(attention, state.kv)])
         position = state.position + T
         rings = [a.ring_from_window(kv, position, B, input_ids.device) for a, kv in zip(attention, kvs)]
         # Own memory: a view of the pass's [B, T, ...] tensors would keep them alive (a compiled step takes
         # a prefill's state and its own, laid out by inductor, as two graphs: strides are guarded).
         own = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
-        state = replace(state, h=[own(h) for h in hs], position=position, conv=[own(t) for t in tails], kv=rings)
+        state = replace(state, h=[own(torch.view_as_real(h)) for h in hs], position=position,
+                        conv=[own(t) for t in tails], kv=rings)
         psi = self.norm_f(psi if all_logits else psi[:, -1])
         return self._logits(psi.float(), state.readout), state
 
@@ -405,8 +407,9 @@ class SEMModel(nn.Module):
 @dataclass
 class DecodeState:
     """Recurrent decoding state of an SEMModel, constant in the context length, so that a step costs the
-    same at token 10 and at token 10^6: per block its recurrence state (``empty_state``: [B, D] complex64,
-    [B, D, N] with ``modes`` N, [B, H, K, K] with ``heads``) and with ``conv_width`` k its last k-1
+    same at token 10 and at token 10^6: per block its recurrence state as real pairs (``torch.view_as_real``
+    of ``empty_state``'s complex64 [B, D], [B, D, N] with ``modes`` N, [B, H, K, K] with ``heads``: a
+    compiled step's graph then holds no complex tensor, which inductor cannot fuse) and with ``conv_width`` k its last k-1
     convolution inputs; per attention layer a ring of its last ``attention_window`` keys and values; and
     per-decode constants computed from the parameters once (``decode_state``), not per token.
 
