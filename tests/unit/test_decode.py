@@ -364,6 +364,19 @@ def test_local_attention_decode_and_chunked_prefill_equal_the_forward(window: in
     assert [kv.shape for kv in state.kv] == [torch.Size([2, 2, 1, window, 64])] * 2  # keys | values, B, heads
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_several_heads_decode_a_batch_as_the_forward(rope: bool) -> None:
+    """2D / 64 > 1 heads (the default has 4) and more than one row: each row's query is its own slice of
+    the qkv row, split per head (a view that merged rows and heads failed at B > 1)."""
+    torch.manual_seed(20)
+    model = SEMModel(d_model=64, n_layers=2, attention_every=1, attention_window=8, propagator_warmup_steps=0,
+                     attention_rope=rope).eval()
+    for layer in model.attention.values():
+        layer.out.weight.data.normal_(0, 0.3)
+    state = _decodes_as_the_forward(model, _tokens(3, 40, seed=21), [5, 17], 2e-4, 1e-4)
+    assert [kv.shape for kv in state.kv] == [torch.Size([2, 3, 2, 8, 64])] * 2  # keys | values, B 3, 2 heads
+
+
 def test_local_attention_sees_only_its_window() -> None:
     """A query at t reads keys t - window < s <= t: changing the input outside that band changes nothing."""
     from sem.models.sem.attention import LocalAttention
@@ -495,8 +508,8 @@ def test_a_compiled_step_decodes_as_the_eager_one() -> None:
     ``generate(..., compile=True)`` writes what the eager decoding writes."""
     from sem.models.generate import generate
 
-    torch.manual_seed(22)
-    model = SEMModel(d_model=32, n_layers=2, conv_width=4, attention_every=1, attention_window=8,
+    torch.manual_seed(22)  # d_model 64: two attention heads, read for a batch of two
+    model = SEMModel(d_model=64, n_layers=2, conv_width=4, attention_every=1, attention_window=8,
                      born_power=4.0, born_offset=2.0, propagator_warmup_steps=0).eval()
     _compiled_decodes_as_eager(model, _tokens(2, 24, seed=23))
     assert generate(model, b"def ", 40, temperature=0, compile=True) == generate(model, b"def ", 40, temperature=0)

@@ -181,7 +181,8 @@ class LocalAttention(nn.Module):
             scores = (turned.view(B, W, self.heads, -1).transpose(1, 2).reshape(B * self.heads, W, -1) * k
                       ).sum(-1)[:, None]  # [B heads, 1, W]
         else:
-            scores = torch.bmm(q.view(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, W]
+            # q is a slice of the qkv row: for B > 1 with several heads a copy (reshape), for B = 1 a view
+            scores = torch.bmm(q.reshape(B * self.heads, 1, -1), k.transpose(1, 2))  # [B heads, 1, W]
         if not full:  # slots position + 1 .. W - 1 are empty
             scores = scores.masked_fill(slots > position, float("-inf"))
         return torch.addmm(psi, torch.bmm(scores.softmax(-1), v).view(B, d2), out)
