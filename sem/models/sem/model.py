@@ -409,9 +409,10 @@ class DecodeState:
     """Recurrent decoding state of an SEMModel, constant in the context length, so that a step costs the
     same at token 10 and at token 10^6: per block its recurrence state as real pairs (``torch.view_as_real``
     of ``empty_state``'s complex64 [B, D], [B, D, N] with ``modes`` N, [B, H, K, K] with ``heads``: a
-    compiled step's graph then holds no complex tensor, which inductor cannot fuse) and with ``conv_width`` k its last k-1
-    convolution inputs; per attention layer a ring of its last ``attention_window`` keys and values; and
-    per-decode constants computed from the parameters once (``decode_state``), not per token.
+    compiled step's graph then holds no complex tensor, which inductor cannot fuse) and with
+    ``conv_width`` k its last k-1 convolution inputs; per attention layer a ring of its last
+    ``attention_window`` keys and values; and per-decode constants computed from the parameters once
+    (``decode_state``), not per token.
 
     ``step`` writes the attention rings in place: continue from the state it returns (an earlier state
     shares the rings; ``clone()`` one to branch from it)."""
