@@ -23,6 +23,7 @@ hand from it: one run on a shared machine is not a figure to append unread.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -350,35 +351,30 @@ def main(argv: list[str] | None = None) -> None:
         return Trainer(module.SEMModel(**{**kwargs, "max_seq_len": max(t, 2048)}), b, t, opt_cfg,
                        module.param_groups, a.bf16)
 
+    def transformer_trainer(b: int, t: int) -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(build_model({**tr_node, "max_seq_len": max(t, 2048)}), b, t, opt_cfg, param_groups, a.bf16)
+
     peak = matmul_gflops()
     record: dict[str, Any] = {
         "machine": machine(), "date": date.today().isoformat(), "command": command(),
         "threads": torch.get_num_threads(), "peak_gflops": peak, "bf16": a.bf16, "batch": batch, "seq_len": seq_len,
         "model": sem_node, "optimizer": opt_cfg, "baseline": a.baseline, "profile": {}, "throughput": {}}
-    for name, module in variants.items():
-        trainer = sem_trainer(module, batch, seq_len)
+    profiled = {name: functools.partial(sem_trainer, module) for name, module in variants.items()}
+    if a.transformer:
+        profiled["transformer_small"] = transformer_trainer
+    for name, make in profiled.items():
+        trainer = make(batch, seq_len)
         if a.compile:  # FLOPs are counted on the eager model: the counter sees none inside a compiled graph
             flops = counted_flops(trainer)
             trainer.step = _compiled_step(trainer)
         result = profile_steps(trainer, a.steps, a.top, peak, flops if a.compile else None)
         record["profile"][name] = result
         print(f"\n### {name}: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
-    if a.transformer:
-        torch.manual_seed(0)
-        trainer = Trainer(build_model({**tr_node, "max_seq_len": max(seq_len, 2048)}), batch, seq_len, opt_cfg,
-                          param_groups, a.bf16)
-        if a.compile:
-            flops = counted_flops(trainer)
-            trainer.step = _compiled_step(trainer)
-        result = profile_steps(trainer, a.steps, a.top, peak, flops if a.compile else None)
-        record["profile"]["transformer_small"] = result
-        print(f"\n### transformer_small: {a.steps} steps, B={batch} T={seq_len}\n\n{table(result)}")
     for t in a.seq_lens:
         b = max(1, tokens // t)
         trainers = {name: sem_trainer(module, b, t) for name, module in variants.items()}
-        torch.manual_seed(0)
-        trainers["transformer_small"] = Trainer(build_model({**tr_node, "max_seq_len": max(t, 2048)}), b, t,
-                                                opt_cfg, param_groups, a.bf16)
+        trainers["transformer_small"] = transformer_trainer(b, t)
         rates, times = interleaved_tokens_per_s(trainers, a.rounds, a.round_steps)
         for name in variants:
             rates[name]["vs_transformer"] = rates[name]["tokens_per_s"] / rates["transformer_small"]["tokens_per_s"]

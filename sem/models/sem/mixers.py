@@ -61,7 +61,7 @@ class DiagonalBlock(SEMBlock):
     def recurrence_constants(self) -> tuple[torch.Tensor, ...]:
         """(lambda [D] complex64, gamma per real feature [2D] float32, lambda's (Re, Im) [D, 2] float32)."""
         lam = torch.exp(self.log_lambda())
-        return lam, self.input_scale().repeat_interleave(2), torch.view_as_real(lam).contiguous()
+        return lam, self.input_scale().repeat_interleave(2), torch.view_as_real(lam)
 
     def recur(self, u: torch.Tensor, h: torch.Tensor, constants: tuple[torch.Tensor, ...]
               ) -> tuple[torch.Tensor, torch.Tensor]:
